@@ -1,0 +1,47 @@
+"""
+aiocacheguard: an asyncio Redis cache that keeps a hot key's expiry from hurting the database.
+
+Re-exports only: importing the package does no I/O and creates no instances.
+"""
+
+from ._types import Key, Loader, Serializer
+from ._version import __version__
+from .cache import Cache
+from .errors import (
+    BackendError,
+    BackendTimeout,
+    BackendUnavailable,
+    CacheClosedError,
+    CacheGuardError,
+    ConfigurationError,
+    InvalidKeyError,
+    SerializationError,
+    ServerError,
+    ServerNotFoundError,
+)
+from .metrics import Statistics
+from .policy import Policy
+from .serializers import JsonSerializer, MsgpackSerializer, PickleSerializer
+
+__all__ = (
+    "BackendError",
+    "BackendTimeout",
+    "BackendUnavailable",
+    "Cache",
+    "CacheClosedError",
+    "CacheGuardError",
+    "ConfigurationError",
+    "InvalidKeyError",
+    "JsonSerializer",
+    "Key",
+    "Loader",
+    "MsgpackSerializer",
+    "PickleSerializer",
+    "Policy",
+    "SerializationError",
+    "Serializer",
+    "ServerError",
+    "ServerNotFoundError",
+    "Statistics",
+    "__version__",
+)

