@@ -6,9 +6,10 @@ about a minute on a blackholed server (5 s socket timeout times its retries). Ev
 ``OSError`` error is translated here, in `map_errors`, into the library's `BackendError` tree.
 
 Concurrent GETs are coalesced into MGETs and concurrent SETs into pipelines (DataLoader style):
-commands queued in the same event-loop turn leave as one round trip, and at most ``max_in_flight`` commands are outstanding at once, so a
-default ``redis.asyncio.Redis()`` (whose pool raises ``MaxConnectionsError`` past 100
-connections in redis-py 8) survives any number of concurrent callers.
+commands queued in the same event-loop turn leave as one round trip, and at most
+``max_in_flight`` commands are outstanding at once, so a default ``redis.asyncio.Redis()``
+(whose pool raises ``MaxConnectionsError`` past 100 connections in redis-py 8) survives any
+number of concurrent callers.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import collections
 import contextlib
 import math
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 import redis.asyncio as redis
 import redis.exceptions as redis_errors
@@ -29,14 +30,14 @@ from .errors import BackendError, BackendTimeout, BackendUnavailable, Configurat
 __all__ = ("RedisBackend", "RedisClient", "map_errors")
 
 T = TypeVar("T")
-I = TypeVar("I")
-R = TypeVar("R")
+ItemT = TypeVar("ItemT")
+ResultT = TypeVar("ResultT")
 
 #: What the Cache accepts: a standalone (or Sentinel ``master_for``) client, or a cluster client.
 RedisClient = redis.Redis | RedisCluster
 
-#: Keys per MGET or pipeline. Large enough to amortise a round trip, small enough that one reply is parsed
-#: without stalling the event loop for long.
+#: Keys per MGET or pipeline. Large enough to amortise a round trip, small enough that one
+#: reply is parsed without stalling the event loop for long.
 MAX_BATCH = 256
 #: Batches of one kind (reads or writes) outstanding at once.
 MAX_FLUSHERS = 4
@@ -67,7 +68,7 @@ def map_errors() -> Iterator[None]:
         raise to_backend_error(exc) from exc
 
 
-class _Batcher(Generic[I, R]):
+class _Batcher(Generic[ItemT, ResultT]):
     """
     Coalesces concurrent single-item requests into batches (DataLoader style).
 
@@ -78,7 +79,7 @@ class _Batcher(Generic[I, R]):
 
     def __init__(
         self,
-        flush: Callable[[list[I]], Awaitable[Sequence[R | BaseException]]],
+        flush: Callable[[list[ItemT]], Awaitable[Sequence[ResultT | BaseException]]],
         *,
         name: str,
         max_batch: int,
@@ -88,12 +89,12 @@ class _Batcher(Generic[I, R]):
         self._name = name
         self._max_batch = max_batch
         self._max_flushers = max_flushers
-        self._queue: collections.deque[tuple[I, asyncio.Future[R]]] = collections.deque()
+        self._queue: collections.deque[tuple[ItemT, asyncio.Future[ResultT]]] = collections.deque()
         self._flushers: set[asyncio.Task[None]] = set()
         self._scheduled = False
 
-    async def submit(self, item: I) -> R:
-        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+    async def submit(self, item: ItemT) -> ResultT:
+        future: asyncio.Future[ResultT] = asyncio.get_running_loop().create_future()
         self._queue.append((item, future))
         if not self._scheduled and len(self._flushers) < self._max_flushers:
             self._scheduled = True
@@ -105,7 +106,7 @@ class _Batcher(Generic[I, R]):
     async def _run(self) -> None:
         while self._queue:
             self._scheduled = False
-            batch: list[tuple[I, asyncio.Future[R]]] = []
+            batch: list[tuple[ItemT, asyncio.Future[ResultT]]] = []
             while self._queue and len(batch) < self._max_batch:
                 entry = self._queue.popleft()
                 if not entry[1].done():  # its caller was cancelled while queued
@@ -181,8 +182,10 @@ class RedisBackend:
         if max_in_flight is None:
             limit = _pool_limit(client)
             max_in_flight = max(1, min(50, limit // 2 if limit else 50))
-        elif isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or (
-            max_in_flight < 1
+        elif (
+            isinstance(max_in_flight, bool)
+            or not isinstance(max_in_flight, int)
+            or (max_in_flight < 1)
         ):
             raise ConfigurationError("max_in_flight", max_in_flight, "an integer >= 1")
         self.client = client
@@ -214,11 +217,15 @@ class RedisBackend:
         await self._writes.submit((key, value, px))
 
     async def _mget(self, keys: list[bytes]) -> list[bytes | None]:
+        client = self.client
         if len(keys) == 1:
-            return [await self.call(lambda: self.client.get(keys[0]))]
-        if isinstance(self.client, RedisCluster):
-            return list(await self.call(lambda: self.client.mget_nonatomic(keys)))
-        return list(await self.call(lambda: self.client.mget(keys)))
+            return [cast("bytes | None", await self.call(lambda: client.get(keys[0])))]
+        if isinstance(client, RedisCluster):
+            cluster = client
+            values = await self.call(lambda: cluster.mget_nonatomic(keys))
+        else:
+            values = await self.call(lambda: client.mget(keys))
+        return cast("list[bytes | None]", list(values))
 
     async def _mset(self, items: list[tuple[bytes, bytes, int]]) -> list[bool | BaseException]:
         if len(items) == 1:
@@ -237,8 +244,7 @@ class RedisBackend:
         """UNLINK ``keys``; returns how many existed."""
         if isinstance(self.client, RedisCluster) and len(keys) > 1:
             # Keys of one entry share a hash tag; unrelated keys are unlinked one by one.
-            counts = [await self.call(lambda k=k: self.client.unlink(k)) for k in keys]
-            return int(sum(counts))
+            return sum([await self.delete(key) for key in keys])
         return int(await self.call(lambda: self.client.unlink(*keys)))
 
     async def execute(self, *args: Any) -> Any:

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Awaitable, Callable
@@ -190,8 +191,8 @@ class Cache:
         self._check_open()
         rkey = self.keys.value(key)
         policy = self.policy if ttl is None else Policy(ttl=ttl, negative_ttl=ttl)
-        data, ttl_written = self._encode(value, policy, compute_time=0.0, explicit=True)
-        await self._write(rkey, data, ttl_written)
+        ttl = self._ttl_for(value, policy) or policy.ttl  # an explicit None is always stored
+        await self._write(rkey, self._encode(value, policy, ttl=ttl, compute_time=0.0), ttl)
         self._detach(rkey)
 
     async def delete(self, key: Key) -> bool:
@@ -295,44 +296,34 @@ class Cache:
         except Exception:
             counters.loader_errors += 1
             raise
-        data, ttl = self._encode(value, policy, compute_time=time.monotonic() - started)
-        if data is not None:
-            try:
+        ttl = self._ttl_for(value, policy)
+        if ttl is not None:
+            data = self._encode(value, policy, ttl=ttl, compute_time=time.monotonic() - started)
+            with contextlib.suppress(BackendError):  # counted; the value is still served
                 await self._write(rkey, data, ttl)
-            except BackendError:
-                pass  # counted; the value is still served to every caller
         return value
 
     # -- helpers --------------------------------------------------------------------------
 
-    def _encode(
-        self, value: Any, policy: Policy, *, compute_time: float, explicit: bool = False
-    ) -> tuple[bytes | None, float]:
-        """The record bytes to store and their TTL; ``None`` when nothing is to be stored."""
+    @staticmethod
+    def _ttl_for(value: Any, policy: Policy) -> float | None:
+        """How long ``value`` is cached under ``policy``; None: not at all."""
+        return policy.negative_ttl if value is None else policy.ttl
+
+    def _encode(self, value: Any, policy: Policy, *, ttl: float, compute_time: float) -> bytes:
+        """The record bytes of ``value`` (``None`` gives a negative record)."""
         negative = value is None
-        if negative:
-            ttl = policy.negative_ttl
-            if ttl is None:
-                if not explicit:
-                    return None, 0.0
-                ttl = policy.ttl
-            payload = b""
-        else:
-            ttl = policy.ttl
-            payload = self.serializer.dumps(value)
         now = time.time()
-        record = Record(
-            payload=payload,
+        soft_ttl = None if negative else policy.soft_ttl
+        return Record(
+            payload=b"" if negative else self.serializer.dumps(value),
             negative=negative,
             serializer_tag=self.serializer.tag,
             stored_at=now,
             expires_at=now + ttl,
-            soft_expires_at=None
-            if negative or policy.soft_ttl is None
-            else now + policy.soft_ttl,
+            soft_expires_at=None if soft_ttl is None else now + soft_ttl,
             compute_time=compute_time,
-        )
-        return record.encode(), ttl
+        ).encode()
 
     async def _write(self, rkey: bytes, data: bytes, ttl: float) -> None:
         try:

@@ -51,7 +51,7 @@ class Policy:
         >>> Policy(ttl=0)
         Traceback (most recent call last):
         ...
-        aiocacheguard.errors.ConfigurationError: ttl=0 is not accepted: a finite number of seconds > 0 and <= 31536000
+        aiocacheguard.errors.ConfigurationError: ttl=0 is not accepted: a finite number of ...
     """
 
     ttl: float

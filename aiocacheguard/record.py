@@ -75,7 +75,7 @@ class Record:
         """
         if len(data) < _HEADER.size or data[:2] != MAGIC:
             raise RecordError("not an aiocacheguard record")
-        magic, version, flags, tag, stored_at, soft, hard, compute = _HEADER.unpack_from(data)
+        _magic, version, flags, tag, stored_at, soft, hard, compute = _HEADER.unpack_from(data)
         if version != FORMAT_VERSION:
             raise RecordError(f"record format version {version} is not readable by this version")
         negative = bool(flags & _FLAG_NEGATIVE)

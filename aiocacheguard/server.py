@@ -21,6 +21,7 @@ import contextlib
 import ctypes
 import importlib.util
 import os
+import re
 import shutil
 import signal
 import socket
@@ -86,6 +87,23 @@ def _ping(host: str, port: int, timeout: float) -> bool:
             return sock.recv(64).startswith(b"+PONG")
     except OSError:
         return False
+
+
+def _server_pid(host: str, port: int, timeout: float) -> int | None:
+    """The process id of the Redis answering on ``port`` (from INFO), or None if none answers."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.sendall(b"INFO server\r\n")
+            reply = b""
+            while b"process_id:" not in reply or not reply.endswith(b"\r\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    return None
+                reply += chunk
+    except OSError:
+        return None
+    match = re.search(rb"process_id:(\d+)", reply)
+    return int(match.group(1)) if match else None
 
 
 class RedisServer:
@@ -178,7 +196,8 @@ class RedisServer:
         self.port = port
         _running.add(self)
         deadline = time.monotonic() + self._startup_timeout
-        while not _ping(self.host, port, timeout=0.5):
+        # Wait for *our* process to answer: another server may already hold the port.
+        while _server_pid(self.host, port, timeout=0.5) != self._process.pid:
             if self._process.poll() is not None or time.monotonic() > deadline:
                 log = logfile.read_text(errors="replace")[-2000:] if logfile.exists() else ""
                 self.stop()

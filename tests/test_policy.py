@@ -46,7 +46,7 @@ def test_ttl_is_required_and_keyword_only() -> None:
     with pytest.raises(TypeError):
         Policy()  # type: ignore[call-arg]
     with pytest.raises(TypeError):
-        Policy(30.0)  # type: ignore[misc]
+        Policy(30.0)  # type: ignore[call-arg]
 
 
 def test_frozen_and_hashable() -> None:

@@ -1,0 +1,1 @@
+"""The guards: one concern a module; none imports another. `Cache` composes them."""

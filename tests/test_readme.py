@@ -1,0 +1,46 @@
+"""The README's example runs, and CI runs the README's test command."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from aiocacheguard.server import RedisServer
+
+ROOT = Path(__file__).parent.parent
+README = (ROOT / "README.md").read_text()
+
+
+def fenced(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", README, flags=re.DOTALL)
+
+
+def test_readme_example_runs(redis_server: RedisServer) -> None:
+    (example,) = fenced("python")
+    assert "port=6379" in example
+    code = example.replace("port=6379", f"port={redis_server.port}")  # never the shared server
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert "['ada', 'grace']" in out.stdout
+    assert "loader_calls=1" in out.stdout
+
+
+def test_readme_has_two_setup_commands_and_ci_runs_the_test_command() -> None:
+    install, test = fenced("sh")
+    assert install.strip() == "pip install -e '.[dev]' && python examples/quickstart.py"
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert test.strip() in ci
+
+
+def test_quickstart_runs(redis_server: RedisServer) -> None:
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "quickstart.py")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert "10000 concurrent callers, 1 database query" in out.stdout

