@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import hashlib
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeAlias, TypeVar, runtime_checkable
 
-__all__ = ("Key", "Loader", "Serializer")
+__all__ = ("Key", "Loader", "LuaScript", "ScriptArg", "ScriptRunner", "Serializer", "Subscriber")
 
 T = TypeVar("T")
 
@@ -35,3 +37,36 @@ class Serializer(Protocol):
     def dumps(self, value: Any) -> bytes: ...
 
     def loads(self, data: bytes) -> Any: ...
+
+
+@dataclass(frozen=True, slots=True)
+class LuaScript:
+    """A Lua script the backend runs with EVALSHA, loading it again after NOSCRIPT."""
+
+    name: str
+    source: str
+    sha: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())
+
+
+#: Arguments of a script: Redis encodes numbers and strings itself.
+ScriptArg: TypeAlias = bytes | str | int | float
+
+
+class ScriptRunner(Protocol):
+    """What a guard needs of the backend to run its scripts (implemented by `RedisBackend`)."""
+
+    async def eval(
+        self, script: LuaScript, keys: Sequence[bytes], args: Sequence[ScriptArg]
+    ) -> Any: ...
+
+
+class Subscriber(Protocol):
+    """A pub/sub subscription the backend keeps open (implemented by `RedisBackend`)."""
+
+    async def subscribe(self, channel: bytes) -> None:
+        """Subscribe; returns once Redis has confirmed the subscription."""
+
+    async def unsubscribe(self, channel: bytes) -> None: ...

@@ -17,7 +17,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import math
+import functools
+import logging
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, Generic, TypeVar, cast
 
@@ -25,6 +26,7 @@ import redis.asyncio as redis
 import redis.exceptions as redis_errors
 from redis.asyncio.cluster import RedisCluster
 
+from ._types import LuaScript, ScriptArg, Subscriber
 from .errors import BackendError, BackendTimeout, BackendUnavailable, ConfigurationError
 
 __all__ = ("RedisBackend", "RedisClient", "map_errors")
@@ -32,6 +34,11 @@ __all__ = ("RedisBackend", "RedisClient", "map_errors")
 T = TypeVar("T")
 ItemT = TypeVar("ItemT")
 ResultT = TypeVar("ResultT")
+
+logger = logging.getLogger("aiocacheguard")
+
+#: One script call: the script, its keys and its arguments.
+_ScriptCall = tuple[LuaScript, tuple[bytes, ...], tuple[ScriptArg, ...]]
 
 #: What the Cache accepts: a standalone (or Sentinel ``master_for``) client, or a cluster client.
 RedisClient = redis.Redis | RedisCluster
@@ -196,25 +203,38 @@ class RedisBackend:
         self._reads: _Batcher[bytes, bytes | None] = _Batcher(
             self._mget, name="mget", max_batch=MAX_BATCH, max_flushers=flushers
         )
-        self._writes: _Batcher[tuple[bytes, bytes, int], bool] = _Batcher(
-            self._mset, name="set", max_batch=MAX_BATCH, max_flushers=flushers
+        self._scripts: _Batcher[_ScriptCall, Any] = _Batcher(
+            self._eval_batch, name="eval", max_batch=MAX_BATCH, max_flushers=flushers
         )
+        self._pubsub: _PubSub | None = None
+        #: Commands that failed or ran out of time, for `Statistics.redis_errors`.
+        self.errors = 0
 
     async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
         """Run one command: wait for a slot, then spend at most ``command_timeout`` on it."""
         async with self._slots:
-            with map_errors():
-                async with asyncio.timeout(self.command_timeout):
-                    return await fn()
+            try:
+                with map_errors():
+                    async with asyncio.timeout(self.command_timeout):
+                        return await fn()
+            except BackendError:
+                self.errors += 1
+                raise
 
     async def get(self, key: bytes) -> bytes | None:
         """GET ``key``, coalesced with the other reads of this turn into one MGET."""
         return await self._reads.submit(key)
 
-    async def set(self, key: bytes, value: bytes, *, ttl: float) -> None:
-        """SET ``key`` with an expiry of ``ttl`` seconds, pipelined with this turn's writes."""
-        px = max(1, math.ceil(ttl * 1000))
-        await self._writes.submit((key, value, px))
+    async def eval(
+        self, script: LuaScript, keys: Sequence[bytes], args: Sequence[ScriptArg]
+    ) -> Any:
+        """
+        Run ``script`` with EVALSHA, pipelined with this turn's other scripts.
+
+        A script the server does not know (after SCRIPT FLUSH, a restart or a failover) is
+        loaded and the call repeated, transparently.
+        """
+        return await self._scripts.submit((script, tuple(keys), tuple(args)))
 
     async def _mget(self, keys: list[bytes]) -> list[bytes | None]:
         client = self.client
@@ -227,31 +247,106 @@ class RedisBackend:
             values = await self.call(lambda: client.mget(keys))
         return cast("list[bytes | None]", list(values))
 
-    async def _mset(self, items: list[tuple[bytes, bytes, int]]) -> list[bool | BaseException]:
-        if len(items) == 1:
-            key, value, px = items[0]
-            return [bool(await self.call(lambda: self.client.set(key, value, px=px)))]
+    async def _eval_batch(self, calls: list[_ScriptCall]) -> list[Any]:
+        results = await self._evalsha(calls)
+        missing = [i for i, r in enumerate(results) if isinstance(r, redis_errors.NoScriptError)]
+        if missing:
+            client = self.client
+            for source in {calls[i][0].source for i in missing}:
+                await self.call(functools.partial(client.script_load, source))
+            again = await self._evalsha([calls[i] for i in missing])
+            for i, result in zip(missing, again, strict=True):
+                results[i] = result
+        self.errors += sum(isinstance(r, BaseException) for r in results)
+        return results
 
-        async def pipelined() -> list[bool | BaseException]:
+    async def _evalsha(self, calls: list[_ScriptCall]) -> list[Any]:
+        async def pipelined() -> list[Any]:
             async with self.client.pipeline(transaction=False) as pipe:
-                for key, value, px in items:
-                    pipe.set(key, value, px=px)
+                for script, keys, args in calls:
+                    pipe.evalsha(script.sha, len(keys), *keys, *args)
                 return list(await pipe.execute(raise_on_error=False))
 
         return await self.call(pipelined)
 
-    async def delete(self, *keys: bytes) -> int:
-        """UNLINK ``keys``; returns how many existed."""
-        if isinstance(self.client, RedisCluster) and len(keys) > 1:
-            # Keys of one entry share a hash tag; unrelated keys are unlinked one by one.
-            return sum([await self.delete(key) for key in keys])
-        return int(await self.call(lambda: self.client.unlink(*keys)))
-
-    async def execute(self, *args: Any) -> Any:
-        """Run any command (for operations tooling and tests)."""
-        return await self.call(lambda: self.client.execute_command(*args))
+    def subscriber(self, on_message: Callable[[bytes], None]) -> Subscriber:
+        """
+        The Cache's one pub/sub connection; ``on_message(channel)`` is called for every
+        message. Created on first use, closed by `aclose`.
+        """
+        if self._pubsub is None:
+            self._pubsub = _PubSub(self, on_message)
+        return self._pubsub
 
     async def aclose(self) -> None:
-        """Stop the batchers; queued commands are cancelled. The client stays open."""
+        """Stop the batchers and the subscriber; queued commands are cancelled."""
         await self._reads.aclose()
-        await self._writes.aclose()
+        await self._scripts.aclose()
+        if self._pubsub is not None:
+            await self._pubsub.aclose()
+
+
+class _PubSub:
+    """
+    One pub/sub connection shared by every waiter of a Cache, with a reader task.
+
+    Subscribing waits for Redis's confirmation, so a PUBLISH that follows can't be missed.
+    redis-py reconnects and resubscribes by itself; messages sent while disconnected are lost,
+    which waiters tolerate because each wait is also bounded by the lock's remaining lease.
+    """
+
+    def __init__(self, backend: RedisBackend, on_message: Callable[[bytes], None]) -> None:
+        self._backend = backend
+        self._on_message = on_message
+        self._pubsub = backend.client.pubsub()
+        self._confirmations: dict[bytes, asyncio.Future[None]] = {}
+        self._reader: asyncio.Task[None] | None = None
+
+    async def subscribe(self, channel: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        confirmed = self._confirmations.get(channel)
+        if confirmed is None:
+            confirmed = self._confirmations[channel] = loop.create_future()
+        with map_errors():
+            async with asyncio.timeout(self._backend.command_timeout):
+                await self._pubsub.subscribe(channel)
+                if self._reader is None or self._reader.done():
+                    self._reader = asyncio.create_task(self._read(), name="aiocacheguard-pubsub")
+                await asyncio.shield(confirmed)
+
+    async def unsubscribe(self, channel: bytes) -> None:
+        with map_errors():
+            async with asyncio.timeout(self._backend.command_timeout):
+                await self._pubsub.unsubscribe(channel)
+
+    async def _read(self) -> None:
+        failures = 0
+        while True:
+            try:
+                message = await self._pubsub.get_message(timeout=None)
+                failures = 0
+            except (redis_errors.RedisError, OSError, RuntimeError) as exc:
+                failures += 1
+                self._backend.errors += 1
+                logger.warning("pub/sub connection failed (%s); retrying", exc)
+                await asyncio.sleep(min(1.0, 0.05 * 2**failures))
+                continue
+            if message is None:
+                continue
+            kind, channel = message["type"], message["channel"]
+            if kind == "message":
+                self._on_message(channel)
+            elif kind == "subscribe":
+                confirmed = self._confirmations.pop(channel, None)
+                if confirmed is not None and not confirmed.done():
+                    confirmed.set_result(None)
+
+    async def aclose(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+        for confirmed in self._confirmations.values():
+            confirmed.cancel()
+        with contextlib.suppress(redis_errors.RedisError, OSError, TimeoutError):
+            async with asyncio.timeout(self._backend.command_timeout):
+                await self._pubsub.aclose()  # type: ignore[no-untyped-call]

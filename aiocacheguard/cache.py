@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
 import time
@@ -13,7 +14,21 @@ from typing import Any, Final, Self, TypeVar, cast
 
 from ._types import Key, Serializer
 from .backend import RedisBackend, RedisClient
-from .errors import BackendError, CacheClosedError, ConfigurationError
+from .errors import (
+    BackendError,
+    CacheClosedError,
+    ConfigurationError,
+    LoadTimeout,
+    LockTimeout,
+)
+from .guards.lock import (
+    STORE_AND_RELEASE,
+    UNLINK_AND_RELEASE,
+    Attempt,
+    Outcome,
+    RebuildLock,
+)
+from .guards.notify import FillNotifier
 from .guards.singleflight import SingleFlight
 from .keys import KeySpace
 from .metrics import Counters, Statistics
@@ -29,6 +44,10 @@ T = TypeVar("T")
 #: minute on a blackholed server; a cache that is slower than its database is worse than none.
 DEFAULT_COMMAND_TIMEOUT: Final = 1.0
 
+#: Added to a holder's remaining lease before a waiter re-checks for a takeover, so the
+#: re-check lands just after the lock expired rather than just before.
+LEASE_SLACK: Final = 0.01
+
 
 class _Entry:
     """A record read from Redis, with its payload decoded once for every caller."""
@@ -38,6 +57,10 @@ class _Entry:
     def __init__(self, record: Record, value: Any) -> None:
         self.record = record
         self.value = value
+
+    def result(self) -> Any:
+        """What a caller gets: the value, or None for a negative record."""
+        return None if self.record.negative else self.value
 
 
 class Cache:
@@ -108,6 +131,8 @@ class Cache:
         self._counters = Counters()
         self._reads: SingleFlight[bytes, _Entry | None] = SingleFlight(name="read")
         self._loads: SingleFlight[bytes, Any] = SingleFlight(name="load")
+        self._notifier = FillNotifier()
+        self._notifier.bind(self._backend.subscriber(self._notifier.deliver))
         self._closed = False
 
     def __repr__(self) -> str:
@@ -153,7 +178,7 @@ class Cache:
 
     def statistics(self) -> Statistics:
         """A frozen snapshot of the counters (see `Statistics`)."""
-        return self._counters.snapshot()
+        return self._counters.snapshot(redis_errors=self._backend.errors)
 
     async def get(self, key: Key, default: Any = None) -> Any:
         """
@@ -172,16 +197,15 @@ class Cache:
         if rkey in self._reads:
             self._counters.coalesced += 1
         entry = await self._reads.run(rkey, lambda: self._read(rkey))
-        if entry is None:
-            return default
-        return None if entry.record.negative else entry.value
+        return default if entry is None else entry.result()
 
     async def set(self, key: Key, value: Any, *, ttl: float | None = None) -> None:
         """
         Store ``value`` under ``key`` for ``ttl`` seconds (default: the Cache policy's ttl).
 
         ``None`` is stored as a negative result. Callers that start after this returns read
-        the new value, never an older read that was still in flight.
+        the new value, never an older read that was still in flight. A rebuild of the key in
+        progress anywhere is superseded: its fill is refused, and its waiters read this value.
 
         Raises:
             ConfigurationError: ``ttl`` is out of range.
@@ -192,25 +216,26 @@ class Cache:
         rkey = self.keys.value(key)
         policy = self.policy if ttl is None else Policy(ttl=ttl, negative_ttl=ttl)
         ttl = self._ttl_for(value, policy) or policy.ttl  # an explicit None is always stored
-        await self._write(rkey, self._encode(value, policy, ttl=ttl, compute_time=0.0), ttl)
+        await self._store(rkey, self._encode(value, policy, ttl=ttl, compute_time=0.0), ttl)
         self._detach(rkey)
 
     async def delete(self, key: Key) -> bool:
         """
         Remove ``key``; returns whether it was cached.
 
+        A rebuild of the key in progress anywhere loses its lock, so a value loaded from data
+        older than this invalidation is never written; its waiters load afresh.
+
         Raises:
             BackendError: Redis failed or did not answer within ``command_timeout``.
         """
         self._check_open()
         rkey = self.keys.value(key)
-        try:
-            removed = await self._backend.delete(rkey)
-        except BackendError:
-            self._counters.redis_errors += 1
-            raise
+        removed = await self._backend.eval(
+            UNLINK_AND_RELEASE, (rkey, self.keys.lock(rkey)), (self.keys.channel(rkey),)
+        )
         self._detach(rkey)
-        return removed > 0
+        return bool(removed)
 
     async def get_or_load(
         self,
@@ -227,6 +252,13 @@ class Cache:
         most once. A caller that is cancelled leaves the flight running for the others; when
         every caller is cancelled the loader is cancelled too.
 
+        On a miss, with ``policy.lock`` (the default), the flight takes the distributed rebuild
+        lock first, so one process of the deployment calls the loader while the others wait
+        for its fill notification (`aiocacheguard.guards.lock`, `aiocacheguard.guards.notify`).
+        A holder that dies is taken over within ``policy.lock_ttl``; a waiter never returns
+        empty-handed: after ``policy.wait_timeout`` it calls the loader itself, or raises
+        `LockTimeout` if ``policy.on_wait_timeout == "raise"``.
+
         A loader returning ``None`` means "absent": it is cached for ``policy.negative_ttl``.
         If Redis fails, the value is loaded without it (counted in ``redis_errors``): the
         flight still protects the loader from concurrent calls.
@@ -240,6 +272,8 @@ class Cache:
             InvalidKeyError: the key is empty, too long or not str/bytes.
             SerializationError: the loader's value cannot be encoded.
             CacheClosedError: the Cache was closed before or during the call.
+            LoadTimeout: the loader ran past ``policy.load_timeout``.
+            LockTimeout: waiting ran out and ``policy.on_wait_timeout == "raise"``.
             Exception: whatever the loader raised, to every caller of the flight.
         """
         self._check_open()
@@ -256,21 +290,28 @@ class Cache:
         try:
             entry = await self._reads.run(rkey, lambda: self._read(rkey))
         except BackendError:
-            entry = None  # carry on without Redis: the loader is still single-flighted
+            # Carry on without Redis: the loader is still single-flighted in this process.
+            return await self._call_loader(loader, policy)
         if entry is not None:
-            return cast(T, None if entry.record.negative else entry.value)
-        return await self._fill(rkey, loader, policy)
+            return cast(T, entry.result())
+        if not policy.lock:
+            return await self._load_unlocked(rkey, loader, policy)
+        return await self._rebuild(rkey, loader, policy)
 
     async def _read(self, rkey: bytes) -> _Entry | None:
+        data = await self._backend.get(rkey)
+        entry = None if data is None else self._decode(data)
         counters = self._counters
-        try:
-            data = await self._backend.get(rkey)
-        except BackendError:
-            counters.redis_errors += 1
-            raise
-        if data is None:
+        if entry is None:
             counters.misses += 1
-            return None
+        elif entry.record.negative:
+            counters.negative_hits += 1
+        else:
+            counters.hits += 1
+        return entry
+
+    def _decode(self, data: bytes) -> _Entry | None:
+        """The entry stored as ``data``; None (and counted) when it is foreign or corrupt."""
         try:
             record = Record.decode(data)
             if record.serializer_tag != self.serializer.tag:
@@ -278,29 +319,130 @@ class Cache:
             value = None if record.negative else self.serializer.loads(record.payload)
         except Exception:
             # Foreign, corrupt or differently serialized bytes: a miss that the fill overwrites.
-            counters.decode_errors += 1
-            counters.misses += 1
+            self._counters.decode_errors += 1
             return None
-        if record.negative:
-            counters.negative_hits += 1
-        else:
-            counters.hits += 1
         return _Entry(record, value)
 
-    async def _fill(self, rkey: bytes, loader: Callable[[], Awaitable[T]], policy: Policy) -> T:
+    async def _call_loader(self, loader: Callable[[], Awaitable[T]], policy: Policy) -> T:
         counters = self._counters
         counters.loader_calls += 1
-        started = time.monotonic()
         try:
-            value = await loader()
+            if policy.load_timeout is None:
+                return await loader()
+            async with asyncio.timeout(policy.load_timeout) as scope:
+                return await loader()
+        except TimeoutError:
+            counters.loader_errors += 1
+            if policy.load_timeout is not None and scope.expired():
+                raise LoadTimeout(
+                    f"the loader ran longer than load_timeout={policy.load_timeout}s and was "
+                    "cancelled; raise Policy.load_timeout if it is legitimately slow"
+                ) from None
+            raise
         except Exception:
             counters.loader_errors += 1
             raise
+
+    async def _load_unlocked(
+        self, rkey: bytes, loader: Callable[[], Awaitable[T]], policy: Policy
+    ) -> T:
+        started = time.monotonic()
+        value = await self._call_loader(loader, policy)
         ttl = self._ttl_for(value, policy)
         if ttl is not None:
             data = self._encode(value, policy, ttl=ttl, compute_time=time.monotonic() - started)
             with contextlib.suppress(BackendError):  # counted; the value is still served
-                await self._write(rkey, data, ttl)
+                await self._store(rkey, data, ttl)
+        return value
+
+    async def _rebuild(self, rkey: bytes, loader: Callable[[], Awaitable[T]], policy: Policy) -> T:
+        """The miss path across processes: take the lock and load, or wait for the fill."""
+        lock = RebuildLock(
+            self._backend,
+            value_key=rkey,
+            lock_key=self.keys.lock(rkey),
+            channel=self.keys.channel(rkey),
+            lock_ttl=policy.lock_ttl,
+        )
+        try:
+            attempt, entry = await self._acquire(lock, ignore_value=False)
+            if attempt.outcome is Outcome.BUSY:
+                self._counters.lock_waits += 1
+                attempt, entry = await self._wait_for_fill(lock, policy)
+        except BackendError:
+            return await self._call_loader(loader, policy)  # Redis failed mid-way: no guard
+        if entry is not None:
+            return cast(T, entry.result())
+        if attempt.outcome is Outcome.ACQUIRED:
+            return await self._load_as_holder(lock, loader, policy)
+        if policy.on_wait_timeout == "raise":
+            raise LockTimeout(
+                f"waited wait_timeout={policy.wait_timeout}s for another process to fill the "
+                "key; raise Policy.wait_timeout, or use on_wait_timeout='load'"
+            )
+        return await self._call_loader(loader, policy)
+
+    async def _acquire(
+        self, lock: RebuildLock, *, ignore_value: bool
+    ) -> tuple[Attempt, _Entry | None]:
+        """One lock attempt; a value found instead is decoded (a corrupt one is overridden)."""
+        attempt = await lock.acquire_or_read(ignore_value=ignore_value)
+        if attempt.outcome is Outcome.VALUE:
+            entry = self._decode(attempt.value)
+            if entry is not None:
+                return attempt, entry
+            attempt = await lock.acquire_or_read(ignore_value=True)
+        return attempt, None
+
+    async def _wait_for_fill(
+        self, lock: RebuildLock, policy: Policy
+    ) -> tuple[Attempt, _Entry | None]:
+        """
+        Wait for another process's fill, re-checking on every notification and whenever the
+        holder's lease may have run out (then the lock is taken over).
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + policy.wait_timeout
+        async with self._notifier.listen(lock.channel) as signal:
+            notified = True  # the first check, right after subscribing, is not a takeover
+            while True:
+                attempt, entry = await self._acquire(lock, ignore_value=False)
+                if entry is not None:
+                    return attempt, entry
+                if attempt.outcome is Outcome.ACQUIRED:
+                    if not notified:
+                        self._counters.takeovers += 1
+                    return attempt, None
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return attempt, None
+                notified = await signal.wait_notified(
+                    min(remaining, attempt.lease_left + LEASE_SLACK)
+                )
+
+    async def _load_as_holder(
+        self, lock: RebuildLock, loader: Callable[[], Awaitable[T]], policy: Policy
+    ) -> T:
+        self._counters.lock_acquired += 1
+        started = time.monotonic()
+        try:
+            async with lock.kept_alive():
+                value = await self._call_loader(loader, policy)
+        except BaseException:
+            # Wake the waiters now (they retry) rather than after the lease runs out.
+            with contextlib.suppress(BackendError):
+                await asyncio.shield(lock.release())
+            raise
+        ttl = self._ttl_for(value, policy)
+        try:
+            if ttl is None:
+                await lock.release()
+            else:
+                data = self._encode(value, policy, ttl=ttl, compute_time=time.monotonic() - started)
+                if not await lock.fill(data, ttl):
+                    self._counters.lock_lost += 1
+        except BackendError:
+            pass  # counted; the value is still served to this process's callers
         return value
 
     # -- helpers --------------------------------------------------------------------------
@@ -325,12 +467,12 @@ class Cache:
             compute_time=compute_time,
         ).encode()
 
-    async def _write(self, rkey: bytes, data: bytes, ttl: float) -> None:
-        try:
-            await self._backend.set(rkey, data, ttl=ttl)
-        except BackendError:
-            self._counters.redis_errors += 1
-            raise
+    async def _store(self, rkey: bytes, data: bytes, ttl: float) -> None:
+        await self._backend.eval(
+            STORE_AND_RELEASE,
+            (rkey, self.keys.lock(rkey)),
+            (data, max(1, round(ttl * 1000)), self.keys.channel(rkey)),
+        )
 
     def _detach(self, rkey: bytes) -> None:
         """After a write, later callers must not join a flight that began before it."""

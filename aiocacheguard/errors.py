@@ -11,6 +11,9 @@ CacheGuardError
  +-- InvalidKeyError (also ValueError)      a key is empty, too long or of the wrong type
  +-- SerializationError (also TypeError)    a value cannot be encoded by the Cache's serializer
  +-- CacheClosedError                       the Cache was used after aclose()
+ +-- LoadTimeout (also TimeoutError)        a loader ran past Policy.load_timeout
+ +-- LockError                              the rebuild lock could not be had
+ |    +-- LockTimeout (also TimeoutError)   waited wait_timeout for another process's fill
  +-- BackendError                           Redis answered with an error or could not be reached
  |    +-- BackendUnavailable                connection refused, reset, or pool exhausted
  |    +-- BackendTimeout (also TimeoutError) Redis did not answer within the command budget
@@ -29,6 +32,9 @@ __all__ = (
     "CacheGuardError",
     "ConfigurationError",
     "InvalidKeyError",
+    "LoadTimeout",
+    "LockError",
+    "LockTimeout",
     "SerializationError",
     "ServerError",
     "ServerNotFoundError",
@@ -69,6 +75,21 @@ class SerializationError(CacheGuardError, TypeError):
 
 class CacheClosedError(CacheGuardError):
     """The Cache was used after `Cache.aclose()`, or closed while a call was in flight."""
+
+
+class LoadTimeout(CacheGuardError, TimeoutError):
+    """A loader ran longer than ``Policy.load_timeout``; it was cancelled and nothing cached."""
+
+
+class LockError(CacheGuardError):
+    """The distributed rebuild lock could not be had."""
+
+
+class LockTimeout(LockError, TimeoutError):
+    """
+    Another process held the rebuild lock for longer than ``Policy.wait_timeout`` without
+    filling the key, and the policy says ``on_wait_timeout="raise"``.
+    """
 
 
 class BackendError(CacheGuardError):

@@ -68,3 +68,13 @@ class KeySpace:
                 "long keys first, for example hashlib.sha256(key.encode()).hexdigest()"
             )
         return self._prefix + raw + b"}"
+
+    @staticmethod
+    def lock(value_key: bytes) -> bytes:
+        """The rebuild lock of the entry stored at ``value_key`` (same hash slot)."""
+        return value_key + b":lock"
+
+    @staticmethod
+    def channel(value_key: bytes) -> bytes:
+        """The pub/sub channel announcing fills of ``value_key``."""
+        return value_key + b":fill"

@@ -22,9 +22,14 @@ class Statistics:
         coalesced: Callers that joined a flight another caller had started.
         loader_calls: Times a loader was called.
         loader_errors: Times a loader raised (nothing was cached from it).
+        lock_acquired: Rebuild locks this process took (it then called the loader).
+        lock_waits: Flights that found another process rebuilding and waited for its fill.
+        takeovers: Locks taken after the previous holder's lease ran out without a fill
+            (the holder died or stalled).
+        lock_lost: Fills refused because the lease had passed to another holder, or a
+            ``set``/``delete`` superseded the rebuild; the value was still returned locally.
         decode_errors: Records that could not be decoded and were treated as a miss.
-        redis_errors: Redis commands that failed or ran out of time inside ``get_or_load``,
-            where the Cache carried on without Redis.
+        redis_errors: Redis commands that failed or ran out of time.
     """
 
     hits: int = 0
@@ -33,6 +38,10 @@ class Statistics:
     coalesced: int = 0
     loader_calls: int = 0
     loader_errors: int = 0
+    lock_acquired: int = 0
+    lock_waits: int = 0
+    takeovers: int = 0
+    lock_lost: int = 0
     decode_errors: int = 0
     redis_errors: int = 0
 
@@ -48,6 +57,10 @@ class Counters:
     coalesced: int
     loader_calls: int
     loader_errors: int
+    lock_acquired: int
+    lock_waits: int
+    takeovers: int
+    lock_lost: int
     decode_errors: int
     redis_errors: int
 
@@ -55,5 +68,7 @@ class Counters:
         for name in self.__slots__:
             setattr(self, name, 0)
 
-    def snapshot(self) -> Statistics:
-        return Statistics(**{name: getattr(self, name) for name in self.__slots__})
+    def snapshot(self, **overrides: int) -> Statistics:
+        values = {name: getattr(self, name) for name in self.__slots__}
+        values.update(overrides)
+        return Statistics(**values)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 from .errors import ConfigurationError
 
@@ -16,15 +17,18 @@ __all__ = ("Policy",)
 MAX_TTL = 365 * 24 * 3600.0
 
 
-def _check_seconds(field: str, value: object, *, optional: bool = False) -> None:
+def _check_seconds(
+    field: str, value: object, *, optional: bool = False, minimum: float = 0.0
+) -> None:
     if value is None and optional:
         return
-    accepted = f"a finite number of seconds > 0 and <= {MAX_TTL:.0f}" + (
+    lower = f">= {minimum:g}" if minimum else "> 0"
+    accepted = f"a finite number of seconds {lower} and <= {MAX_TTL:.0f}" + (
         ", or None" if optional else ""
     )
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigurationError(field, value, accepted)
-    if not math.isfinite(value) or value <= 0 or value > MAX_TTL:
+    if not math.isfinite(value) or value <= 0 or value < minimum or value > MAX_TTL:
         raise ConfigurationError(field, value, accepted)
 
 
@@ -40,6 +44,17 @@ class Policy:
         negative_ttl: How long a loader's ``None`` ("this row does not exist") is cached, so
             lookups of absent rows stop reaching the database. ``None`` means negative results
             are not cached at all. Default 5 seconds.
+        lock: Guard misses with the distributed rebuild lock, so one process in the whole
+            deployment calls the loader. ``False`` keeps only the in-process single-flight.
+        lock_ttl: The rebuild lock's lease. The holder renews it every third of it while the
+            loader runs; if the holder dies, another process takes over within this time.
+            At least 0.05 s. Default 5 s.
+        wait_timeout: How long a process waits for another process's fill before it gives up
+            (see ``on_wait_timeout``). Default 15 s, the default load_timeout plus one lease.
+        load_timeout: How long a loader may run before it is cancelled and `LoadTimeout`
+            raised to every caller of its flight. ``None``: no limit. Default 10 s.
+        on_wait_timeout: ``"load"`` (default): when waiting runs out, call the loader
+            locally rather than return nothing; ``"raise"``: raise `LockTimeout`.
 
     Raises:
         ConfigurationError: a field is negative, zero, NaN, infinite, over a year, or
@@ -47,7 +62,7 @@ class Policy:
 
     Example:
         >>> Policy(ttl=30.0, soft_ttl=25.0)
-        Policy(ttl=30.0, soft_ttl=25.0, negative_ttl=5.0)
+        Policy(ttl=30.0, soft_ttl=25.0, negative_ttl=5.0, lock=True, lock_ttl=5.0, ...)
         >>> Policy(ttl=0)
         Traceback (most recent call last):
         ...
@@ -57,11 +72,23 @@ class Policy:
     ttl: float
     soft_ttl: float | None = None
     negative_ttl: float | None = 5.0
+    lock: bool = True
+    lock_ttl: float = 5.0
+    wait_timeout: float = 15.0
+    load_timeout: float | None = 10.0
+    on_wait_timeout: Literal["load", "raise"] = "load"
 
     def __post_init__(self) -> None:
         _check_seconds("ttl", self.ttl)
         _check_seconds("soft_ttl", self.soft_ttl, optional=True)
         _check_seconds("negative_ttl", self.negative_ttl, optional=True)
+        _check_seconds("lock_ttl", self.lock_ttl, minimum=0.05)
+        _check_seconds("wait_timeout", self.wait_timeout)
+        _check_seconds("load_timeout", self.load_timeout, optional=True)
+        if not isinstance(self.lock, bool):
+            raise ConfigurationError("lock", self.lock, "True or False")
+        if self.on_wait_timeout not in ("load", "raise"):
+            raise ConfigurationError("on_wait_timeout", self.on_wait_timeout, '"load" or "raise"')
         if self.soft_ttl is not None and self.soft_ttl >= self.ttl:
             raise ConfigurationError(
                 "soft_ttl", self.soft_ttl, f"a number of seconds below ttl={self.ttl!r}"
