@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 import redis.asyncio as redis
@@ -50,6 +50,16 @@ async def cache(client: redis.Redis, namespace: str) -> AsyncIterator[Cache]:
     async with Cache(client, namespace=namespace, policy=Policy(ttl=30.0)) as cache:
         yield cache
     assert not library_tasks(), "aclose() left library tasks behind"
+
+
+async def wait_until(condition: Callable[[], bool], within: float = 5.0) -> None:
+    """
+    Wait for a library-internal state that has no event of its own (e.g. "the other Cache is
+    parked on the fill channel"), checking every millisecond, failing after ``within`` s.
+    """
+    async with asyncio.timeout(within):
+        while not condition():
+            await asyncio.sleep(0.001)
 
 
 async def command_calls(client: redis.Redis, *commands: str) -> int:
