@@ -2,8 +2,9 @@
 In-process single-flight: concurrent calls for one key share one task.
 
 The shared task is created and owned by the `SingleFlight` (and so by the Cache), never by the
-first caller. Callers wait on it through `asyncio.shield`, and a waiter count lets the last
-caller out cancel the work when nobody wants it any more (the async-lru design). cashews'
+first caller. Each caller waits on a future of its own that the task resolves (the effect of
+async-lru's `asyncio.shield` per caller, at half the scheduling cost), and the set of waiting
+futures lets the last caller out cancel the work when nobody wants it any more. cashews'
 ``thunder_protection``, by contrast, cancels every waiter's load when the first caller is
 cancelled.
 
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Coroutine, Hashable
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 from ..errors import CacheClosedError
 
@@ -41,7 +42,10 @@ class _Flight(Generic[T]):
 
     def __init__(self, task: asyncio.Task[T]) -> None:
         self.task = task
-        self.waiters = 0
+        # One future per waiting caller. Cancelling a caller cancels only its own future;
+        # the shared task delivers its outcome to every future still waiting. Cheaper than
+        # one asyncio.shield per caller, which costs a second callback hop per waiter.
+        self.waiters: set[asyncio.Future[T]] = set()
 
 
 class SingleFlight(Generic[K, T]):
@@ -92,21 +96,16 @@ class SingleFlight(Generic[K, T]):
             self._flights[key] = flight
             self._tasks.add(task)
             task.add_done_callback(lambda t: self._finished(key, flight))
-        flight.waiters += 1
+        waiter: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        flight.waiters.add(waiter)
         try:
-            return await asyncio.shield(flight.task)
-        except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if current is not None and current.cancelling():
-                # This caller was cancelled. The last one out takes the work down with it.
-                if flight.waiters == 1 and not flight.task.done():
-                    flight.task.cancel()
-                    self._forget(key, flight)
-                raise
-            # The shared task was cancelled under us, not this caller.
-            raise CacheClosedError("the cache was closed while this call waited") from None
+            return await waiter
         finally:
-            flight.waiters -= 1
+            flight.waiters.discard(waiter)
+            if not flight.waiters and not flight.task.done():
+                # The last caller left (cancelled): nobody wants the work any more.
+                flight.task.cancel()
+                self._forget(key, flight)
 
     def forget(self, key: K) -> None:
         """
@@ -123,9 +122,23 @@ class SingleFlight(Generic[K, T]):
 
     def _finished(self, key: K, flight: _Flight[T]) -> None:
         self._forget(key, flight)
-        self._tasks.discard(flight.task)
-        if not flight.task.cancelled():
-            flight.task.exception()  # mark retrieved: the waiters, if any, re-raise it
+        task = flight.task
+        self._tasks.discard(task)
+        if task.cancelled():
+            error: BaseException | None = CacheClosedError(
+                "the cache was closed while this call waited"
+            )
+            result = None
+        else:
+            error = task.exception()  # also marks it retrieved
+            result = None if error is not None else task.result()
+        for waiter in flight.waiters:
+            if waiter.done():
+                continue
+            if error is not None:
+                waiter.set_exception(error)
+            else:
+                waiter.set_result(cast(T, result))
 
     async def aclose(self) -> None:
         """Cancel every flight and wait until all have finished."""
