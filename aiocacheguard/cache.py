@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
+import random
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from types import TracebackType
 from typing import Any, Final, Self, TypeVar, cast
 
@@ -29,14 +32,17 @@ from .guards.lock import (
     RebuildLock,
 )
 from .guards.notify import FillNotifier
+from .guards.refresh import Refresher, xfetch_due
 from .guards.singleflight import SingleFlight
 from .keys import KeySpace
-from .metrics import Counters, Statistics
+from .metrics import Counters, Event, EventKind, Hook, Statistics
 from .policy import Policy
-from .record import Record, RecordError
+from .record import HEADER_SIZE, Record, RecordError
 from .serializers import JsonSerializer
 
 __all__ = ("Cache",)
+
+logger = logging.getLogger("aiocacheguard")
 
 T = TypeVar("T")
 
@@ -52,11 +58,12 @@ LEASE_SLACK: Final = 0.01
 class _Entry:
     """A record read from Redis, with its payload decoded once for every caller."""
 
-    __slots__ = ("record", "value")
+    __slots__ = ("header", "record", "value")
 
-    def __init__(self, record: Record, value: Any) -> None:
+    def __init__(self, record: Record, value: Any, header: bytes) -> None:
         self.record = record
         self.value = value
+        self.header = header  # identifies this stored copy (see record.HEADER_SIZE)
 
     def result(self) -> Any:
         """What a caller gets: the value, or None for a negative record."""
@@ -77,6 +84,12 @@ class Cache:
         command_timeout: Seconds one Redis command may take before it fails with
             `BackendTimeout`. Default 1 second.
         max_in_flight: Redis commands outstanding at once (see `RedisBackend`).
+        max_refreshes: Background refreshes running at once; more are dropped until the next
+            read asks again. Default 32.
+        hook: Called with each `Event` (stale served, refresh failed or done), for metrics.
+        clock: Wall-clock time in seconds, for expiry decisions. Every process sharing the
+            Redis must agree on it; inject a fake one in tests.
+        rng: Source of randomness for jitter and XFetch (seed it for reproducible runs).
 
     Raises:
         ConfigurationError: an argument is out of range; the message says what is accepted.
@@ -108,6 +121,10 @@ class Cache:
         serializer: Serializer | None = None,
         command_timeout: float = DEFAULT_COMMAND_TIMEOUT,
         max_in_flight: int | None = None,
+        max_refreshes: int = 32,
+        hook: Hook | None = None,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
     ) -> None:
         if not isinstance(policy, Policy):
             raise ConfigurationError("policy", policy, "an aiocacheguard.Policy")
@@ -122,6 +139,12 @@ class Cache:
             or not (math.isfinite(command_timeout) and 0 < command_timeout <= 60)
         ):
             raise ConfigurationError("command_timeout", command_timeout, "seconds in (0, 60]")
+        if (
+            isinstance(max_refreshes, bool)
+            or not isinstance(max_refreshes, int)
+            or (max_refreshes < 1)
+        ):
+            raise ConfigurationError("max_refreshes", max_refreshes, "an integer >= 1")
         self.keys = KeySpace(namespace)
         self.policy = policy
         self.serializer = serializer
@@ -131,6 +154,10 @@ class Cache:
         self._counters = Counters()
         self._reads: SingleFlight[bytes, _Entry | None] = SingleFlight(name="read")
         self._loads: SingleFlight[bytes, Any] = SingleFlight(name="load")
+        self._refresher: Refresher[bytes] = Refresher(max_concurrent=max_refreshes)
+        self._hook = hook
+        self._clock = clock
+        self._rng = rng if rng is not None else random.Random()
         self._notifier = FillNotifier()
         self._notifier.bind(self._backend.subscriber(self._notifier.deliver))
         self._closed = False
@@ -157,15 +184,19 @@ class Cache:
     ) -> None:
         await self.aclose()
 
-    async def aclose(self) -> None:
+    async def aclose(self, *, drain: bool = False) -> None:
         """
-        Cancel every flight in progress and wait for it to finish. Idempotent.
+        Stop all work and wait for it to finish. Idempotent.
 
-        Callers still waiting get `CacheClosedError`. The Redis client is left open.
+        Flights in progress are cancelled (callers still waiting get `CacheClosedError`).
+        Background refreshes are cancelled too, or, with ``drain=True``, awaited first (each is
+        bounded by its policy's ``load_timeout``). No task of the Cache outlives this call.
+        The Redis client is left open: you own it.
         """
         if self._closed:
             return
         self._closed = True
+        await self._refresher.aclose(drain=drain)
         await self._loads.aclose()
         await self._reads.aclose()
         await self._backend.aclose()
@@ -185,8 +216,9 @@ class Cache:
         The cached value of ``key``, or ``default`` when nothing usable is cached.
 
         A cached negative result (a loader's ``None``) returns ``None``, not ``default``: pass
-        a sentinel as ``default`` to tell the two apart. Concurrent gets of one key share one
-        Redis read.
+        a sentinel as ``default`` to tell the two apart. A value past its soft TTL is still
+        returned (no refresh is started: `get` has no loader); one past its TTL is not.
+        Concurrent gets of one key share one Redis read.
 
         Raises:
             InvalidKeyError: the key is empty, too long or not str/bytes.
@@ -197,11 +229,14 @@ class Cache:
         if rkey in self._reads:
             self._counters.coalesced += 1
         entry = await self._reads.run(rkey, lambda: self._read(rkey))
-        return default if entry is None else entry.result()
+        if entry is None or self._clock() >= entry.record.expires_at:
+            return default
+        return entry.result()
 
     async def set(self, key: Key, value: Any, *, ttl: float | None = None) -> None:
         """
-        Store ``value`` under ``key`` for ``ttl`` seconds (default: the Cache policy's ttl).
+        Store ``value`` under ``key`` for ``ttl`` seconds (default: the Cache policy's ttl,
+        with its soft TTL, jitter and stale_if_error).
 
         ``None`` is stored as a negative result. Callers that start after this returns read
         the new value, never an older read that was still in flight. A rebuild of the key in
@@ -214,9 +249,16 @@ class Cache:
         """
         self._check_open()
         rkey = self.keys.value(key)
-        policy = self.policy if ttl is None else Policy(ttl=ttl, negative_ttl=ttl)
-        ttl = self._ttl_for(value, policy) or policy.ttl  # an explicit None is always stored
-        await self._store(rkey, self._encode(value, policy, ttl=ttl, compute_time=0.0), ttl)
+        if ttl is None:
+            policy = self.policy
+            if value is None and policy.negative_ttl is None:  # an explicit None is stored
+                policy = replace(policy, negative_ttl=policy.ttl)
+        else:
+            policy = Policy(ttl=ttl, negative_ttl=ttl, jitter=0.0)
+        written = self._encode(value, policy, compute_time=0.0)
+        assert written is not None
+        data, redis_ttl = written
+        await self._store(rkey, data, redis_ttl)
         self._detach(rkey)
 
     async def delete(self, key: Key) -> bool:
@@ -259,6 +301,11 @@ class Cache:
         empty-handed: after ``policy.wait_timeout`` it calls the loader itself, or raises
         `LockTimeout` if ``policy.on_wait_timeout == "raise"``.
 
+        Past ``policy.soft_ttl`` (or earlier, by XFetch's draw with ``policy.early_beta``) the
+        value is returned at once and one background refresh is started; across processes
+        the lock makes it one refresh. With ``policy.stale_if_error``, a value past its TTL is
+        still returned if the loader fails.
+
         A loader returning ``None`` means "absent": it is cached for ``policy.negative_ttl``.
         If Redis fails, the value is loaded without it (counted in ``redis_errors``): the
         flight still protects the loader from concurrent calls.
@@ -284,6 +331,30 @@ class Cache:
         value = await self._loads.run(rkey, lambda: self._load(rkey, loader, flight_policy))
         return cast(T, value)
 
+    async def refresh(
+        self,
+        key: Key,
+        loader: Callable[[], Awaitable[T]],
+        *,
+        policy: Policy | None = None,
+    ) -> T:
+        """
+        Load ``key`` again now, whatever is cached, write it, and return the new value.
+
+        Joins a refresh of the key already running in this process; if another process holds
+        the rebuild lock, waits for its fill and returns that instead of loading twice.
+
+        Raises:
+            The same as `get_or_load`.
+        """
+        self._check_open()
+        rkey = self.keys.value(key)
+        refresh_policy = self.policy if policy is None else policy
+        value = await self._refresher.run(
+            rkey, lambda: self._refresh(rkey, loader, refresh_policy, replacing=None)
+        )
+        return cast(T, value)
+
     # -- the flight -----------------------------------------------------------------------
 
     async def _load(self, rkey: bytes, loader: Callable[[], Awaitable[T]], policy: Policy) -> T:
@@ -292,11 +363,114 @@ class Cache:
         except BackendError:
             # Carry on without Redis: the loader is still single-flighted in this process.
             return await self._call_loader(loader, policy)
+        stale: _Entry | None = None
         if entry is not None:
-            return cast(T, entry.result())
+            record = entry.record
+            now = self._clock()
+            if now < record.expires_at:
+                self._maybe_refresh(rkey, entry, loader, policy, now)
+                return cast(T, entry.result())
+            stale = entry  # past its TTL, kept by Redis only for stale_if_error
+        try:
+            if not policy.lock:
+                return await self._load_unlocked(rkey, loader, policy)
+            return await self._rebuild(rkey, loader, policy, replacing=stale)
+        except Exception as exc:
+            if stale is None or not self._within_stale_if_error(stale, policy):
+                raise
+            self._counters.stale_served += 1
+            self._emit("stale_served", rkey, exc)
+            return cast(T, stale.result())
+
+    def _within_stale_if_error(self, entry: _Entry, policy: Policy) -> bool:
+        grace = policy.stale_if_error
+        return grace is not None and self._clock() < entry.record.expires_at + grace
+
+    def _maybe_refresh(
+        self,
+        rkey: bytes,
+        entry: _Entry,
+        loader: Callable[[], Awaitable[Any]],
+        policy: Policy,
+        now: float,
+    ) -> None:
+        """Start a background refresh if the entry is soft-expired or XFetch draws one."""
+        record = entry.record
+        if record.negative:
+            return
+        soft = record.soft_expires_at
+        early = False
+        if soft is not None and now >= soft:
+            self._counters.stale_served += 1
+        elif policy.early_beta > 0 and xfetch_due(
+            now=now,
+            expiry=record.expires_at if soft is None else soft,
+            delta=record.compute_time,
+            beta=policy.early_beta,
+            rng=self._rng,
+        ):
+            early = True
+        else:
+            return
+        if rkey in self._refresher:
+            return
+        if (
+            self._refresher.schedule(
+                rkey, lambda: self._refresh_in_background(rkey, loader, policy, entry)
+            )
+            and early
+        ):
+            self._counters.early_refreshes += 1
+
+    async def _refresh_in_background(
+        self, rkey: bytes, loader: Callable[[], Awaitable[Any]], policy: Policy, seen: _Entry
+    ) -> Any:
+        try:
+            return await self._refresh(rkey, loader, policy, replacing=seen)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # Never raised into a caller: the stale value stays served. Said three ways.
+            self._counters.refresh_errors += 1
+            logger.warning("background refresh of %r failed: %r", rkey, exc)
+            self._emit("refresh_failed", rkey, exc)
+            raise
+
+    async def _refresh(
+        self,
+        rkey: bytes,
+        loader: Callable[[], Awaitable[T]],
+        policy: Policy,
+        *,
+        replacing: _Entry | None,
+    ) -> T:
+        """
+        Reload ``rkey`` whatever is cached (``replacing=None``), or unless the copy ``replacing``
+        was already replaced by someone else; returns the value now cached.
+        """
         if not policy.lock:
-            return await self._load_unlocked(rkey, loader, policy)
-        return await self._rebuild(rkey, loader, policy)
+            value = await self._load_unlocked(rkey, loader, policy)
+        else:
+            lock = self._lock(rkey, policy)
+            if replacing is None:
+                attempt = await lock.acquire_or_read(force=True)
+            else:
+                attempt = await lock.acquire_or_read(replacing=replacing.header)
+            if attempt.outcome is Outcome.VALUE:
+                entry = self._decode(attempt.value)
+                if entry is not None:
+                    self._detach(rkey)
+                    return cast(T, entry.result())  # another process refreshed it first
+                attempt = await lock.acquire_or_read(replacing=attempt.value[:HEADER_SIZE])
+            if attempt.outcome is Outcome.BUSY:
+                if replacing is not None:
+                    return cast(T, replacing.result())  # another process is refreshing it
+                return await self._rebuild(rkey, loader, policy, replacing=None, lock=lock)
+            value = await self._load_as_holder(lock, loader, policy)
+        self._counters.refreshes += 1
+        self._emit("refreshed", rkey)
+        self._detach(rkey)
+        return value
 
     async def _read(self, rkey: bytes) -> _Entry | None:
         data = await self._backend.get(rkey)
@@ -321,7 +495,7 @@ class Cache:
             # Foreign, corrupt or differently serialized bytes: a miss that the fill overwrites.
             self._counters.decode_errors += 1
             return None
-        return _Entry(record, value)
+        return _Entry(record, value, data[:HEADER_SIZE])
 
     async def _call_loader(self, loader: Callable[[], Awaitable[T]], policy: Policy) -> T:
         counters = self._counters
@@ -348,24 +522,39 @@ class Cache:
     ) -> T:
         started = time.monotonic()
         value = await self._call_loader(loader, policy)
-        ttl = self._ttl_for(value, policy)
-        if ttl is not None:
-            data = self._encode(value, policy, ttl=ttl, compute_time=time.monotonic() - started)
+        written = self._encode(value, policy, compute_time=time.monotonic() - started)
+        if written is not None:
             with contextlib.suppress(BackendError):  # counted; the value is still served
-                await self._store(rkey, data, ttl)
+                await self._store(rkey, *written)
         return value
 
-    async def _rebuild(self, rkey: bytes, loader: Callable[[], Awaitable[T]], policy: Policy) -> T:
-        """The miss path across processes: take the lock and load, or wait for the fill."""
-        lock = RebuildLock(
+    def _lock(self, rkey: bytes, policy: Policy) -> RebuildLock:
+        return RebuildLock(
             self._backend,
             value_key=rkey,
             lock_key=self.keys.lock(rkey),
             channel=self.keys.channel(rkey),
             lock_ttl=policy.lock_ttl,
         )
+
+    async def _rebuild(
+        self,
+        rkey: bytes,
+        loader: Callable[[], Awaitable[T]],
+        policy: Policy,
+        *,
+        replacing: _Entry | None,
+        lock: RebuildLock | None = None,
+    ) -> T:
+        """
+        The miss path across processes: take the lock and load, or wait for the fill.
+        ``replacing`` is an expired copy the lock may be taken over (unless replaced since).
+        """
+        lock = self._lock(rkey, policy) if lock is None else lock
         try:
-            attempt, entry = await self._acquire(lock, ignore_value=False)
+            attempt, entry = await self._acquire(
+                lock, replacing=None if replacing is None else replacing.header
+            )
             if attempt.outcome is Outcome.BUSY:
                 self._counters.lock_waits += 1
                 attempt, entry = await self._wait_for_fill(lock, policy)
@@ -375,7 +564,7 @@ class Cache:
             return cast(T, entry.result())
         if attempt.outcome is Outcome.ACQUIRED:
             return await self._load_as_holder(lock, loader, policy)
-        if policy.on_wait_timeout == "raise":
+        if attempt.outcome is Outcome.BUSY and policy.on_wait_timeout == "raise":
             raise LockTimeout(
                 f"waited wait_timeout={policy.wait_timeout}s for another process to fill the "
                 "key; raise Policy.wait_timeout, or use on_wait_timeout='load'"
@@ -383,15 +572,20 @@ class Cache:
         return await self._call_loader(loader, policy)
 
     async def _acquire(
-        self, lock: RebuildLock, *, ignore_value: bool
+        self, lock: RebuildLock, *, replacing: bytes | None
     ) -> tuple[Attempt, _Entry | None]:
-        """One lock attempt; a value found instead is decoded (a corrupt one is overridden)."""
-        attempt = await lock.acquire_or_read(ignore_value=ignore_value)
-        if attempt.outcome is Outcome.VALUE:
+        """
+        One lock attempt. A value found instead is returned decoded if it is usable: not
+        corrupt (else the lock is taken over it), and not the expired copy being replaced.
+        """
+        for _ in range(3):  # a value that keeps being replaced by unusable ones: give up
+            attempt = await lock.acquire_or_read(replacing=replacing)
+            if attempt.outcome is not Outcome.VALUE:
+                return attempt, None
             entry = self._decode(attempt.value)
-            if entry is not None:
+            if entry is not None and self._clock() < entry.record.expires_at:
                 return attempt, entry
-            attempt = await lock.acquire_or_read(ignore_value=True)
+            replacing = attempt.value[:HEADER_SIZE]  # corrupt or expired: take the lock over it
         return attempt, None
 
     async def _wait_for_fill(
@@ -406,7 +600,7 @@ class Cache:
         async with self._notifier.listen(lock.channel) as signal:
             notified = True  # the first check, right after subscribing, is not a takeover
             while True:
-                attempt, entry = await self._acquire(lock, ignore_value=False)
+                attempt, entry = await self._acquire(lock, replacing=None)
                 if entry is not None:
                     return attempt, entry
                 if attempt.outcome is Outcome.ACQUIRED:
@@ -433,31 +627,37 @@ class Cache:
             with contextlib.suppress(BackendError):
                 await asyncio.shield(lock.release())
             raise
-        ttl = self._ttl_for(value, policy)
+        written = self._encode(value, policy, compute_time=time.monotonic() - started)
         try:
-            if ttl is None:
+            if written is None:
                 await lock.release()
-            else:
-                data = self._encode(value, policy, ttl=ttl, compute_time=time.monotonic() - started)
-                if not await lock.fill(data, ttl):
-                    self._counters.lock_lost += 1
+            elif not await lock.fill(*written):
+                self._counters.lock_lost += 1
         except BackendError:
             pass  # counted; the value is still served to this process's callers
         return value
 
     # -- helpers --------------------------------------------------------------------------
 
-    @staticmethod
-    def _ttl_for(value: Any, policy: Policy) -> float | None:
-        """How long ``value`` is cached under ``policy``; None: not at all."""
-        return policy.negative_ttl if value is None else policy.ttl
+    def _encode(
+        self, value: Any, policy: Policy, *, compute_time: float
+    ) -> tuple[bytes, float] | None:
+        """
+        The record bytes of ``value`` and their Redis TTL; None when the policy does not cache
+        it (a negative result with ``negative_ttl=None``).
 
-    def _encode(self, value: Any, policy: Policy, *, ttl: float, compute_time: float) -> bytes:
-        """The record bytes of ``value`` (``None`` gives a negative record)."""
+        TTLs are shortened by one random fraction up to ``policy.jitter`` (soft TTL alike), and
+        Redis keeps values ``stale_if_error`` longer than their logical expiry.
+        """
         negative = value is None
-        now = time.time()
-        soft_ttl = None if negative else policy.soft_ttl
-        return Record(
+        ttl = policy.negative_ttl if negative else policy.ttl
+        if ttl is None:
+            return None
+        spread = 1.0 - policy.jitter * self._rng.random() if policy.jitter else 1.0
+        ttl *= spread
+        soft_ttl = None if negative or policy.soft_ttl is None else policy.soft_ttl * spread
+        now = self._clock()
+        record = Record(
             payload=b"" if negative else self.serializer.dumps(value),
             negative=negative,
             serializer_tag=self.serializer.tag,
@@ -465,7 +665,9 @@ class Cache:
             expires_at=now + ttl,
             soft_expires_at=None if soft_ttl is None else now + soft_ttl,
             compute_time=compute_time,
-        ).encode()
+        )
+        grace = 0.0 if negative or policy.stale_if_error is None else policy.stale_if_error
+        return record.encode(), ttl + grace
 
     async def _store(self, rkey: bytes, data: bytes, ttl: float) -> None:
         await self._backend.eval(
@@ -478,3 +680,11 @@ class Cache:
         """After a write, later callers must not join a flight that began before it."""
         self._reads.forget(rkey)
         self._loads.forget(rkey)
+
+    def _emit(self, kind: EventKind, rkey: bytes, error: BaseException | None = None) -> None:
+        if self._hook is None:
+            return
+        try:
+            self._hook(Event(kind, rkey, error))
+        except Exception:
+            logger.exception("the Cache's event hook raised; ignored")

@@ -2,9 +2,35 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
+from typing import Literal, TypeAlias
 
-__all__ = ("Statistics",)
+__all__ = ("Event", "Hook", "Statistics")
+
+EventKind: TypeAlias = Literal["stale_served", "refresh_failed", "refreshed"]
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """
+    Something worth a metric or a log line that no caller sees as an exception.
+
+    Attributes:
+        kind: ``"stale_served"``: a value past its expiry was served because the loader failed
+            (``Policy.stale_if_error``); ``"refresh_failed"``: a background refresh failed, the
+            stale value stays; ``"refreshed"``: a background refresh wrote a new value.
+        key: The Redis key of the entry.
+        error: The loader's exception, for the first two kinds.
+    """
+
+    kind: EventKind
+    key: bytes
+    error: BaseException | None = None
+
+
+#: Called synchronously with each `Event`; exceptions it raises are logged and ignored.
+Hook: TypeAlias = Callable[[Event], None]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -24,6 +50,12 @@ class Statistics:
         loader_errors: Times a loader raised (nothing was cached from it).
         lock_acquired: Rebuild locks this process took (it then called the loader).
         lock_waits: Flights that found another process rebuilding and waited for its fill.
+        stale_served: Flights that returned a value past its soft TTL (a refresh was asked
+            for) or, with ``stale_if_error``, past its TTL because the loader failed.
+        refreshes: Background or forced refreshes that wrote a new value.
+        refresh_errors: Refreshes whose loader failed or timed out (the stale value stayed).
+        early_refreshes: Refreshes started early by XFetch (also counted in ``refreshes``
+            once they succeed).
         takeovers: Locks taken after the previous holder's lease ran out without a fill
             (the holder died or stalled).
         lock_lost: Fills refused because the lease had passed to another holder, or a
@@ -38,6 +70,10 @@ class Statistics:
     coalesced: int = 0
     loader_calls: int = 0
     loader_errors: int = 0
+    stale_served: int = 0
+    refreshes: int = 0
+    refresh_errors: int = 0
+    early_refreshes: int = 0
     lock_acquired: int = 0
     lock_waits: int = 0
     takeovers: int = 0
@@ -57,6 +93,10 @@ class Counters:
     coalesced: int
     loader_calls: int
     loader_errors: int
+    stale_served: int
+    refreshes: int
+    refresh_errors: int
+    early_refreshes: int
     lock_acquired: int
     lock_waits: int
     takeovers: int

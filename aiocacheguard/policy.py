@@ -32,6 +32,14 @@ def _check_seconds(
         raise ConfigurationError(field, value, accepted)
 
 
+def _check_fraction(field: str, value: object, *, upper: float, inclusive: bool) -> None:
+    accepted = f"a number >= 0 and {'<=' if inclusive else '<'} {upper:g}"
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ConfigurationError(field, value, accepted)
+    if value < 0 or value > upper or (value == upper and not inclusive):
+        raise ConfigurationError(field, value, accepted)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Policy:
     """
@@ -55,6 +63,15 @@ class Policy:
             raised to every caller of its flight. ``None``: no limit. Default 10 s.
         on_wait_timeout: ``"load"`` (default): when waiting runs out, call the loader
             locally rather than return nothing; ``"raise"``: raise `LockTimeout`.
+        early_beta: XFetch's beta. Above 0, a read may refresh a value in the background
+            before it expires, with a chance that grows as expiry nears and with the time the
+            value took to compute. 1.0 is the paper's choice; 0 (the default) turns it off.
+        stale_if_error: When the loader (or a refresh) fails or times out, keep serving the
+            previous value for up to this many seconds past its expiry. Redis keeps values
+            this much longer. ``None`` (default): never serve a value past ``ttl``.
+        jitter: Each write shortens ``ttl`` (and ``soft_ttl``, ``negative_ttl``) by a random
+            fraction up to this, so keys written together do not expire together. In [0, 1);
+            default 0.1.
 
     Raises:
         ConfigurationError: a field is negative, zero, NaN, infinite, over a year, or
@@ -77,6 +94,9 @@ class Policy:
     wait_timeout: float = 15.0
     load_timeout: float | None = 10.0
     on_wait_timeout: Literal["load", "raise"] = "load"
+    early_beta: float = 0.0
+    stale_if_error: float | None = None
+    jitter: float = 0.1
 
     def __post_init__(self) -> None:
         _check_seconds("ttl", self.ttl)
@@ -85,6 +105,9 @@ class Policy:
         _check_seconds("lock_ttl", self.lock_ttl, minimum=0.05)
         _check_seconds("wait_timeout", self.wait_timeout)
         _check_seconds("load_timeout", self.load_timeout, optional=True)
+        _check_seconds("stale_if_error", self.stale_if_error, optional=True)
+        _check_fraction("early_beta", self.early_beta, upper=100.0, inclusive=True)
+        _check_fraction("jitter", self.jitter, upper=1.0, inclusive=False)
         if not isinstance(self.lock, bool):
             raise ConfigurationError("lock", self.lock, "True or False")
         if self.on_wait_timeout not in ("load", "raise"):

@@ -28,12 +28,15 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-__all__ = ("FORMAT_VERSION", "Record", "RecordError")
+__all__ = ("FORMAT_VERSION", "HEADER_SIZE", "Record", "RecordError")
 
 MAGIC = b"\xa7\xc6"
 FORMAT_VERSION = 1
 _HEADER = struct.Struct(">2sBBBdddf")
 _FLAG_NEGATIVE = 0x01
+#: Bytes before the payload. Every write has a distinct header (it holds the write's times), so
+#: a header identifies one stored copy: the rebuild lock compares it to detect a replacement.
+HEADER_SIZE = _HEADER.size
 
 
 class RecordError(ValueError):

@@ -48,15 +48,22 @@ __all__ = (
 )
 
 # KEYS[1] value key, KEYS[2] lock key
-# ARGV[1] token, ARGV[2] lease in ms, ARGV[3] "1" to take the lock even if a value exists
-# Returns {1, value} if a value exists (and ARGV[3] is not "1"), {2, ""} if the lock was taken,
-# {3, pttl} if another token holds it (pttl: its remaining lease in ms).
+# ARGV[1] token, ARGV[2] lease in ms, ARGV[3] mode, ARGV[4] prefix (mode "stale" only)
+#   mode "absent": take the lock only if the key holds no value;
+#   mode "stale":  take it also if the value still starts with ARGV[4] (the header of the
+#                  copy the caller found expired or corrupt), i.e. nobody replaced it since;
+#   mode "any":    take it whatever the value.
+# Returns {1, value} if a value is there that the mode does not override, {2, ""} if the lock
+# was taken, {3, pttl} if another token holds it (pttl: its remaining lease in ms).
 ACQUIRE_OR_READ = LuaScript(
     "acquire_or_read",
     """
-if ARGV[3] ~= "1" then
+local mode = ARGV[3]
+if mode ~= "any" then
   local value = redis.call("GET", KEYS[1])
-  if value then return {1, value} end
+  if value and (mode == "absent" or string.sub(value, 1, #ARGV[4]) ~= ARGV[4]) then
+    return {1, value}
+  end
 end
 if redis.call("SET", KEYS[2], ARGV[1], "NX", "PX", ARGV[2]) then return {2, ""} end
 return {3, redis.call("PTTL", KEYS[2])}
@@ -176,12 +183,27 @@ class RebuildLock:
         self.token = secrets.token_hex(16)
         self.lost = False
 
-    async def acquire_or_read(self, *, ignore_value: bool = False) -> Attempt:
-        """Take the lock unless a value exists (or ``ignore_value``); else report the holder."""
+    async def acquire_or_read(
+        self, *, replacing: bytes | None = None, force: bool = False
+    ) -> Attempt:
+        """
+        Take the lock unless the key holds a value; else report the value or the holder.
+
+        Args:
+            replacing: Also take the lock over a value that still starts with these bytes
+                (the header of a copy found expired or corrupt), unless it was replaced.
+            force: Take the lock whatever the value.
+        """
+        if force:
+            mode, prefix = "any", b""
+        elif replacing is not None:
+            mode, prefix = "stale", replacing
+        else:
+            mode, prefix = "absent", b""
         kind, payload = await self._runner.eval(
             ACQUIRE_OR_READ,
             (self.value_key, self.lock_key),
-            (self.token, _ms(self.lock_ttl), "1" if ignore_value else "0"),
+            (self.token, _ms(self.lock_ttl), mode, prefix),
         )
         outcome = Outcome(int(kind))
         if outcome is Outcome.VALUE:

@@ -1,0 +1,108 @@
+"""
+Supervised background refresh: logical expiry and probabilistic early refresh (XFetch).
+
+When an entry is past its soft TTL (or XFetch decides to refresh it early), the Cache serves the
+value it has and asks the `Refresher` to rebuild it in the background. The Refresher owns those
+tasks: at most one per key, at most ``max_concurrent`` at a time, and none outlives `aclose`.
+
+XFetch (Vattani, Chierichetti, Lowenstein, "Optimal Probabilistic Cache Stampede Prevention",
+VLDB 2015): a read refreshes early when ``now - delta * beta * ln(rand()) >= expiry``, where
+``delta`` is how long the value took to compute. The chance grows as expiry nears, and is larger
+for values that are slow to compute, so one reader usually rebuilds the value just before it
+expires and nobody ever waits for it.
+
+Guarantees:
+    - At most one refresh per key per process runs at a time; a second request joins it or is
+      dropped (background), never queued without bound.
+    - ``aclose()`` cancels the refreshes in flight, or with ``drain=True`` waits for them;
+      either way no task is left behind.
+    - A failing background refresh never raises into an unrelated caller: its exception is
+      handed to the Cache's error handling (statistics, log, event hook).
+
+Limitations:
+    - A refresh dropped because ``max_concurrent`` were running is not retried by itself; the
+      next read of the stale entry asks again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+from collections.abc import Callable, Coroutine, Hashable
+from typing import Any, Generic, TypeVar
+
+__all__ = ("Refresher", "xfetch_due")
+
+K = TypeVar("K", bound=Hashable)
+
+
+def xfetch_due(*, now: float, expiry: float, delta: float, beta: float, rng: random.Random) -> bool:
+    """
+    Whether a read at ``now`` should refresh a value expiring at ``expiry`` early.
+
+    ``delta`` is the value's compute time in seconds; ``beta`` > 1 favours earlier refreshes,
+    < 1 later ones, 0 never.
+
+    Example:
+        >>> rng = random.Random(7)
+        >>> xfetch_due(now=0.0, expiry=100.0, delta=0.05, beta=1.0, rng=rng)  # far from expiry
+        False
+        >>> xfetch_due(now=100.0, expiry=100.0, delta=0.05, beta=1.0, rng=rng)  # at expiry
+        True
+    """
+    if beta <= 0 or delta <= 0:
+        return now >= expiry
+    draw = 1.0 - rng.random()  # in (0, 1], so the logarithm is finite
+    return now - delta * beta * math.log(draw) >= expiry
+
+
+class Refresher(Generic[K]):
+    """Owns the background refresh tasks of one Cache."""
+
+    __slots__ = ("_max_concurrent", "_tasks")
+
+    def __init__(self, *, max_concurrent: int) -> None:
+        self._max_concurrent = max_concurrent
+        self._tasks: dict[K, asyncio.Task[Any]] = {}
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._tasks
+
+    def schedule(self, key: K, work: Callable[[], Coroutine[Any, Any, Any]]) -> bool:
+        """
+        Start ``work()`` in the background unless ``key`` is already refreshing or the bound is
+        reached. Returns whether it started. ``work`` must handle its own errors.
+        """
+        if key in self._tasks or len(self._tasks) >= self._max_concurrent:
+            return False
+        self._start(key, work)
+        return True
+
+    async def run(self, key: K, work: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+        """Join the refresh of ``key`` in progress, or start one (ignoring the bound); await it."""
+        task = self._tasks.get(key) or self._start(key, work)
+        return await asyncio.shield(task)
+
+    def _start(self, key: K, work: Callable[[], Coroutine[Any, Any, Any]]) -> asyncio.Task[Any]:
+        task = asyncio.create_task(work(), name="aiocacheguard-refresh")
+        self._tasks[key] = task
+        task.add_done_callback(lambda t: self._finished(key, t))
+        return task
+
+    def _finished(self, key: K, task: asyncio.Task[Any]) -> None:
+        if self._tasks.get(key) is task:
+            del self._tasks[key]
+        if not task.cancelled():
+            task.exception()  # handled by the work itself; mark retrieved
+
+    async def aclose(self, *, drain: bool = False) -> None:
+        """Cancel the refreshes in flight (default), or wait for them with ``drain=True``."""
+        tasks = list(self._tasks.values())
+        if not drain:
+            for task in tasks:
+                task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
