@@ -22,7 +22,8 @@ from .errors import (
     ServerError,
     ServerNotFoundError,
 )
-from .metrics import Statistics
+from .guards.bloom import BloomFilter
+from .metrics import Event, Hook, Statistics
 from .policy import Policy
 from .serializers import JsonSerializer, MsgpackSerializer, PickleSerializer
 
@@ -30,10 +31,13 @@ __all__ = (
     "BackendError",
     "BackendTimeout",
     "BackendUnavailable",
+    "BloomFilter",
     "Cache",
     "CacheClosedError",
     "CacheGuardError",
     "ConfigurationError",
+    "Event",
+    "Hook",
     "InvalidKeyError",
     "JsonSerializer",
     "Key",

@@ -24,6 +24,7 @@ from .errors import (
     LoadTimeout,
     LockTimeout,
 )
+from .guards.bloom import BloomFilter
 from .guards.lock import (
     STORE_AND_RELEASE,
     UNLINK_AND_RELEASE,
@@ -90,6 +91,8 @@ class Cache:
         clock: Wall-clock time in seconds, for expiry decisions. Every process sharing the
             Redis must agree on it; inject a fake one in tests.
         rng: Source of randomness for jitter and XFetch (seed it for reproducible runs).
+        bloom: A `BloomFilter` guarding every miss of this Cache (a policy's own filter takes
+            precedence). The Cache binds it to its client and namespace.
 
     Raises:
         ConfigurationError: an argument is out of range; the message says what is accepted.
@@ -125,6 +128,7 @@ class Cache:
         hook: Hook | None = None,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        bloom: BloomFilter | None = None,
     ) -> None:
         if not isinstance(policy, Policy):
             raise ConfigurationError("policy", policy, "an aiocacheguard.Policy")
@@ -158,6 +162,11 @@ class Cache:
         self._hook = hook
         self._clock = clock
         self._rng = rng if rng is not None else random.Random()
+        if bloom is not None and not isinstance(bloom, BloomFilter):
+            raise ConfigurationError("bloom", bloom, "an aiocacheguard.BloomFilter or None")
+        self.bloom = bloom
+        if bloom is not None:
+            bloom.bind(self._backend, namespace=self.keys.namespace)
         self._notifier = FillNotifier()
         self._notifier.bind(self._backend.subscriber(self._notifier.deliver))
         self._closed = False
@@ -258,7 +267,9 @@ class Cache:
         written = self._encode(value, policy, compute_time=0.0)
         assert written is not None
         data, redis_ttl = written
-        await self._store(rkey, data, redis_ttl)
+        await self._store(
+            rkey, data, redis_ttl, self._filter(policy) if value is not None else None
+        )
         self._detach(rkey)
 
     async def delete(self, key: Key) -> bool:
@@ -371,6 +382,8 @@ class Cache:
                 self._maybe_refresh(rkey, entry, loader, policy, now)
                 return cast(T, entry.result())
             stale = entry  # past its TTL, kept by Redis only for stale_if_error
+        elif not await self._may_exist(rkey, policy):
+            return cast(T, None)  # the Bloom filter says it exists nowhere
         try:
             if not policy.lock:
                 return await self._load_unlocked(rkey, loader, policy)
@@ -381,6 +394,29 @@ class Cache:
             self._counters.stale_served += 1
             self._emit("stale_served", rkey, exc)
             return cast(T, stale.result())
+
+    def _filter(self, policy: Policy) -> BloomFilter | None:
+        bloom = policy.bloom or self.bloom
+        if bloom is not None and not bloom.bound:
+            bloom.bind(self._backend, namespace=self.keys.namespace)
+        return bloom
+
+    async def _may_exist(self, rkey: bytes, policy: Policy) -> bool:
+        """False only if the Bloom filter says the key was never added; fails open."""
+        bloom = self._filter(policy)
+        if bloom is None:
+            return True
+        try:
+            answer = await bloom.check(self.keys.user_key(rkey))
+        except BackendError:
+            answer = -1
+        if answer < 0:
+            self._counters.bloom_fail_open += 1
+            return True
+        if answer == 0:
+            self._counters.bloom_rejected += 1
+            return False
+        return True
 
     def _within_stale_if_error(self, entry: _Entry, policy: Policy) -> bool:
         grace = policy.stale_if_error
@@ -525,7 +561,8 @@ class Cache:
         written = self._encode(value, policy, compute_time=time.monotonic() - started)
         if written is not None:
             with contextlib.suppress(BackendError):  # counted; the value is still served
-                await self._store(rkey, *written)
+                bloom = self._filter(policy) if value is not None else None
+                await self._store(rkey, *written, bloom)
         return value
 
     def _lock(self, rkey: bytes, policy: Policy) -> RebuildLock:
@@ -628,11 +665,16 @@ class Cache:
                 await asyncio.shield(lock.release())
             raise
         written = self._encode(value, policy, compute_time=time.monotonic() - started)
+        bloom = self._filter(policy) if value is not None else None
         try:
             if written is None:
                 await lock.release()
-            elif not await lock.fill(*written):
-                self._counters.lock_lost += 1
+            else:
+                filled, _ = await asyncio.gather(
+                    lock.fill(*written), self._add_to_filter(lock.value_key, bloom)
+                )
+                if not filled:
+                    self._counters.lock_lost += 1
         except BackendError:
             pass  # counted; the value is still served to this process's callers
         return value
@@ -669,12 +711,22 @@ class Cache:
         grace = 0.0 if negative or policy.stale_if_error is None else policy.stale_if_error
         return record.encode(), ttl + grace
 
-    async def _store(self, rkey: bytes, data: bytes, ttl: float) -> None:
-        await self._backend.eval(
-            STORE_AND_RELEASE,
-            (rkey, self.keys.lock(rkey)),
-            (data, max(1, round(ttl * 1000)), self.keys.channel(rkey)),
+    async def _store(
+        self, rkey: bytes, data: bytes, ttl: float, bloom: BloomFilter | None = None
+    ) -> None:
+        """Write a record (superseding any rebuild) and add its key to ``bloom``, together."""
+        await asyncio.gather(
+            self._backend.eval(
+                STORE_AND_RELEASE,
+                (rkey, self.keys.lock(rkey)),
+                (data, max(1, round(ttl * 1000)), self.keys.channel(rkey)),
+            ),
+            self._add_to_filter(rkey, bloom),
         )
+
+    async def _add_to_filter(self, rkey: bytes, bloom: BloomFilter | None) -> None:
+        if bloom is not None:
+            await bloom.add(self.keys.user_key(rkey))
 
     def _detach(self, rkey: bytes) -> None:
         """After a write, later callers must not join a flight that began before it."""

@@ -69,6 +69,10 @@ class KeySpace:
             )
         return self._prefix + raw + b"}"
 
+    def user_key(self, value_key: bytes) -> bytes:
+        """The user's key (as bytes) back from a value key."""
+        return value_key[len(self._prefix) : -1]
+
     @staticmethod
     def lock(value_key: bytes) -> bytes:
         """The rebuild lock of the entry stored at ``value_key`` (same hash slot)."""

@@ -56,6 +56,10 @@ class Statistics:
         refresh_errors: Refreshes whose loader failed or timed out (the stale value stayed).
         early_refreshes: Refreshes started early by XFetch (also counted in ``refreshes``
             once they succeed).
+        bloom_rejected: Misses the Bloom filter answered "definitely absent": the loader was
+            not called and ``None`` was returned.
+        bloom_fail_open: Bloom checks that failed (Redis error, or the filter's bitmap is
+            missing) and let the loader be asked.
         takeovers: Locks taken after the previous holder's lease ran out without a fill
             (the holder died or stalled).
         lock_lost: Fills refused because the lease had passed to another holder, or a
@@ -74,6 +78,8 @@ class Statistics:
     refreshes: int = 0
     refresh_errors: int = 0
     early_refreshes: int = 0
+    bloom_rejected: int = 0
+    bloom_fail_open: int = 0
     lock_acquired: int = 0
     lock_waits: int = 0
     takeovers: int = 0
@@ -97,6 +103,8 @@ class Counters:
     refreshes: int
     refresh_errors: int
     early_refreshes: int
+    bloom_rejected: int
+    bloom_fail_open: int
     lock_acquired: int
     lock_waits: int
     takeovers: int
