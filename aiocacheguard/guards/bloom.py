@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import math
 import re
+import struct
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
 
 import mmh3
@@ -43,38 +44,49 @@ __all__ = ("ADD", "CONTAINS", "BloomFilter")
 #: Redis bitmaps address at most 2^32 bits.
 MAX_BITS = 2**32
 
+# Bit positions travel packed, 4 bytes each (big-endian unsigned), one string per call:
+# encoding hundreds of thousands of integer arguments would cost far more than the script.
+
 # KEYS[1] live bitmap, KEYS[2] rebuild bitmap (may not exist)
-# ARGV bit positions
+# ARGV[1] packed bit positions
 # Returns the number of positions. Bits are set in the live bitmap, and in the rebuild bitmap
 # too while a rebuild is running, so the swap loses nothing added meanwhile.
 ADD = LuaScript(
     "bloom_add",
     """
 local building = redis.call("EXISTS", KEYS[2]) == 1
-for i = 1, #ARGV do
-  redis.call("SETBIT", KEYS[1], ARGV[i], 1)
-  if building then redis.call("SETBIT", KEYS[2], ARGV[i], 1) end
+local packed = ARGV[1]
+for i = 1, #packed, 4 do
+  local position = struct.unpack(">I4", packed, i)
+  redis.call("SETBIT", KEYS[1], position, 1)
+  if building then redis.call("SETBIT", KEYS[2], position, 1) end
 end
-return #ARGV
+return #packed / 4
 """,
 )
 
 # KEYS[1] bitmap
-# ARGV[1] k (positions per item), ARGV[2..] the positions of each item in turn
+# ARGV[1] k (positions per item), ARGV[2] packed positions, k per item in turn
 # Returns one integer per item: 1 maybe present, 0 definitely absent, -1 the bitmap is missing.
 CONTAINS = LuaScript(
     "bloom_contains",
     """
 local k = tonumber(ARGV[1])
+local packed = ARGV[2]
+local items = #packed / (4 * k)
 local answers = {}
 if redis.call("EXISTS", KEYS[1]) == 0 then
-  for item = 1, (#ARGV - 1) / k do answers[item] = -1 end
+  for item = 1, items do answers[item] = -1 end
   return answers
 end
-for item = 1, (#ARGV - 1) / k do
+for item = 1, items do
   local present = 1
-  for i = 2 + (item - 1) * k, 1 + item * k do
-    if redis.call("GETBIT", KEYS[1], ARGV[i]) == 0 then present = 0 break end
+  local first = (item - 1) * k * 4 + 1
+  for i = first, first + (k - 1) * 4, 4 do
+    if redis.call("GETBIT", KEYS[1], (struct.unpack(">I4", packed, i))) == 0 then
+      present = 0
+      break
+    end
   end
   answers[item] = present
 end
@@ -210,6 +222,10 @@ class BloomFilter:
         m = self.bits
         return [(h1 + i * h2) % m for i in range(self.hashes)]
 
+    def _packed(self, items: Sequence[Key]) -> bytes:
+        positions = [p for item in items for p in self.positions(item)]
+        return struct.pack(f">{len(positions)}I", *positions)
+
     async def add(self, *items: Key) -> None:
         """Add ``items``: one script call per 1,000 items, all sent in one round trip."""
         runner = self._require_runner()
@@ -217,7 +233,7 @@ class BloomFilter:
             runner.eval(
                 ADD,
                 (self._key, self._building_key),
-                [p for item in items[start : start + 1000] for p in self.positions(item)],
+                (self._packed(items[start : start + 1000]),),
             )
             for start in range(0, len(items), 1000)
         ]
@@ -266,10 +282,7 @@ class BloomFilter:
         if not items:
             return []
         runner = self._require_runner()
-        args: list[int] = [self.hashes]
-        for item in items:
-            args.extend(self.positions(item))
-        answers = await runner.eval(CONTAINS, (self._key,), args)
+        answers = await runner.eval(CONTAINS, (self._key,), (self.hashes, self._packed(items)))
         return [int(a) for a in answers]
 
     async def rebuild(self, items: AsyncIterable[Key] | Iterable[Key], *, batch: int = 1000) -> int:
@@ -294,10 +307,9 @@ class BloomFilter:
         return added
 
     async def _add_to_rebuild(self, runner: ScriptRunner, chunk: list[Key]) -> int:
-        positions = [p for item in chunk for p in self.positions(item)]
         # KEYS[1] is the rebuild bitmap; the ADD script sets KEYS[2] too if it exists: pass
         # the rebuild bitmap twice so only it is written.
-        await runner.eval(ADD, (self._building_key, self._building_key), positions)
+        await runner.eval(ADD, (self._building_key, self._building_key), (self._packed(chunk),))
         return len(chunk)
 
     def _require_runner(self) -> ScriptRunner:
