@@ -7,6 +7,7 @@ Re-exports only: importing the package does no I/O and creates no instances.
 from ._types import Key, Loader, Serializer
 from ._version import __version__
 from .cache import Cache
+from .decorator import Cached, cached
 from .errors import (
     BackendError,
     BackendTimeout,
@@ -35,6 +36,7 @@ __all__ = (
     "Cache",
     "CacheClosedError",
     "CacheGuardError",
+    "Cached",
     "ConfigurationError",
     "Event",
     "Hook",
@@ -54,4 +56,5 @@ __all__ = (
     "ServerNotFoundError",
     "Statistics",
     "__version__",
+    "cached",
 )
