@@ -373,7 +373,7 @@ class Cache:
             entry = await self._reads.run(rkey, lambda: self._read(rkey))
         except BackendError:
             # Carry on without Redis: the loader is still single-flighted in this process.
-            return await self._call_loader(loader, policy)
+            return await self._call_loader(rkey, loader, policy)
         stale: _Entry | None = None
         if entry is not None:
             record = entry.record
@@ -533,31 +533,41 @@ class Cache:
             return None
         return _Entry(record, value, data[:HEADER_SIZE])
 
-    async def _call_loader(self, loader: Callable[[], Awaitable[T]], policy: Policy) -> T:
+    async def _call_loader(
+        self, rkey: bytes, loader: Callable[[], Awaitable[T]], policy: Policy
+    ) -> T:
         counters = self._counters
         counters.loader_calls += 1
+        started = time.monotonic()
+        error: BaseException | None = None
         try:
             if policy.load_timeout is None:
                 return await loader()
             async with asyncio.timeout(policy.load_timeout) as scope:
                 return await loader()
-        except TimeoutError:
+        except TimeoutError as exc:
             counters.loader_errors += 1
+            error = exc
             if policy.load_timeout is not None and scope.expired():
-                raise LoadTimeout(
+                error = LoadTimeout(
                     f"the loader ran longer than load_timeout={policy.load_timeout}s and was "
                     "cancelled; raise Policy.load_timeout if it is legitimately slow"
-                ) from None
+                )
+                raise error from None
             raise
-        except Exception:
+        except Exception as exc:
             counters.loader_errors += 1
+            error = exc
             raise
+        finally:
+            if self._hook is not None:
+                self._emit("loaded", rkey, error, duration=time.monotonic() - started)
 
     async def _load_unlocked(
         self, rkey: bytes, loader: Callable[[], Awaitable[T]], policy: Policy
     ) -> T:
         started = time.monotonic()
-        value = await self._call_loader(loader, policy)
+        value = await self._call_loader(rkey, loader, policy)
         written = self._encode(value, policy, compute_time=time.monotonic() - started)
         if written is not None:
             with contextlib.suppress(BackendError):  # counted; the value is still served
@@ -596,7 +606,7 @@ class Cache:
                 self._counters.lock_waits += 1
                 attempt, entry = await self._wait_for_fill(lock, policy)
         except BackendError:
-            return await self._call_loader(loader, policy)  # Redis failed mid-way: no guard
+            return await self._call_loader(rkey, loader, policy)  # Redis failed mid-way: no guard
         if entry is not None:
             return cast(T, entry.result())
         if attempt.outcome is Outcome.ACQUIRED:
@@ -606,7 +616,7 @@ class Cache:
                 f"waited wait_timeout={policy.wait_timeout}s for another process to fill the "
                 "key; raise Policy.wait_timeout, or use on_wait_timeout='load'"
             )
-        return await self._call_loader(loader, policy)
+        return await self._call_loader(rkey, loader, policy)
 
     async def _acquire(
         self, lock: RebuildLock, *, replacing: bytes | None
@@ -643,6 +653,7 @@ class Cache:
                 if attempt.outcome is Outcome.ACQUIRED:
                     if not notified:
                         self._counters.takeovers += 1
+                        self._emit("takeover", lock.value_key)
                     return attempt, None
                 remaining = deadline - loop.time()
                 if remaining <= 0:
@@ -658,7 +669,7 @@ class Cache:
         started = time.monotonic()
         try:
             async with lock.kept_alive():
-                value = await self._call_loader(loader, policy)
+                value = await self._call_loader(lock.value_key, loader, policy)
         except BaseException:
             # Wake the waiters now (they retry) rather than after the lease runs out.
             with contextlib.suppress(BackendError):
@@ -675,6 +686,7 @@ class Cache:
                 )
                 if not filled:
                     self._counters.lock_lost += 1
+                    self._emit("lock_lost", lock.value_key)
         except BackendError:
             pass  # counted; the value is still served to this process's callers
         return value
@@ -733,10 +745,17 @@ class Cache:
         self._reads.forget(rkey)
         self._loads.forget(rkey)
 
-    def _emit(self, kind: EventKind, rkey: bytes, error: BaseException | None = None) -> None:
+    def _emit(
+        self,
+        kind: EventKind,
+        rkey: bytes,
+        error: BaseException | None = None,
+        *,
+        duration: float | None = None,
+    ) -> None:
         if self._hook is None:
             return
         try:
-            self._hook(Event(kind, rkey, error))
+            self._hook(Event(kind, rkey, error, duration))
         except Exception:
             logger.exception("the Cache's event hook raised; ignored")

@@ -2,35 +2,47 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
-from typing import Literal, TypeAlias
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeAlias
 
-__all__ = ("Event", "Hook", "Statistics")
+if TYPE_CHECKING:
+    from .cache import Cache
 
-EventKind: TypeAlias = Literal["stale_served", "refresh_failed", "refreshed"]
+__all__ = ("Event", "Hook", "PrometheusCollector", "Statistics", "instrument_opentelemetry")
+
+EventKind: TypeAlias = Literal[
+    "loaded", "stale_served", "refresh_failed", "refreshed", "takeover", "lock_lost"
+]
 
 
 @dataclass(frozen=True, slots=True)
 class Event:
     """
-    Something worth a metric or a log line that no caller sees as an exception.
+    Something worth a metric or a log line, handed to the Cache's hook as it happens.
 
     Attributes:
-        kind: ``"stale_served"``: a value past its expiry was served because the loader failed
-            (``Policy.stale_if_error``); ``"refresh_failed"``: a background refresh failed, the
-            stale value stays; ``"refreshed"``: a background refresh wrote a new value.
+        kind: ``"loaded"``: a loader call finished (``duration``; ``error`` if it raised);
+            ``"stale_served"``: a value past its expiry was served because the loader failed
+            (``Policy.stale_if_error``); ``"refresh_failed"``: a background refresh failed,
+            the stale value stays; ``"refreshed"``: a refresh wrote a new value;
+            ``"takeover"``: this process took a rebuild lock whose holder's lease had run
+            out; ``"lock_lost"``: a fill was refused because the lock had passed on.
         key: The Redis key of the entry.
-        error: The loader's exception, for the first two kinds.
+        error: The loader's exception, where there is one.
+        duration: Seconds the loader ran, for ``"loaded"``.
     """
 
     kind: EventKind
     key: bytes
     error: BaseException | None = None
+    duration: float | None = None
 
 
-#: Called synchronously with each `Event`; exceptions it raises are logged and ignored.
-Hook: TypeAlias = Callable[[Event], None]
+class Hook(Protocol):
+    """Called synchronously with each `Event`; exceptions it raises are logged and ignored."""
+
+    def __call__(self, event: Event, /) -> None: ...
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -120,3 +132,66 @@ class Counters:
         values = {name: getattr(self, name) for name in self.__slots__}
         values.update(overrides)
         return Statistics(**values)
+
+
+class PrometheusCollector:
+    """
+    Exposes a Cache's `Statistics` to Prometheus (``pip install 'aiocacheguard[prometheus]'``).
+
+    Every counter becomes ``<prefix>_<name>_total`` with a ``namespace`` label, read from
+    ``cache.statistics()`` at scrape time: nothing is done per request.
+
+    Example:
+        >>> from prometheus_client import CollectorRegistry, generate_latest
+        >>> registry = CollectorRegistry()
+        >>> PrometheusCollector(cache, registry=registry)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self, cache: Cache, *, registry: Any = None, prefix: str = "aiocacheguard"
+    ) -> None:
+        from prometheus_client import REGISTRY  # lazy: an optional extra
+
+        self._cache = cache
+        self._prefix = prefix
+        (registry if registry is not None else REGISTRY).register(self)
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily
+
+        snapshot = self._cache.statistics()
+        for field in fields(Statistics):
+            family = CounterMetricFamily(
+                f"{self._prefix}_{field.name}",
+                f"aiocacheguard Statistics.{field.name}",
+                labels=["namespace"],
+            )
+            family.add_metric([self._cache.namespace], getattr(snapshot, field.name))
+            yield family
+
+
+def instrument_opentelemetry(
+    cache: Cache, *, meter: Any = None, prefix: str = "aiocacheguard"
+) -> None:
+    """
+    Report a Cache's `Statistics` as OpenTelemetry observable counters
+    (``pip install 'aiocacheguard[otel]'``), read at each collection, with a ``namespace``
+    attribute. ``meter`` defaults to ``metrics.get_meter("aiocacheguard")``.
+    """
+    from opentelemetry import metrics  # lazy: an optional extra
+
+    meter = meter if meter is not None else metrics.get_meter("aiocacheguard")
+    attributes = {"namespace": cache.namespace}
+
+    def observe(name: str) -> Any:
+        def callback(options: Any) -> Iterator[Any]:
+            yield metrics.Observation(getattr(cache.statistics(), name), attributes)
+
+        return callback
+
+    for field in fields(Statistics):
+        meter.create_observable_counter(
+            f"{prefix}.{field.name}",
+            callbacks=[observe(field.name)],
+            description=f"aiocacheguard Statistics.{field.name}",
+        )
