@@ -1,0 +1,445 @@
+"""
+The stampede harness: N coroutines in each of P processes, released together at one key.
+
+Each strategy runs in fresh worker processes against a fresh key of its own. Workers park their
+callers, report ready, and release them at one wall-clock instant the parent hands out; each
+caller's latency runs from that instant until it has its answer. Loader calls are counted in
+each worker and summed; Redis commands are the difference of ``INFO commandstats`` around the
+run (the harness's own seeding and INFO calls excluded).
+
+Strategies:
+    naive          GET; on a miss, load and SET. What most code does.
+    seed-mutex     SET NX lock; the holder loads and SETs; the others retry GET 3 x 10 ms,
+                   then give up empty (the seed project's Go design).
+    singleflight   aiocacheguard with ``Policy(lock=False)``: one load per process.
+    guard          aiocacheguard's default: single-flight plus the rebuild lock, waiters
+                   notified by pub/sub: one load in total.
+    soft-ttl       the key is past its soft TTL: everyone is served the stale value while one
+                   background refresh runs.
+    xfetch         the key expires a quarter of a load time after the release: XFetch
+                   (beta 1) refreshes it early in the background.
+
+The raw strategies (naive, seed-mutex) use a blocking pool of 50 connections, so they measure
+the stampede rather than redis-py's pool limit (a default pool raises past 100 connections).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import multiprocessing
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+
+from ._version import __version__
+from .record import Record
+
+__all__ = ("STRATEGIES", "BenchConfig", "BenchError", "RoundResult", "StrategyResult", "run_bench")
+
+STRATEGIES = ("naive", "seed-mutex", "singleflight", "guard", "soft-ttl", "xfetch")
+VALUE = {"board": [{"player": "ada", "score": 42}, {"player": "grace", "score": 41}]}
+_RAW_POOL = 50
+
+
+class BenchError(Exception):
+    """The benchmark could not run (bad configuration, Redis unreachable, a worker failed)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class BenchConfig:
+    coroutines: int = 10_000
+    processes: int = 1
+    loader_ms: float = 50.0
+    rounds: int = 1
+    strategies: tuple[str, ...] = STRATEGIES
+    seed: int = 0
+    redis_url: str = ""
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.coroutines >= 1, "--coroutines must be at least 1"),
+            (self.coroutines <= 1_000_000, "--coroutines must be at most 1,000,000"),
+            (1 <= self.processes <= 64, "--processes must be from 1 to 64"),
+            (0 <= self.loader_ms <= 60_000, "--loader-ms must be from 0 to 60000"),
+            (1 <= self.rounds <= 100, "--rounds must be from 1 to 100"),
+            (bool(self.strategies), "name at least one strategy"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise BenchError(message)
+        unknown = [s for s in self.strategies if s not in STRATEGIES]
+        if unknown:
+            raise BenchError(
+                f"unknown strategy {unknown[0]!r}; choose from {', '.join(STRATEGIES)}"
+            )
+
+
+@dataclass(kw_only=True)
+class RoundResult:
+    strategy: str
+    round: int
+    loader_calls: int
+    served: int
+    empty: int
+    errors: int
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    max_ms: float
+    redis_commands: int
+    wall_ms: float
+    error_kinds: dict[str, int] = field(default_factory=dict)
+    latencies_ms: list[float] = field(default_factory=list, repr=False)
+
+    def figures(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.pop("latencies_ms")
+        return out
+
+
+@dataclass(kw_only=True)
+class StrategyResult:
+    strategy: str
+    rounds: list[RoundResult]
+
+    def median(self, name: str) -> float:
+        return float(statistics.median(getattr(r, name) for r in self.rounds))
+
+    def summary(self) -> dict[str, Any]:
+        names = (
+            "loader_calls", "served", "empty", "errors", "p50_ms", "p95_ms", "p99_ms",
+            "max_ms", "redis_commands", "wall_ms",
+        )  # fmt: skip
+        return {name: self.median(name) for name in names}
+
+
+def environment(redis_url: str) -> dict[str, Any]:
+    """Versions and machine, for the record of a run."""
+    import redis as redis_py
+
+    info: dict[str, Any] = {}
+    try:
+        client = redis.Redis.from_url(redis_url, socket_timeout=2)
+        info = client.info("server")
+        client.close()
+    except redis.RedisError:
+        pass
+    return {
+        "aiocacheguard": __version__,
+        "python": platform.python_version(),
+        "redis_py": redis_py.__version__,
+        "redis_server": info.get("redis_version"),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+    }
+
+
+def check_redis(url: str) -> None:
+    """Raise `BenchError` with a one-line reason unless ``url`` answers PING within 2 s."""
+    try:
+        client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+        try:
+            client.ping()
+        finally:
+            client.close()
+    except (redis.RedisError, ValueError, OSError) as exc:
+        raise BenchError(f"cannot reach Redis at {url}: {exc}") from None
+
+
+def run_bench(
+    config: BenchConfig,
+    *,
+    on_round: Callable[[str, int, RoundResult], None] | None = None,
+) -> list[StrategyResult]:
+    """Run every strategy ``config.rounds`` times; ``on_round`` sees each result as it lands."""
+    check_redis(config.redis_url)
+    rng = random.Random(config.seed)
+    run_id = uuid.UUID(int=rng.getrandbits(128)).hex[:8]
+    results = []
+    for strategy in config.strategies:
+        rounds = []
+        for number in range(1, config.rounds + 1):
+            namespace = f"bench-{run_id}-{strategy}-{number}"
+            result = _run_round(config, strategy, number, namespace, rng.getrandbits(32))
+            rounds.append(result)
+            if on_round is not None:
+                on_round(strategy, number, result)
+        results.append(StrategyResult(strategy=strategy, rounds=rounds))
+    return results
+
+
+def _commands(client: redis.Redis) -> int:
+    stats = client.info("commandstats")
+    return sum(
+        int(v.get("calls", 0))
+        for k, v in stats.items()
+        if isinstance(v, dict) and k not in ("cmdstat_info",)
+    )
+
+
+def _run_round(
+    config: BenchConfig, strategy: str, number: int, namespace: str, seed: int
+) -> RoundResult:
+    ctx = multiprocessing.get_context("spawn")
+    control = redis.Redis.from_url(config.redis_url, socket_timeout=10)
+    key = "hot"
+    workers = []
+    try:
+        for index in range(config.processes):
+            parent_end, child_end = ctx.Pipe()
+            job = {
+                "url": config.redis_url,
+                "strategy": strategy,
+                "namespace": namespace,
+                "key": key,
+                "coroutines": config.coroutines,
+                "loader_s": config.loader_ms / 1000,
+                "seed": seed + index,
+            }
+            process = ctx.Process(target=_worker_entry, args=(job, child_end), daemon=True)
+            process.start()
+            child_end.close()
+            workers.append((process, parent_end))
+        for process, conn in workers:
+            if not conn.poll(120) or conn.recv() != "ready":
+                raise BenchError(f"worker {process.pid} did not get ready")
+        start_at = time.time() + 0.25
+        _seed_key(control, strategy, namespace, key, start_at, config.loader_ms / 1000)
+        before = _commands(control)
+        for _, conn in workers:
+            conn.send(start_at)
+        reports = []
+        for process, conn in workers:
+            if not conn.poll(600):
+                raise BenchError(f"worker {process.pid} did not finish in 600 s")
+            report = conn.recv()
+            if "crash" in report:
+                raise BenchError(f"worker {process.pid} failed: {report['crash']}")
+            reports.append(report)
+        commands = _commands(control) - before
+    finally:
+        for process, conn in workers:
+            conn.close()
+            process.join(timeout=10)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        control.close()
+    latencies: list[float] = sorted(x for r in reports for x in r["latencies"])
+    error_kinds: dict[str, int] = {}
+    for report in reports:
+        for kind, count in report["error_kinds"].items():
+            error_kinds[kind] = error_kinds.get(kind, 0) + count
+
+    def quantile(q: float) -> float:
+        return latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000
+
+    return RoundResult(
+        strategy=strategy,
+        round=number,
+        loader_calls=sum(r["loader_calls"] for r in reports),
+        served=sum(r["served"] for r in reports),
+        empty=sum(r["empty"] for r in reports),
+        errors=sum(r["errors"] for r in reports),
+        p50_ms=quantile(0.50),
+        p95_ms=quantile(0.95),
+        p99_ms=quantile(0.99),
+        max_ms=latencies[-1] * 1000,
+        redis_commands=commands,
+        wall_ms=max(r["wall"] for r in reports) * 1000,
+        error_kinds=error_kinds,
+        latencies_ms=[x * 1000 for x in latencies],
+    )
+
+
+def _seed_key(
+    control: redis.Redis, strategy: str, namespace: str, key: str, start_at: float, loader_s: float
+) -> None:
+    """Put the key in the state the strategy is about: missing, soft-expired or expiring."""
+    value_key = "{" + f"{namespace}:{key}" + "}"
+    payload = json.dumps(VALUE).encode()
+    if strategy == "soft-ttl":
+        record = Record(
+            payload=payload, negative=False, serializer_tag=1, stored_at=start_at - 100,
+            soft_expires_at=start_at - 50, expires_at=start_at + 900, compute_time=loader_s,
+        )  # fmt: skip
+        control.set(value_key, record.encode(), px=1_000_000)
+    elif strategy == "xfetch":
+        record = Record(
+            payload=payload, negative=False, serializer_tag=1, stored_at=start_at - 100,
+            expires_at=start_at + 0.25 * loader_s, compute_time=loader_s,
+        )  # fmt: skip
+        control.set(value_key, record.encode(), px=1_000_000)
+    else:
+        control.delete(value_key, f"{namespace}:{key}")
+
+
+def _worker_entry(job: dict[str, Any], conn: Any) -> None:
+    try:
+        asyncio.run(_worker(job, conn))
+    except (EOFError, BrokenPipeError):
+        pass  # the parent went away: nothing to report to
+    except Exception as exc:  # report, so the parent says what went wrong
+        conn.send({"crash": f"{type(exc).__name__}: {exc}"})
+
+
+async def _worker(job: dict[str, Any], conn: Any) -> None:
+    loader_s: float = job["loader_s"]
+    calls = 0
+
+    async def load() -> dict[str, Any]:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(loader_s)
+        return VALUE
+
+    get, close = await _strategy(job, load)
+    go = asyncio.Event()
+    latencies: list[float] = []
+    outcome = {"served": 0, "empty": 0, "errors": 0}
+    error_kinds: dict[str, int] = {}
+    released = 0.0
+
+    async def caller() -> None:
+        await go.wait()
+        try:
+            value = await get()
+        except Exception as exc:
+            outcome["errors"] += 1
+            kind = type(exc).__name__
+            error_kinds[kind] = error_kinds.get(kind, 0) + 1
+        else:
+            outcome["served" if value is not None else "empty"] += 1
+        latencies.append(time.perf_counter() - released)
+
+    tasks = [asyncio.create_task(caller()) for _ in range(job["coroutines"])]
+    await asyncio.sleep(0)
+    conn.send("ready")
+    start_at = await asyncio.get_running_loop().run_in_executor(None, conn.recv)
+    await asyncio.sleep(max(0.0, start_at - time.time()))
+    released = time.perf_counter()
+    go.set()
+    await asyncio.gather(*tasks)
+    wall = time.perf_counter() - released
+    await close()  # waits for background refreshes, so their loads are counted
+    conn.send(
+        {
+            "latencies": latencies,
+            "loader_calls": calls,
+            "error_kinds": error_kinds,
+            "wall": wall,
+            **outcome,
+        }
+    )
+
+
+async def _strategy(
+    job: dict[str, Any], load: Callable[[], Awaitable[dict[str, Any]]]
+) -> tuple[Callable[[], Awaitable[Any]], Callable[[], Awaitable[None]]]:
+    """The strategy's get() and its clean-up."""
+    from . import Cache, Policy
+
+    strategy, namespace, key = job["strategy"], job["namespace"], job["key"]
+    if strategy in ("naive", "seed-mutex"):
+        pool = aioredis.BlockingConnectionPool.from_url(job["url"], max_connections=_RAW_POOL)
+        raw = aioredis.Redis(connection_pool=pool)
+        data_key, lock_key = f"{namespace}:{key}", f"{namespace}:{key}:lock"
+
+        async def naive() -> Any:
+            data = await raw.get(data_key)
+            if data is not None:
+                return json.loads(data)
+            value = await load()
+            await raw.set(data_key, json.dumps(value), px=60_000)
+            return value
+
+        async def seed_mutex() -> Any:
+            data = await raw.get(data_key)
+            if data is not None:
+                return json.loads(data)
+            if await raw.set(lock_key, "1", nx=True, px=10_000):
+                value = await load()
+                await raw.set(data_key, json.dumps(value), px=60_000)
+                await raw.delete(lock_key)
+                return value
+            for _ in range(3):
+                await asyncio.sleep(0.01)
+                data = await raw.get(data_key)
+                if data is not None:
+                    return json.loads(data)
+            return None
+
+        await raw.ping()  # connections open, as in a server that has been running
+
+        async def close_raw() -> None:
+            await raw.aclose()
+            await pool.aclose()
+
+        return (naive if strategy == "naive" else seed_mutex), close_raw
+
+    policies = {
+        "singleflight": Policy(ttl=60.0, lock=False),
+        "guard": Policy(ttl=60.0),
+        "soft-ttl": Policy(ttl=1000.0, soft_ttl=1.0),
+        "xfetch": Policy(ttl=60.0, early_beta=1.0),
+    }
+    client = aioredis.Redis.from_url(job["url"])
+    cache = Cache(
+        client, namespace=namespace, policy=policies[strategy], rng=random.Random(job["seed"])
+    )
+
+    async def warm_up() -> str:
+        return "warm"
+
+    # Connections open and scripts loaded, as in a server that has been running.
+    await cache.get_or_load("warm-up", warm_up)
+
+    async def guarded() -> Any:
+        return await cache.get_or_load(key, load)
+
+    async def close_cache() -> None:
+        await cache.aclose(drain=True)
+        await client.aclose()
+
+    return guarded, close_cache
+
+
+def results_json(
+    config: BenchConfig, results: Sequence[StrategyResult], *, started: float
+) -> dict[str, Any]:
+    """The ``--json`` document: configuration, seed, versions and every figure."""
+    return {
+        "schema": 1,
+        "tool": "aiocacheguard bench",
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "config": {
+            "coroutines_per_process": config.coroutines,
+            "processes": config.processes,
+            "loader_ms": config.loader_ms,
+            "rounds": config.rounds,
+            "strategies": list(config.strategies),
+            "redis_url": config.redis_url,
+        },
+        "seed": config.seed,
+        "versions": environment(config.redis_url),
+        "argv": sys.argv,
+        "results": [
+            {
+                "strategy": r.strategy,
+                "median": r.summary(),
+                "rounds": [x.figures() for x in r.rounds],
+            }
+            for r in results
+        ],
+    }

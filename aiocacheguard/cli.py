@@ -1,0 +1,240 @@
+"""
+The ``aiocacheguard`` command line. ``aiocacheguard bench --help`` lists the options.
+
+Only the command line builds Redis clients from URLs; the library takes ready clients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from ._version import __version__
+from .bench import STRATEGIES, BenchConfig, BenchError, RoundResult, StrategyResult
+from .errors import ServerError
+
+__all__ = ("main",)
+
+COLUMNS = (
+    ("strategy", "strategy", "{}"),
+    ("loader calls", "loader_calls", "{:,.0f}"),
+    ("served", "served", "{:,.0f}"),
+    ("empty", "empty", "{:,.0f}"),
+    ("errors", "errors", "{:,.0f}"),
+    ("p50 ms", "p50_ms", "{:,.1f}"),
+    ("p95 ms", "p95_ms", "{:,.1f}"),
+    ("p99 ms", "p99_ms", "{:,.1f}"),
+    ("max ms", "max_ms", "{:,.1f}"),
+    ("redis cmds", "redis_commands", "{:,.0f}"),
+    ("wall ms", "wall_ms", "{:,.0f}"),
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="aiocacheguard", description="aiocacheguard tools")
+    parser.add_argument("--version", action="version", version=f"aiocacheguard {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    bench = commands.add_parser(
+        "bench",
+        help="fire N coroutines x P processes at one expiring key, per strategy",
+        description=(
+            "Release N coroutines in each of P processes at one key that has just expired, "
+            "once per strategy, and report loader calls, callers served/empty/failed, caller "
+            "latency and Redis commands. Without --redis-url a throwaway redis-server is "
+            "started and stopped."
+        ),
+    )
+    bench.add_argument("--redis-url", help="use this Redis (keys are namespaced; never flushed)")
+    bench.add_argument("--coroutines", "-n", type=int, default=10_000, help="per process")
+    bench.add_argument("--processes", "-p", type=int, default=1)
+    bench.add_argument("--loader-ms", type=float, default=50.0, help="the loader's latency")
+    bench.add_argument("--rounds", type=int, default=1, help="repeat; medians are reported")
+    bench.add_argument(
+        "--strategy",
+        action="append",
+        choices=STRATEGIES,
+        help="run only these (repeatable); default all",
+    )
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--json", type=Path, help="write every figure to this file")
+    bench.add_argument("--plot", type=Path, help="write a PNG of latencies and loader calls")
+    bench.add_argument("--plain", action="store_true", help="plain text even in a terminal")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``aiocacheguard`` console script; returns the exit code."""
+    args = _parser().parse_args(argv)
+    try:
+        return _bench(args)
+    except (BenchError, ServerError) as exc:
+        print(f"aiocacheguard bench: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("aiocacheguard bench: interrupted", file=sys.stderr)
+        return 130
+
+
+def _bench(args: argparse.Namespace) -> int:
+    if args.plot is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise BenchError(
+                "--plot needs matplotlib: pip install 'aiocacheguard[bench]'"
+            ) from None
+    strategies = tuple(dict.fromkeys(args.strategy)) if args.strategy else STRATEGIES
+    config_args: dict[str, Any] = {
+        "coroutines": args.coroutines,
+        "processes": args.processes,
+        "loader_ms": args.loader_ms,
+        "rounds": args.rounds,
+        "strategies": strategies,
+        "seed": args.seed,
+        "redis_url": args.redis_url or "redis://placeholder",
+    }
+    BenchConfig(**config_args)  # validate before starting anything
+    if args.redis_url:
+        return _run(BenchConfig(**config_args), args)
+    from .server import RedisServer
+
+    with RedisServer() as server:
+        config_args["redis_url"] = server.url
+        return _run(BenchConfig(**config_args), args)
+
+
+def _run(config: BenchConfig, args: argparse.Namespace) -> int:
+    from .bench import results_json, run_bench
+
+    fancy = sys.stdout.isatty() and not args.plain and _has_rich()
+    started = time.time()
+    header = (
+        f"aiocacheguard bench: {config.coroutines:,} coroutines x {config.processes} "
+        f"process(es), loader {config.loader_ms:g} ms, {config.rounds} round(s), "
+        f"seed {config.seed}, {config.redis_url}"
+    )
+    print(header, flush=True)
+    total = len(config.strategies) * config.rounds
+    if fancy:
+        results = _run_with_progress(config, total)
+    else:
+
+        def report(strategy: str, number: int, result: RoundResult) -> None:
+            print(
+                f"  {strategy} round {number}: {result.loader_calls} loader calls, "
+                f"p99 {result.p99_ms:,.1f} ms",
+                flush=True,
+            )
+
+        results = run_bench(config, on_round=report)
+    _print_table(results, fancy)
+    if args.json is not None:
+        document = results_json(config, results, started=started)
+        args.json.write_text(json.dumps(document, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    if args.plot is not None:
+        _plot(results, config, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _has_rich() -> bool:
+    try:
+        import rich  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _run_with_progress(config: BenchConfig, total: int) -> list[StrategyResult]:
+    from rich.progress import Progress
+
+    from .bench import run_bench
+
+    with Progress(transient=True) as progress:
+        task = progress.add_task("running strategies", total=total)
+
+        def advance(strategy: str, number: int, result: RoundResult) -> None:
+            progress.update(task, advance=1, description=f"{strategy} round {number} done")
+
+        return run_bench(config, on_round=advance)
+
+
+def _print_table(results: Sequence[StrategyResult], fancy: bool) -> None:
+    rows = []
+    for result in results:
+        summary = result.summary()
+        rows.append(
+            [fmt.format(result.strategy if key == "strategy" else summary[key])
+             for _, key, fmt in COLUMNS]
+        )  # fmt: skip
+    if fancy:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title="medians over rounds")
+        for title, key, _ in COLUMNS:
+            table.add_column(title, justify="left" if key == "strategy" else "right")
+        for row in rows:
+            table.add_row(*row)
+        Console().print(table)
+        return
+    widths = [
+        max(len(title), *(len(r[i]) for r in rows)) for i, (title, _, _) in enumerate(COLUMNS)
+    ]
+    line = "  ".join(
+        t.ljust(w) if i == 0 else t.rjust(w)
+        for i, ((t, _, _), w) in enumerate(zip(COLUMNS, widths, strict=True))
+    )
+    print(line)
+    for row in rows:
+        print(
+            "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
+
+
+def _plot(results: Sequence[StrategyResult], config: BenchConfig, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (latency, loads) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for result in results:
+        values = result.rounds[len(result.rounds) // 2].latencies_ms
+        if values:
+            fractions = [(i + 1) / len(values) for i in range(len(values))]
+            latency.plot(values, fractions, label=result.strategy)
+    latency.set_xscale("symlog", linthresh=1.0)
+    latency.set_xlabel("caller latency, ms (log)")
+    latency.set_ylabel("fraction of callers served by then")
+    latency.set_title("caller latency (CDF)")
+    latency.legend(loc="lower right")
+    names = [r.strategy for r in results]
+    calls = [r.median("loader_calls") for r in results]
+    bars = loads.bar(names, [max(c, 0.8) for c in calls])
+    loads.bar_label(bars, labels=[f"{c:,.0f}" for c in calls])
+    loads.set_yscale("log")
+    loads.set_ylabel("loader calls (log)")
+    loads.set_title("loader calls per strategy")
+    loads.tick_params(axis="x", rotation=30)
+    figure.suptitle(
+        f"{config.coroutines:,} coroutines x {config.processes} process(es), "
+        f"loader {config.loader_ms:g} ms, seed {config.seed}"
+    )
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

@@ -1,0 +1,121 @@
+"""The ``aiocacheguard bench`` command end to end, on small numbers."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from aiocacheguard.bench import STRATEGIES
+from aiocacheguard.server import RedisServer
+
+ROOT = Path(__file__).parent.parent
+
+
+def bench(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "aiocacheguard", "bench", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+
+
+def redis_servers() -> set[int]:
+    """PIDs of running redis-server processes (to prove none is left behind)."""
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmd = (entry / "cmdline").read_bytes()
+                state = (entry / "stat").read_text().split()[2]
+            except OSError:
+                continue
+            if b"redis-server" in cmd and state != "Z":
+                pids.add(int(entry.name))
+    return pids
+
+
+@pytest.mark.slow
+def test_embedded_run_writes_json_and_plot(tmp_path: Path) -> None:
+    before = redis_servers()
+    out_json, out_png = tmp_path / "run.json", tmp_path / "run.png"
+    result = bench(
+        "-n", "200", "-p", "2", "--loader-ms", "20", "--rounds", "2", "--seed", "7",
+        "--json", str(out_json), "--plot", str(out_png),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "200 coroutines x 2 process(es)" in result.stdout
+    for strategy in STRATEGIES:
+        assert strategy in result.stdout
+    document = json.loads(out_json.read_text())
+    assert document["schema"] == 1 and document["seed"] == 7
+    assert document["config"]["processes"] == 2
+    assert document["versions"]["redis_server"]
+    assert [r["strategy"] for r in document["results"]] == list(STRATEGIES)
+    by_name = {r["strategy"]: r for r in document["results"]}
+    for entry in document["results"]:
+        assert len(entry["rounds"]) == 2
+        assert set(entry["median"]) >= {"loader_calls", "p50_ms", "p99_ms", "redis_commands"}
+        for figures in entry["rounds"]:
+            assert figures["served"] + figures["empty"] + figures["errors"] == 400
+    guard = by_name["guard"]["median"]
+    assert guard["loader_calls"] == 1 and guard["empty"] == 0 and guard["errors"] == 0
+    assert by_name["singleflight"]["median"]["loader_calls"] <= 2
+    assert by_name["naive"]["median"]["loader_calls"] > 1
+    assert by_name["soft-ttl"]["median"]["served"] == 400
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out_png.stat().st_size > 10_000
+    assert redis_servers() <= before, "an embedded redis-server was left running"
+
+
+def test_existing_server_by_url(redis_server: RedisServer) -> None:
+    result = bench("--redis-url", redis_server.url, "-n", "50", "--strategy", "guard",
+                   "--strategy", "naive", "--loader-ms", "5")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("guard ") for line in lines)
+    assert not any(line.startswith("xfetch") for line in lines)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-n", "0"], "--coroutines must be at least 1"),
+        (["--loader-ms", "-5"], "--loader-ms must be from 0 to 60000"),
+        (["-p", "0"], "--processes must be from 1 to 64"),
+        (["--rounds", "0"], "--rounds must be from 1 to 100"),
+        (["--strategy", "magic"], "invalid choice: 'magic'"),
+        (["-n", "many"], "invalid int value"),
+    ],
+)
+def test_bad_input_is_one_line_and_nonzero(args: list[str], message: str) -> None:
+    before = redis_servers()
+    result = bench(*args)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) <= 2  # argparse adds a usage line
+    assert redis_servers() <= before
+
+
+def test_unreachable_redis_url() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # bound, not listening
+        result = bench("--redis-url", f"redis://127.0.0.1:{port}/0", "-n", "10")
+    assert result.returncode == 1
+    assert result.stderr.startswith("aiocacheguard bench: error: cannot reach Redis")
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_console_script_is_installed() -> None:
+    script = Path(sys.executable).parent / "aiocacheguard"
+    assert script.exists() and os.access(script, os.X_OK)
+    result = subprocess.run([str(script), "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.startswith("aiocacheguard ")
