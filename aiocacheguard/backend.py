@@ -269,9 +269,9 @@ class RedisBackend:
 
         return await self.call(pipelined)
 
-    def subscriber(self, on_message: Callable[[bytes], None]) -> Subscriber:
+    def subscriber(self, on_message: Callable[[bytes, bytes], None]) -> Subscriber:
         """
-        The Cache's one pub/sub connection; ``on_message(channel)`` is called for every
+        The Cache's one pub/sub connection; ``on_message(channel, data)`` is called for every
         message. Created on first use, closed by `aclose`.
         """
         if self._pubsub is None:
@@ -295,7 +295,7 @@ class _PubSub:
     which waiters tolerate because each wait is also bounded by the lock's remaining lease.
     """
 
-    def __init__(self, backend: RedisBackend, on_message: Callable[[bytes], None]) -> None:
+    def __init__(self, backend: RedisBackend, on_message: Callable[[bytes, bytes], None]) -> None:
         self._backend = backend
         self._on_message = on_message
         self._pubsub = backend.client.pubsub()
@@ -335,7 +335,7 @@ class _PubSub:
                 continue
             kind, channel = message["type"], message["channel"]
             if kind == "message":
-                self._on_message(channel)
+                self._on_message(channel, message["data"])
             elif kind == "subscribe":
                 confirmed = self._confirmations.pop(channel, None)
                 if confirmed is not None and not confirmed.done():

@@ -65,6 +65,9 @@ class BenchConfig:
     strategies: tuple[str, ...] = STRATEGIES
     seed: int = 0
     redis_url: str = ""
+    #: More strategies, name -> "module:function" (see benchmarks/peers.py): an async function
+    #: ``(job, load) -> (get, close)`` importable in the worker processes.
+    extra: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         checks = [
@@ -78,7 +81,7 @@ class BenchConfig:
         for ok, message in checks:
             if not ok:
                 raise BenchError(message)
-        unknown = [s for s in self.strategies if s not in STRATEGIES]
+        unknown = [s for s in self.strategies if s not in STRATEGIES and s not in self.extra]
         if unknown:
             raise BenchError(
                 f"unknown strategy {unknown[0]!r}; choose from {', '.join(STRATEGIES)}"
@@ -206,6 +209,7 @@ def _run_round(
                 "coroutines": config.coroutines,
                 "loader_s": config.loader_ms / 1000,
                 "seed": seed + index,
+                "factory": config.extra.get(strategy),
             }
             process = ctx.Process(target=_worker_entry, args=(job, child_end), daemon=True)
             process.start()
@@ -350,6 +354,15 @@ async def _strategy(
     """The strategy's get() and its clean-up."""
     from . import Cache, Policy
 
+    if job.get("factory"):
+        import importlib
+
+        module, _, name = job["factory"].partition(":")
+        factory = getattr(importlib.import_module(module), name)
+        made: tuple[Callable[[], Awaitable[Any]], Callable[[], Awaitable[None]]]
+        made = await factory(job, load)
+        return made
+
     strategy, namespace, key = job["strategy"], job["namespace"], job["key"]
     if strategy in ("naive", "seed-mutex"):
         pool = aioredis.BlockingConnectionPool.from_url(job["url"], max_connections=_RAW_POOL)
@@ -429,6 +442,7 @@ def results_json(
             "loader_ms": config.loader_ms,
             "rounds": config.rounds,
             "strategies": list(config.strategies),
+            "extra_strategies": dict(config.extra),
             "redis_url": config.redis_url,
         },
         "seed": config.seed,

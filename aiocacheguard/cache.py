@@ -26,6 +26,7 @@ from .errors import (
 )
 from .guards.bloom import BloomFilter
 from .guards.lock import (
+    INLINE_LIMIT,
     STORE_AND_RELEASE,
     UNLINK_AND_RELEASE,
     Attempt,
@@ -661,6 +662,11 @@ class Cache:
                 notified = await signal.wait_notified(
                     min(remaining, attempt.lease_left + LEASE_SLACK)
                 )
+                filled = signal.take()
+                if filled:  # the fill message carried the record: no read needed
+                    entry = self._decode(filled)
+                    if entry is not None and self._clock() < entry.record.expires_at:
+                        return Attempt(Outcome.VALUE, value=filled), entry
 
     async def _load_as_holder(
         self, lock: RebuildLock, loader: Callable[[], Awaitable[T]], policy: Policy
@@ -731,7 +737,7 @@ class Cache:
             self._backend.eval(
                 STORE_AND_RELEASE,
                 (rkey, self.keys.lock(rkey)),
-                (data, max(1, round(ttl * 1000)), self.keys.channel(rkey)),
+                (data, max(1, round(ttl * 1000)), self.keys.channel(rkey), INLINE_LIMIT),
             ),
             self._add_to_filter(rkey, bloom),
         )

@@ -380,3 +380,46 @@ async def test_scripts_survive_script_flush(cache: Cache, client: redis.Redis) -
 
 def test_worker_module_is_importable() -> None:
     assert (ROOT / "tests" / "worker.py").exists() and os.access(sys.executable, os.X_OK)
+
+
+@pytest.mark.parametrize("size", [10, 200_000])  # inline in the fill message, and too big for it
+async def test_waiter_gets_small_and_large_values(pair: tuple[Cache, Cache], size: int) -> None:
+    a, b = pair
+    started, release = asyncio.Event(), asyncio.Event()
+    value = "x" * size
+
+    async def load() -> str:
+        started.set()
+        await release.wait()
+        return value
+
+    holder = asyncio.create_task(a.get_or_load("k", load))
+    await started.wait()
+    waiter = asyncio.create_task(b.get_or_load("k", load))
+    await wait_until(lambda: b.statistics().lock_waits > 0)
+    release.set()
+    assert await asyncio.wait_for(waiter, 5) == value
+    assert await holder == value
+    assert b.statistics().loader_calls == 0
+
+
+@pytest.mark.parametrize("size", [10, 200_000])
+async def test_fill_message_carries_small_records(
+    cache: Cache, client: redis.Redis, size: int
+) -> None:
+    channel = cache.keys.channel(cache.keys.value("k"))
+    pubsub = client.pubsub()
+    await pubsub.subscribe(channel)
+    assert (await pubsub.get_message(timeout=5))["type"] == "subscribe"
+
+    async def load() -> str:
+        return "x" * size
+
+    await cache.get_or_load("k", load)
+    message = await pubsub.get_message(timeout=5)
+    assert message is not None and message["type"] == "message"
+    if size == 10:
+        assert Record.decode(message["data"]).payload == b'"' + b"x" * size + b'"'
+    else:
+        assert message["data"] == b""  # too big to inline: waiters read the key
+    await pubsub.aclose()  # type: ignore[no-untyped-call]

@@ -39,6 +39,7 @@ from ..errors import BackendError
 __all__ = (
     "ACQUIRE_OR_READ",
     "FENCED_FILL",
+    "INLINE_LIMIT",
     "RELEASE_IF_OWNER",
     "RENEW_IF_OWNER",
     "STORE_AND_RELEASE",
@@ -70,8 +71,12 @@ return {3, redis.call("PTTL", KEYS[2])}
 """,
 )
 
+# Fill messages carry the record itself when it is at most ARGV's inline limit, so waiters
+# need no read of their own; larger records (and releases) publish "" and waiters read the key.
+
 # KEYS[1] value key, KEYS[2] lock key
-# ARGV[1] token, ARGV[2] record bytes, ARGV[3] ttl in ms, ARGV[4] fill channel
+# ARGV[1] token, ARGV[2] record bytes, ARGV[3] ttl in ms, ARGV[4] fill channel,
+# ARGV[5] inline limit in bytes
 # Returns 1 if the value was written (and the lock released, the fill published), 0 if the
 # token no longer owns the lock and nothing was written.
 FENCED_FILL = LuaScript(
@@ -80,7 +85,7 @@ FENCED_FILL = LuaScript(
 if redis.call("GET", KEYS[2]) ~= ARGV[1] then return 0 end
 redis.call("SET", KEYS[1], ARGV[2], "PX", ARGV[3])
 redis.call("DEL", KEYS[2])
-redis.call("PUBLISH", ARGV[4], "filled")
+redis.call("PUBLISH", ARGV[4], #ARGV[2] <= tonumber(ARGV[5]) and ARGV[2] or "")
 return 1
 """,
 )
@@ -93,7 +98,7 @@ RELEASE_IF_OWNER = LuaScript(
     """
 if redis.call("GET", KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call("DEL", KEYS[1])
-redis.call("PUBLISH", ARGV[2], "released")
+redis.call("PUBLISH", ARGV[2], "")
 return 1
 """,
 )
@@ -110,7 +115,7 @@ return redis.call("PEXPIRE", KEYS[1], ARGV[2])
 )
 
 # KEYS[1] value key, KEYS[2] lock key
-# ARGV[1] record bytes, ARGV[2] ttl in ms, ARGV[3] fill channel
+# ARGV[1] record bytes, ARGV[2] ttl in ms, ARGV[3] fill channel, ARGV[4] inline limit
 # Returns 1. An explicit write supersedes any rebuild in progress: the holder's fill will be
 # refused, and waiters wake to read this value.
 STORE_AND_RELEASE = LuaScript(
@@ -118,7 +123,7 @@ STORE_AND_RELEASE = LuaScript(
     """
 redis.call("SET", KEYS[1], ARGV[1], "PX", ARGV[2])
 redis.call("DEL", KEYS[2])
-redis.call("PUBLISH", ARGV[3], "filled")
+redis.call("PUBLISH", ARGV[3], #ARGV[1] <= tonumber(ARGV[4]) and ARGV[1] or "")
 return 1
 """,
 )
@@ -131,7 +136,7 @@ UNLINK_AND_RELEASE = LuaScript(
     "unlink_and_release",
     """
 local removed = redis.call("UNLINK", KEYS[1])
-if redis.call("UNLINK", KEYS[2]) == 1 then redis.call("PUBLISH", ARGV[1], "released") end
+if redis.call("UNLINK", KEYS[2]) == 1 then redis.call("PUBLISH", ARGV[1], "") end
 return removed
 """,
 )
@@ -148,6 +153,12 @@ class Attempt:
     outcome: Outcome
     value: bytes = b""
     lease_left: float = 0.0  # seconds, when BUSY
+
+
+#: Records up to this size travel in the fill message itself. Redis disconnects a subscriber
+#: whose output buffer passes 8 MiB for a minute (client-output-buffer-limit pubsub), so big
+#: values are read by the waiters instead.
+INLINE_LIMIT = 64 * 1024
 
 
 def _ms(seconds: float) -> int:
@@ -217,7 +228,7 @@ class RebuildLock:
         written = await self._runner.eval(
             FENCED_FILL,
             (self.value_key, self.lock_key),
-            (self.token, record, _ms(ttl), self.channel),
+            (self.token, record, _ms(ttl), self.channel, INLINE_LIMIT),
         )
         self.lost = not written
         return bool(written)

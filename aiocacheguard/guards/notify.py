@@ -31,15 +31,25 @@ __all__ = ("FillNotifier", "Signal")
 
 
 class Signal:
-    """One listener's view of a channel: set by each message, cleared by each wait."""
+    """
+    One listener's view of a channel: set by each message, cleared by each wait; keeps the
+    latest message's data for `take`.
+    """
 
-    __slots__ = ("_event",)
+    __slots__ = ("_data", "_event")
 
     def __init__(self) -> None:
         self._event = asyncio.Event()
+        self._data = b""
 
-    def set(self) -> None:
+    def set(self, data: bytes = b"") -> None:
+        self._data = data
         self._event.set()
+
+    def take(self) -> bytes:
+        """The latest message's data (b"" if none or empty), forgotten once taken."""
+        data, self._data = self._data, b""
+        return data
 
     async def wait_notified(self, within: float) -> bool:
         """True if a message arrived (since the last wait) within ``within`` seconds."""
@@ -72,12 +82,12 @@ class FillNotifier:
     def bind(self, subscriber: Subscriber) -> None:
         self._subscriber = subscriber
 
-    def deliver(self, channel: bytes) -> None:
-        """Wake every listener of ``channel`` (called by the subscriber's reader)."""
+    def deliver(self, channel: bytes, data: bytes = b"") -> None:
+        """Wake every listener of ``channel`` with ``data`` (called by the subscriber)."""
         entry = self._channels.get(channel)
         if entry is not None:
             for signal in entry.signals:
-                signal.set()
+                signal.set(data)
 
     @contextlib.asynccontextmanager
     async def listen(self, channel: bytes) -> AsyncIterator[Signal]:
