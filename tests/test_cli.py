@@ -69,6 +69,8 @@ def test_embedded_run_writes_json_and_plot(tmp_path: Path) -> None:
     assert guard["loader_calls"] == 1 and guard["empty"] == 0 and guard["errors"] == 0
     assert by_name["singleflight"]["median"]["loader_calls"] <= 2
     assert by_name["naive"]["median"]["loader_calls"] > 1
+    assert by_name["ideal"]["median"]["loader_calls"] == 2  # one per process, no Redis
+    assert by_name["ideal"]["median"]["redis_commands"] == 0
     assert by_name["soft-ttl"]["median"]["served"] == 400
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out_png.stat().st_size > 10_000
     assert redis_servers() <= before, "an embedded redis-server was left running"

