@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import math
 import random
@@ -337,7 +338,7 @@ class Cache:
         """
         self._check_open()
         rkey = self.keys.value(key)
-        flight_policy = self.policy if policy is None else policy
+        flight_policy = self._call_policy(policy, loader)
         if rkey in self._loads:
             self._counters.coalesced += 1
         value = await self._loads.run(rkey, lambda: self._load(rkey, loader, flight_policy))
@@ -361,11 +362,21 @@ class Cache:
         """
         self._check_open()
         rkey = self.keys.value(key)
-        refresh_policy = self.policy if policy is None else policy
+        refresh_policy = self._call_policy(policy, loader)
         value = await self._refresher.run(
             rkey, lambda: self._refresh(rkey, loader, refresh_policy, replacing=None)
         )
         return cast(T, value)
+
+    def _call_policy(self, policy: Policy | None, loader: object) -> Policy:
+        """The policy of a call, checking its arguments before any I/O."""
+        if not callable(loader):
+            raise ConfigurationError("loader", loader, "an async function of no arguments")
+        if policy is None:
+            return self.policy
+        if not isinstance(policy, Policy):
+            raise ConfigurationError("policy", policy, "an aiocacheguard.Policy or None")
+        return policy
 
     # -- the flight -----------------------------------------------------------------------
 
@@ -542,10 +553,15 @@ class Cache:
         started = time.monotonic()
         error: BaseException | None = None
         try:
+            pending = loader()
+            if not inspect.isawaitable(pending):
+                raise ConfigurationError(
+                    "loader", loader, "an async function: it returned a non-awaitable"
+                )
             if policy.load_timeout is None:
-                return await loader()
+                return await pending
             async with asyncio.timeout(policy.load_timeout) as scope:
-                return await loader()
+                return await pending
         except TimeoutError as exc:
             counters.loader_errors += 1
             error = exc

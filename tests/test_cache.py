@@ -253,3 +253,24 @@ async def test_refused_connection_is_unavailable(namespace: str) -> None:
             await cache.get("k")
         await cache.aclose()
         await client.aclose()
+
+
+async def test_loader_and_policy_arguments_are_checked(cache: Cache) -> None:
+    with pytest.raises(ConfigurationError, match="async function") as info:
+        await cache.get_or_load("k", "not callable")  # type: ignore[arg-type]
+    assert info.value.field == "loader"
+    with pytest.raises(ConfigurationError, match="Policy") as info:
+        await cache.get_or_load("k", _async_one, policy=30.0)  # type: ignore[arg-type]
+    assert info.value.field == "policy"
+
+    def sync_loader() -> int:
+        return 1
+
+    with pytest.raises(ConfigurationError, match="non-awaitable"):
+        await cache.get_or_load("k", sync_loader)  # type: ignore[arg-type]
+    # The failed call left nothing behind: an async loader works for the key.
+    assert await cache.get_or_load("k", _async_one) == 1
+
+
+async def _async_one() -> int:
+    return 1

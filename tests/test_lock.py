@@ -187,6 +187,27 @@ async def test_failing_holder_wakes_waiters_at_once(
     assert await loader_calls(client, namespace) == 2
 
 
+@pytest.mark.slow
+async def test_two_processes_refresh_a_soft_expired_key_once(
+    workers: Workers, client: redis.Redis, namespace: str
+) -> None:
+    now = time.time()
+    stale = Record(
+        payload=b'{"by": "seed"}', negative=False, serializer_tag=1, stored_at=now - 100,
+        soft_expires_at=now - 50, expires_at=now + 900, compute_time=0.05,
+    )  # fmt: skip
+    await client.set(f"{{{namespace}:hot}}", stale.encode(), px=1_000_000)
+    workers.start(2, coroutines=500, loader_ms=200, policy={"soft_ttl": 10.0})
+    await workers.release(client)
+    reports = workers.reports()
+    for report in reports.values():
+        # Nobody waited for the 200 ms loader: every caller got the stale value.
+        assert report["served"] == 500 and report["distinct"] == ['{"by": "seed"}']
+        assert report["p99"] < 0.2
+    assert await loader_calls(client, namespace) == 1
+    assert sum(r["stats"]["refreshes"] for r in reports.values()) == 1
+
+
 # -- in one process: two Caches that share only Redis --------------------------------------
 
 

@@ -44,7 +44,8 @@ async def main(config: dict[str, Any]) -> None:
         await asyncio.sleep(config.get("loader_ms", 50) / 1000)
         return {"by": os.getpid(), "call": call}
 
-    async with Cache(client, namespace=ns, policy=policy) as cache:
+    cache = Cache(client, namespace=ns, policy=policy)
+    try:
         go = asyncio.Event()
         latencies: list[float] = []
 
@@ -64,7 +65,9 @@ async def main(config: dict[str, Any]) -> None:
         go.set()
         results = await asyncio.gather(*tasks, return_exceptions=True)
         finished = time.time()
-        stats = dataclasses.asdict(cache.statistics())
+    finally:
+        await cache.aclose(drain=True)  # background refreshes finish, so their loads count
+    stats = dataclasses.asdict(cache.statistics())
     await client.aclose()
     await control.aclose()
 
