@@ -261,6 +261,24 @@ class RedisBackend:
         return results
 
     async def _evalsha(self, calls: list[_ScriptCall]) -> list[Any]:
+        client = self.client
+        if isinstance(client, RedisCluster):
+            # redis-py's cluster pipelines refuse EVALSHA: send them side by side instead;
+            # the cluster client routes each by its keys' slot. Errors come back in place, as
+            # from a pipeline.
+            cluster = client
+
+            async def one(call: _ScriptCall) -> Any:
+                script, keys, args = call
+                async with self._slots:
+                    try:
+                        async with asyncio.timeout(self.command_timeout):
+                            return await cluster.evalsha(script.sha, len(keys), *keys, *args)
+                    except (redis_errors.RedisError, OSError) as exc:
+                        return exc
+
+            return list(await asyncio.gather(*(one(c) for c in calls)))
+
         async def pipelined() -> list[Any]:
             async with self.client.pipeline(transaction=False) as pipe:
                 for script, keys, args in calls:

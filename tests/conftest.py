@@ -14,7 +14,7 @@ import pytest
 import redis.asyncio as redis
 
 from aiocacheguard import Cache, Policy, ServerNotFoundError
-from aiocacheguard.server import RedisServer
+from aiocacheguard.server import RedisCluster, RedisServer
 
 
 @pytest.fixture(scope="session")
@@ -26,6 +26,16 @@ def redis_server() -> Iterator[RedisServer]:
     assert server.port != 6379
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisCluster]:
+    try:
+        cluster = RedisCluster().start()
+    except ServerNotFoundError as exc:
+        pytest.fail(f"the tests need a redis-server binary: {exc}", pytrace=False)
+    yield cluster
+    cluster.stop()
 
 
 @pytest.fixture

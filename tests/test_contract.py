@@ -1,0 +1,158 @@
+"""
+One contract, every deployment: the same behaviour on a standalone Redis and on a Redis
+Cluster (3 primaries), as dogpile.cache runs one suite on every backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import redis.asyncio as redis
+from redis.asyncio.cluster import ClusterNode
+from redis.asyncio.cluster import RedisCluster as ClusterClient
+
+from aiocacheguard import BloomFilter, Cache, Policy, cached
+from aiocacheguard.server import RedisCluster, RedisServer
+
+from .conftest import GatedLoader, wait_until
+
+Client = redis.Redis | ClusterClient
+
+
+@pytest.fixture(params=["standalone", "cluster"])
+async def deployment(request: pytest.FixtureRequest) -> AsyncIterator[Client]:
+    if request.param == "standalone":
+        server: RedisServer = request.getfixturevalue("redis_server")
+        client: Client = redis.Redis(port=server.port)
+    else:
+        cluster: RedisCluster = request.getfixturevalue("redis_cluster")
+        client = ClusterClient(startup_nodes=[ClusterNode(h, p) for h, p in cluster.startup_nodes])
+        await client.initialize()
+    yield client
+    await client.aclose()
+
+
+def make(client: Client, namespace: str, **policy: Any) -> Cache:
+    return Cache(client, namespace=namespace, policy=Policy(ttl=30.0, **policy))
+
+
+async def test_get_set_delete(deployment: Client, namespace: str) -> None:
+    async with make(deployment, namespace) as cache:
+        await cache.set("k", {"a": 1})
+        assert await cache.get("k") == {"a": 1}
+        assert await cache.delete("k") is True
+        assert await cache.get("k", default="gone") == "gone"
+
+
+async def test_one_load_for_concurrent_misses(deployment: Client, namespace: str) -> None:
+    async with make(deployment, namespace) as cache:
+        loader = GatedLoader("v")
+        tasks = [asyncio.create_task(cache.get_or_load("k", loader)) for _ in range(1000)]
+        await loader.started.wait()
+        loader.release.set()
+        assert await asyncio.gather(*tasks) == ["v"] * 1000
+        assert loader.calls == 1
+
+
+async def test_distinct_keys_across_slots(deployment: Client, namespace: str) -> None:
+    async with make(deployment, namespace) as cache:
+
+        async def load(i: int) -> int:
+            return i
+
+        keys = range(1000)
+        got = await asyncio.gather(
+            *(cache.get_or_load(f"k{i}", functools.partial(load, i)) for i in keys)
+        )
+        assert got == list(keys)
+        assert await asyncio.gather(*(cache.get(f"k{i}") for i in keys)) == list(keys)
+        assert cache.statistics().redis_errors == 0
+
+
+async def test_waiter_in_another_cache_is_notified(deployment: Client, namespace: str) -> None:
+    async with make(deployment, namespace) as a, make(deployment, namespace) as b:
+        loader = GatedLoader("filled")
+        holder = asyncio.create_task(a.get_or_load("k", loader))
+        await loader.started.wait()
+        waiter = asyncio.create_task(b.get_or_load("k", loader))
+        await wait_until(lambda: b.statistics().lock_waits > 0)
+        loader.release.set()
+        assert await asyncio.wait_for(waiter, 5) == "filled"
+        assert await holder == "filled" and loader.calls == 1
+
+
+async def test_set_supersedes_a_rebuild(deployment: Client, namespace: str) -> None:
+    async with make(deployment, namespace) as cache:
+        loader = GatedLoader("old")
+        holder = asyncio.create_task(cache.get_or_load("k", loader))
+        await loader.started.wait()
+        await cache.set("k", "new")
+        loader.release.set()
+        await holder
+        assert await cache.get("k") == "new"
+        assert cache.statistics().lock_lost == 1
+
+
+async def test_soft_expiry_refreshes_in_the_background(deployment: Client, namespace: str) -> None:
+    now = [time.time()]
+    policy = Policy(ttl=100.0, soft_ttl=10.0, jitter=0.0)
+    async with Cache(deployment, namespace=namespace, policy=policy, clock=lambda: now[0]) as c:
+        seed = GatedLoader("old")
+        seed.release.set()
+        await c.get_or_load("k", seed)
+        now[0] += 20
+        fresh = GatedLoader("new")
+        fresh.release.set()
+        assert await c.get_or_load("k", fresh) == "old"
+        await wait_until(lambda: c.statistics().refreshes == 1)
+        assert await c.get_or_load("k", fresh) == "new"
+
+
+async def test_bloom_filter(deployment: Client, namespace: str) -> None:
+    bloom = BloomFilter("ids", capacity=1000, error_rate=0.01)
+    async with Cache(deployment, namespace=namespace, policy=Policy(ttl=30.0), bloom=bloom) as c:
+        await bloom.add_many([f"id{i}" for i in range(100)])
+        assert all(await bloom.contains_many([f"id{i}" for i in range(100)]))
+        loader = GatedLoader("v")
+        loader.release.set()
+        assert await c.get_or_load("id5", loader) == "v"
+        assert await c.get_or_load("never-added", loader) is None
+        assert loader.calls == 1
+        await bloom.rebuild([f"id{i}" for i in range(50)])
+        assert await bloom.contains("id1") is True
+
+
+async def test_scripts_reload_after_flush(deployment: Client, namespace: str) -> None:
+    async with make(deployment, namespace) as cache:
+        loader = GatedLoader("v")
+        loader.release.set()
+        await cache.get_or_load("a", loader)
+        if isinstance(deployment, ClusterClient):
+            for node in deployment.get_primaries():
+                await deployment.execute_command("SCRIPT", "FLUSH", target_nodes=node)
+        else:
+            await deployment.script_flush()
+        await cache.get_or_load("b", loader)
+        assert loader.calls == 2 and cache.statistics().redis_errors == 0
+
+
+async def test_decorator(deployment: Client, namespace: str) -> None:
+    async with make(deployment, namespace) as cache:
+        calls = 0
+
+        @cached(cache, key="user:{user_id}")
+        async def get_user(user_id: int) -> dict[str, int]:
+            nonlocal calls
+            calls += 1
+            return {"id": user_id}
+
+        assert await asyncio.gather(*(get_user(i % 10) for i in range(100))) == [
+            {"id": i % 10} for i in range(100)
+        ]
+        assert calls == 10
+        assert await get_user.invalidate(3) is True
