@@ -36,7 +36,7 @@ from typing import Self
 
 from .errors import ServerError, ServerNotFoundError
 
-__all__ = ("RedisCluster", "RedisServer", "find_redis_server")
+__all__ = ("RedisCluster", "RedisSentinel", "RedisServer", "find_redis_server")
 
 INSTALL_HINT = (
     "install one with your system's packages (Debian/Ubuntu: apt-get install redis-server; "
@@ -136,6 +136,7 @@ class RedisServer:
         binary: Path of redis-server; default `find_redis_server`.
         extra_args: More command-line options, e.g. ``["--maxmemory", "10mb"]``.
         startup_timeout: Seconds to wait for PONG.
+        config_file: A configuration file to start from (a sentinel's, say).
     """
 
     host = "127.0.0.1"
@@ -147,7 +148,9 @@ class RedisServer:
         binary: str | None = None,
         extra_args: Sequence[str] = (),
         startup_timeout: float = 10.0,
+        config_file: str | None = None,
     ) -> None:
+        self._config_file = config_file
         self._requested_port = port
         self._binary = binary
         self._extra_args = list(extra_args)
@@ -198,6 +201,7 @@ class RedisServer:
         logfile = Path(self._dir.name) / "redis.log"
         argv = [
             binary,
+            *([self._config_file] if self._config_file else []),
             "--port", str(port),
             "--bind", self.host,
             "--save", "",
@@ -350,6 +354,95 @@ class RedisCluster:
         for node in self.nodes:
             node.stop()
         self.nodes = []
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class RedisSentinel:
+    """
+    A throwaway Sentinel deployment on 127.0.0.1: one primary, ``replicas`` replicas and one
+    sentinel monitoring them as ``service``, ready when the sentinel names the primary and
+    every replica's link is up. Clients reach it with
+    ``redis.asyncio.Sentinel(sentinel.sentinels).master_for(sentinel.service)``.
+
+    Example:
+        >>> with RedisSentinel() as deployment:
+        ...     deployment.service, len(deployment.sentinels)
+        ('mymaster', 1)
+    """
+
+    host = "127.0.0.1"
+
+    def __init__(
+        self, *, service: str = "mymaster", replicas: int = 1, startup_timeout: float = 20.0
+    ) -> None:
+        self.service = service
+        self._replica_count = replicas
+        self._startup_timeout = startup_timeout
+        self.primary: RedisServer | None = None
+        self.replicas: list[RedisServer] = []
+        self.sentinel: RedisServer | None = None
+        self._dir: tempfile.TemporaryDirectory[str] | None = None
+
+    @property
+    def sentinels(self) -> list[tuple[str, int]]:
+        assert self.sentinel is not None, "start() the deployment first"
+        return [(self.host, self.sentinel.port)]
+
+    def start(self) -> Self:
+        quick_sync = ["--repl-diskless-sync-delay", "0"]
+        deadline = time.monotonic() + self._startup_timeout
+        try:
+            self.primary = RedisServer(extra_args=quick_sync).start()
+            for _ in range(self._replica_count):
+                replica = RedisServer(
+                    extra_args=[*quick_sync, "--replicaof", self.host, str(self.primary.port)]
+                ).start()
+                self.replicas.append(replica)
+                while b"master_link_status:up" not in _command(
+                    self.host, replica.port, "INFO", "replication"
+                ):
+                    if time.monotonic() > deadline:
+                        raise ServerError("a replica did not sync with the primary in time")
+                    time.sleep(0.01)
+            self._dir = tempfile.TemporaryDirectory(prefix="aiocacheguard-sentinel-")
+            config = Path(self._dir.name) / "sentinel.conf"  # sentinel rewrites it: writable
+            config.write_text(
+                f"sentinel monitor {self.service} {self.host} {self.primary.port} 1\n"
+                f"sentinel down-after-milliseconds {self.service} 1000\n"
+                f"sentinel failover-timeout {self.service} 5000\n"
+            )
+            self.sentinel = RedisServer(config_file=str(config), extra_args=["--sentinel"]).start()
+            while str(self.primary.port).encode() not in _command(
+                self.host, self.sentinel.port, "SENTINEL", "get-master-addr-by-name",
+                self.service,
+            ):  # fmt: skip
+                if time.monotonic() > deadline:
+                    raise ServerError("the sentinel did not learn the primary in time")
+                time.sleep(0.01)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        for server in [self.sentinel, *self.replicas, self.primary]:
+            if server is not None:
+                server.stop()
+        self.sentinel, self.replicas, self.primary = None, [], None
+        if self._dir is not None:
+            with contextlib.suppress(OSError):
+                self._dir.cleanup()
+            self._dir = None
 
     def __enter__(self) -> Self:
         return self.start()

@@ -14,7 +14,7 @@ import pytest
 import redis.asyncio as redis
 
 from aiocacheguard import Cache, Policy, ServerNotFoundError
-from aiocacheguard.server import RedisCluster, RedisServer
+from aiocacheguard.server import RedisCluster, RedisSentinel, RedisServer
 
 
 @pytest.fixture(scope="session")
@@ -36,6 +36,16 @@ def redis_cluster() -> Iterator[RedisCluster]:
         pytest.fail(f"the tests need a redis-server binary: {exc}", pytrace=False)
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel() -> Iterator[RedisSentinel]:
+    try:
+        deployment = RedisSentinel().start()
+    except ServerNotFoundError as exc:
+        pytest.fail(f"the tests need a redis-server binary: {exc}", pytrace=False)
+    yield deployment
+    deployment.stop()
 
 
 @pytest.fixture

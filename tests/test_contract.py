@@ -1,6 +1,7 @@
 """
-One contract, every deployment: the same behaviour on a standalone Redis and on a Redis
-Cluster (3 primaries), as dogpile.cache runs one suite on every backend.
+One contract, every deployment: the same behaviour on a standalone Redis, on a Redis Cluster
+(3 primaries) and through Sentinel (primary, replica, sentinel), as dogpile.cache runs one
+suite on every backend.
 """
 
 from __future__ import annotations
@@ -15,20 +16,30 @@ import pytest
 import redis.asyncio as redis
 from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.cluster import RedisCluster as ClusterClient
+from redis.asyncio.sentinel import Sentinel
 
 from aiocacheguard import BloomFilter, Cache, Policy, cached
-from aiocacheguard.server import RedisCluster, RedisServer
+from aiocacheguard.server import RedisCluster, RedisSentinel, RedisServer
 
 from .conftest import GatedLoader, wait_until
 
 Client = redis.Redis | ClusterClient
 
 
-@pytest.fixture(params=["standalone", "cluster"])
+@pytest.fixture(params=["standalone", "cluster", "sentinel"])
 async def deployment(request: pytest.FixtureRequest) -> AsyncIterator[Client]:
     if request.param == "standalone":
         server: RedisServer = request.getfixturevalue("redis_server")
         client: Client = redis.Redis(port=server.port)
+    elif request.param == "sentinel":
+        deployment: RedisSentinel = request.getfixturevalue("redis_sentinel")
+        sentinel = Sentinel(deployment.sentinels, socket_timeout=1.0)  # type: ignore[no-untyped-call]
+        client = sentinel.master_for(deployment.service, socket_timeout=1.0)
+        yield client
+        await client.aclose()
+        for sentinel_client in sentinel.sentinels:
+            await sentinel_client.aclose()
+        return
     else:
         cluster: RedisCluster = request.getfixturevalue("redis_cluster")
         client = ClusterClient(startup_nodes=[ClusterNode(h, p) for h, p in cluster.startup_nodes])
