@@ -66,6 +66,9 @@ class ScriptRunner(Protocol):
 class Subscriber(Protocol):
     """A pub/sub subscription the backend keeps open (implemented by `RedisBackend`)."""
 
+    def prepare(self) -> None:
+        """Start opening the connection in the background, if it is not open yet."""
+
     async def subscribe(self, channel: bytes) -> None:
         """Subscribe; returns once Redis has confirmed the subscription."""
 

@@ -319,6 +319,23 @@ class _PubSub:
         self._pubsub = backend.client.pubsub()
         self._confirmations: dict[bytes, asyncio.Future[None]] = {}
         self._reader: asyncio.Task[None] | None = None
+        self._connecting: asyncio.Task[None] | None = None
+
+    def prepare(self) -> None:
+        """
+        Open the connection in the background, once, so that the first waiter pays one round
+        trip to subscribe instead of a connection set-up as well (under a stampede every round
+        trip of the waiting path is one more for every caller).
+        """
+        if self._connecting is None:
+            self._connecting = asyncio.create_task(
+                self._connect(), name="aiocacheguard-pubsub-connect"
+            )
+
+    async def _connect(self) -> None:
+        with contextlib.suppress(redis_errors.RedisError, OSError, TimeoutError):
+            async with asyncio.timeout(self._backend.command_timeout):
+                await self._pubsub.connect()  # type: ignore[no-untyped-call]
 
     async def subscribe(self, channel: bytes) -> None:
         loop = asyncio.get_running_loop()
@@ -327,6 +344,8 @@ class _PubSub:
             confirmed = self._confirmations[channel] = loop.create_future()
         with map_errors():
             async with asyncio.timeout(self._backend.command_timeout):
+                if self._connecting is not None and not self._connecting.done():
+                    await asyncio.shield(self._connecting)  # one connection, not two
                 await self._pubsub.subscribe(channel)
                 if self._reader is None or self._reader.done():
                     self._reader = asyncio.create_task(self._read(), name="aiocacheguard-pubsub")
@@ -360,9 +379,10 @@ class _PubSub:
                     confirmed.set_result(None)
 
     async def aclose(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            await asyncio.gather(self._reader, return_exceptions=True)
+        for task in (self._connecting, self._reader):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         for confirmed in self._confirmations.values():
             confirmed.cancel()
         with contextlib.suppress(redis_errors.RedisError, OSError, TimeoutError):

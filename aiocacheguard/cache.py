@@ -615,6 +615,7 @@ class Cache:
         ``replacing`` is an expired copy the lock may be taken over (unless replaced since).
         """
         lock = self._lock(rkey, policy) if lock is None else lock
+        self._notifier.prepare()  # if this miss must wait, its connection is on the way
         try:
             attempt, entry = await self._acquire(
                 lock, replacing=None if replacing is None else replacing.header

@@ -82,6 +82,11 @@ class FillNotifier:
     def bind(self, subscriber: Subscriber) -> None:
         self._subscriber = subscriber
 
+    def prepare(self) -> None:
+        """Have the connection ready before the first wait (it opens in the background)."""
+        if self._subscriber is not None:
+            self._subscriber.prepare()
+
     def deliver(self, channel: bytes, data: bytes = b"") -> None:
         """Wake every listener of ``channel`` with ``data`` (called by the subscriber)."""
         entry = self._channels.get(channel)
