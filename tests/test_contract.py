@@ -16,7 +16,7 @@ import pytest
 import redis.asyncio as redis
 from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.cluster import RedisCluster as ClusterClient
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.sentinel import MasterNotFoundError, Sentinel
 
 from aiocacheguard import BloomFilter, Cache, Policy, cached
 from aiocacheguard.server import RedisCluster, RedisSentinel, RedisServer
@@ -167,3 +167,48 @@ async def test_decorator(deployment: Client, namespace: str) -> None:
         ]
         assert calls == 10
         assert await get_user.invalidate(3) is True
+
+
+@pytest.mark.slow
+async def test_sentinel_failover_keeps_callers_served(namespace: str) -> None:
+    """Stop the primary: callers are served throughout, and writes resume on the promoted one."""
+    with RedisSentinel() as deployment:
+        sentinel = Sentinel(deployment.sentinels, socket_timeout=0.5)  # type: ignore[no-untyped-call]
+        client = sentinel.master_for(deployment.service, socket_timeout=0.5)
+        calls = 0
+
+        async def load() -> str:
+            nonlocal calls
+            calls += 1
+            return f"load {calls}"
+
+        async with make(client, namespace) as cache:
+            assert await cache.get_or_load("k", load) == "load 1"
+            old_primary = deployment.primary
+            assert old_primary is not None
+            old_primary.stop()  # the primary dies
+            served: list[str] = []
+            deadline = time.monotonic() + 30
+            while True:  # every call is answered, from Redis or from the loader
+                served.append(await cache.get_or_load(f"during-{len(served)}", load))
+                try:
+                    address = await sentinel.discover_master(deployment.service)
+                except MasterNotFoundError:  # down, not yet replaced
+                    address = ("", old_primary.port)
+                if address[1] != old_primary.port:
+                    break
+                assert time.monotonic() < deadline, "no failover within 30 s"
+                await asyncio.sleep(0.1)
+            assert all(value.startswith("load ") for value in served)
+            # After the failover the cache writes and reads through the new primary.
+            for _ in range(50):
+                try:
+                    await cache.set("after", "written")
+                    break
+                except Exception:
+                    await asyncio.sleep(0.1)
+            assert await cache.get("after") == "written"
+            assert await cache.get_or_load("after", load) == "written"
+        await client.aclose()
+        for sentinel_client in sentinel.sentinels:
+            await sentinel_client.aclose()
