@@ -127,7 +127,28 @@ def _server_pid(host: str, port: int, timeout: float) -> int | None:
     return int(match.group(1)) if match else None
 
 
-class RedisServer:
+class _Throwaway:
+    """``with`` starts the deployment and stops it, whatever happens inside."""
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class RedisServer(_Throwaway):
     """
     One throwaway redis-server on 127.0.0.1.
 
@@ -245,17 +266,6 @@ class RedisServer:
                 self._dir.cleanup()
             self._dir = None
 
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
 
 def _command(host: str, port: int, *args: str, timeout: float = 5.0) -> bytes:
     """Send one command in RESP and return the raw reply (enough for cluster set-up)."""
@@ -290,7 +300,7 @@ def _free_port_pair() -> int:
     raise ServerError("no free pair of ports (port, port + 10000) for a cluster node")
 
 
-class RedisCluster:
+class RedisCluster(_Throwaway):
     """
     A throwaway Redis Cluster of ``masters`` primaries (no replicas) on 127.0.0.1.
 
@@ -355,19 +365,8 @@ class RedisCluster:
             node.stop()
         self.nodes = []
 
-    def __enter__(self) -> Self:
-        return self.start()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-
-class RedisSentinel:
+class RedisSentinel(_Throwaway):
     """
     A throwaway Sentinel deployment on 127.0.0.1: one primary, ``replicas`` replicas and one
     sentinel monitoring them as ``service``, ready when the sentinel names the primary and
@@ -443,17 +442,6 @@ class RedisSentinel:
             with contextlib.suppress(OSError):
                 self._dir.cleanup()
             self._dir = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 @atexit.register

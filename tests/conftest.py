@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from typing import TypeVar
 
 import pytest
 import redis.asyncio as redis
@@ -16,36 +17,36 @@ import redis.asyncio as redis
 from aiocacheguard import Cache, Policy, ServerNotFoundError
 from aiocacheguard.server import RedisCluster, RedisSentinel, RedisServer
 
+D = TypeVar("D", RedisServer, RedisCluster, RedisSentinel)
+
+
+def started(deployment: D) -> Iterator[D]:
+    """Start a throwaway deployment for the session; no binary fails the run, never skips."""
+    try:
+        deployment.start()
+    except ServerNotFoundError as exc:
+        pytest.fail(f"the tests need a redis-server binary: {exc}", pytrace=False)
+    try:
+        yield deployment
+    finally:
+        deployment.stop()
+
 
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
-    try:
-        server = RedisServer().start()
-    except ServerNotFoundError as exc:
-        pytest.fail(f"the tests need a redis-server binary: {exc}", pytrace=False)
-    assert server.port != 6379
-    yield server
-    server.stop()
+    for server in started(RedisServer()):
+        assert server.port != 6379
+        yield server
 
 
 @pytest.fixture(scope="session")
 def redis_cluster() -> Iterator[RedisCluster]:
-    try:
-        cluster = RedisCluster().start()
-    except ServerNotFoundError as exc:
-        pytest.fail(f"the tests need a redis-server binary: {exc}", pytrace=False)
-    yield cluster
-    cluster.stop()
+    yield from started(RedisCluster())
 
 
 @pytest.fixture(scope="session")
 def redis_sentinel() -> Iterator[RedisSentinel]:
-    try:
-        deployment = RedisSentinel().start()
-    except ServerNotFoundError as exc:
-        pytest.fail(f"the tests need a redis-server binary: {exc}", pytrace=False)
-    yield deployment
-    deployment.stop()
+    yield from started(RedisSentinel())
 
 
 @pytest.fixture
