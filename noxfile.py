@@ -25,3 +25,10 @@ def lint(session: nox.Session) -> None:
 def typecheck(session: nox.Session) -> None:
     session.install("-e", ".[dev]")
     session.run("mypy")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """The stampede bench (pass options after --, e.g. -- -n 10000 -p 4 --rounds 3)."""
+    session.install("-e", ".[bench]")
+    session.run("aiocacheguard", "bench", *(session.posargs or ["-n", "2000", "--rounds", "3"]))
