@@ -342,14 +342,22 @@ class _PubSub:
         confirmed = self._confirmations.get(channel)
         if confirmed is None:
             confirmed = self._confirmations[channel] = loop.create_future()
-        with map_errors():
-            async with asyncio.timeout(self._backend.command_timeout):
-                if self._connecting is not None and not self._connecting.done():
-                    await asyncio.shield(self._connecting)  # one connection, not two
-                await self._pubsub.subscribe(channel)
-                if self._reader is None or self._reader.done():
-                    self._reader = asyncio.create_task(self._read(), name="aiocacheguard-pubsub")
-                await asyncio.shield(confirmed)
+        try:
+            with map_errors():
+                async with asyncio.timeout(self._backend.command_timeout):
+                    if self._connecting is not None and not self._connecting.done():
+                        await asyncio.shield(self._connecting)  # one connection, not two
+                    await self._pubsub.subscribe(channel)
+                    if self._reader is None or self._reader.done():
+                        self._reader = asyncio.create_task(
+                            self._read(), name="aiocacheguard-pubsub"
+                        )
+                    await asyncio.shield(confirmed)
+        except BaseException:
+            # Nobody waits for this confirmation any more: don't keep it around.
+            if self._confirmations.get(channel) is confirmed:
+                del self._confirmations[channel]
+            raise
 
     async def unsubscribe(self, channel: bytes) -> None:
         with map_errors():
@@ -365,7 +373,9 @@ class _PubSub:
             except (redis_errors.RedisError, OSError, RuntimeError) as exc:
                 failures += 1
                 self._backend.errors += 1
-                logger.warning("pub/sub connection failed (%s); retrying", exc)
+                # Once per outage at warning level; the retries of the same outage at debug.
+                level = logging.WARNING if failures == 1 else logging.DEBUG
+                logger.log(level, "pub/sub connection failed (%s); retrying", exc)
                 await asyncio.sleep(min(1.0, 0.05 * 2**failures))
                 continue
             if message is None:

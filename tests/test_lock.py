@@ -27,7 +27,7 @@ from aiocacheguard.guards.lock import Outcome, RebuildLock
 from aiocacheguard.record import Record
 from aiocacheguard.server import RedisServer
 
-from .conftest import wait_until
+from .conftest import GatedLoader, wait_until
 
 ROOT = Path(__file__).parent.parent
 
@@ -444,3 +444,28 @@ async def test_fill_message_carries_small_records(
     else:
         assert message["data"] == b""  # too big to inline: waiters read the key
     await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+async def test_waiter_survives_its_pubsub_connection_being_killed(
+    client: redis.Redis, namespace: str
+) -> None:
+    policy = Policy(ttl=30.0, lock_ttl=1.0)
+    async with (
+        Cache(client, namespace=namespace, policy=policy) as a,
+        Cache(client, namespace=namespace, policy=policy) as b,
+    ):
+        loader = GatedLoader("filled")
+        holder = asyncio.create_task(a.get_or_load("k", loader))
+        await loader.started.wait()
+        waiter = asyncio.create_task(b.get_or_load("k", loader))
+        await wait_until(lambda: b.statistics().lock_waits > 0)
+        await wait_until(lambda: bool(b._notifier._channels))
+        # The fill message may be lost while the connection is down; the waiter must still
+        # be served, by redis-py's resubscription or by its lease-bounded re-check.
+        assert await client.client_kill_filter(_type="pubsub") >= 1
+        began = time.monotonic()
+        loader.release.set()
+        assert await asyncio.wait_for(waiter, 5) == "filled"
+        assert await holder == "filled"
+        assert time.monotonic() - began < 3.0
+        assert loader.calls == 1
