@@ -285,6 +285,16 @@ def _command(host: str, port: int, *args: str, timeout: float = 5.0) -> bytes:
         return reply
 
 
+def _wait_for_reply(
+    host: str, port: int, command: Sequence[str], expect: bytes, *, deadline: float, what: str
+) -> None:
+    """Repeat ``command`` until its reply contains ``expect``; `ServerError` after ``deadline``."""
+    while expect not in _command(host, port, *command):
+        if time.monotonic() > deadline:
+            raise ServerError(f"{what} in time")
+        time.sleep(0.01)
+
+
 def _free_port_pair() -> int:
     """A free port whose cluster bus port (port + 10000) is free too."""
     for _ in range(100):
@@ -351,10 +361,10 @@ class RedisCluster(_Throwaway):
                          str(node.port))  # fmt: skip
             deadline = time.monotonic() + self._startup_timeout
             for node in self.nodes:
-                while b"cluster_state:ok" not in _command(self.host, node.port, "CLUSTER", "INFO"):
-                    if time.monotonic() > deadline:
-                        raise ServerError("the cluster did not reach cluster_state:ok in time")
-                    time.sleep(0.02)
+                _wait_for_reply(
+                    self.host, node.port, ("CLUSTER", "INFO"), b"cluster_state:ok",
+                    deadline=deadline, what="the cluster did not reach cluster_state:ok",
+                )  # fmt: skip
         except BaseException:
             self.stop()
             raise
@@ -407,12 +417,10 @@ class RedisSentinel(_Throwaway):
                     extra_args=[*quick_sync, "--replicaof", self.host, str(self.primary.port)]
                 ).start()
                 self.replicas.append(replica)
-                while b"master_link_status:up" not in _command(
-                    self.host, replica.port, "INFO", "replication"
-                ):
-                    if time.monotonic() > deadline:
-                        raise ServerError("a replica did not sync with the primary in time")
-                    time.sleep(0.01)
+                _wait_for_reply(
+                    self.host, replica.port, ("INFO", "replication"), b"master_link_status:up",
+                    deadline=deadline, what="a replica did not sync with the primary",
+                )  # fmt: skip
             self._dir = tempfile.TemporaryDirectory(prefix="aiocacheguard-sentinel-")
             config = Path(self._dir.name) / "sentinel.conf"  # sentinel rewrites it: writable
             config.write_text(
@@ -421,13 +429,12 @@ class RedisSentinel(_Throwaway):
                 f"sentinel failover-timeout {self.service} 5000\n"
             )
             self.sentinel = RedisServer(config_file=str(config), extra_args=["--sentinel"]).start()
-            while str(self.primary.port).encode() not in _command(
-                self.host, self.sentinel.port, "SENTINEL", "get-master-addr-by-name",
-                self.service,
-            ):  # fmt: skip
-                if time.monotonic() > deadline:
-                    raise ServerError("the sentinel did not learn the primary in time")
-                time.sleep(0.01)
+            _wait_for_reply(
+                self.host, self.sentinel.port,
+                ("SENTINEL", "get-master-addr-by-name", self.service),
+                str(self.primary.port).encode(),
+                deadline=deadline, what="the sentinel did not learn the primary",
+            )  # fmt: skip
         except BaseException:
             self.stop()
             raise
