@@ -24,6 +24,8 @@ from aiocacheguard import (
 )
 from aiocacheguard.record import Record
 
+from .conftest import GatedLoader
+
 MISSING = object()
 
 
@@ -283,21 +285,12 @@ async def test_redis_down_callers_served_and_loader_single_flighted(namespace: s
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))  # bound, not listening: Redis is down
         client = redis.Redis(port=sock.getsockname()[1], retry=Retry(NoBackoff(), 0))
-        calls = 0
-        started, release = asyncio.Event(), asyncio.Event()
-
-        async def load() -> str:
-            nonlocal calls
-            calls += 1
-            started.set()
-            await release.wait()
-            return "from the database"
-
+        load = GatedLoader("from the database")
         async with Cache(client, namespace=namespace, policy=Policy(ttl=30.0)) as cache:
             tasks = [asyncio.create_task(cache.get_or_load("k", load)) for _ in range(100)]
-            await started.wait()
-            release.set()
+            await load.started.wait()
+            load.release.set()
             assert await asyncio.gather(*tasks) == ["from the database"] * 100
-            assert calls == 1  # still once per key per process
+            assert load.calls == 1  # still once per key per process
             assert cache.statistics().redis_errors >= 1
         await client.aclose()

@@ -223,24 +223,15 @@ async def pair(client: redis.Redis, namespace: str) -> Any:
 
 async def test_second_cache_waits_for_the_first_ones_fill(pair: tuple[Cache, Cache]) -> None:
     a, b = pair
-    started, release = asyncio.Event(), asyncio.Event()
-    calls = 0
-
-    async def load() -> str:
-        nonlocal calls
-        calls += 1
-        started.set()
-        await release.wait()
-        return "filled by a"
-
+    load = GatedLoader("filled by a")
     holder = asyncio.create_task(a.get_or_load("k", load))
-    await started.wait()
+    await load.started.wait()
     waiter = asyncio.create_task(b.get_or_load("k", load))
     await wait_until(lambda: b.statistics().lock_waits > 0)
-    release.set()
+    load.release.set()
     assert await asyncio.wait_for(waiter, 5) == "filled by a"
     assert await holder == "filled by a"
-    assert calls == 1
+    assert load.calls == 1
     assert b.statistics().loader_calls == 0 and a.statistics().lock_acquired == 1
 
 
@@ -311,34 +302,22 @@ async def test_load_timeout_releases_the_lock(cache: Cache, client: redis.Redis)
 
 
 async def test_set_during_a_rebuild_wins(cache: Cache, client: redis.Redis) -> None:
-    started, release = asyncio.Event(), asyncio.Event()
-
-    async def load() -> str:
-        started.set()
-        await release.wait()
-        return "loaded before the set"
-
+    load = GatedLoader("loaded before the set")
     holder = asyncio.create_task(cache.get_or_load("k", load))
-    await started.wait()
+    await load.started.wait()
     await cache.set("k", "written by set")
-    release.set()
+    load.release.set()
     assert await holder == "loaded before the set"  # its own callers still get a value
     assert await cache.get("k") == "written by set"
     assert cache.statistics().lock_lost == 1
 
 
 async def test_delete_during_a_rebuild_prevents_its_fill(cache: Cache) -> None:
-    started, release = asyncio.Event(), asyncio.Event()
-
-    async def load() -> str:
-        started.set()
-        await release.wait()
-        return "computed from old data"
-
+    load = GatedLoader("computed from old data")
     holder = asyncio.create_task(cache.get_or_load("k", load))
-    await started.wait()
+    await load.started.wait()
     await cache.delete("k")
-    release.set()
+    load.release.set()
     await holder
     assert await cache.get("k", default="absent") == "absent"
 
@@ -406,19 +385,13 @@ def test_worker_module_is_importable() -> None:
 @pytest.mark.parametrize("size", [10, 200_000])  # inline in the fill message, and too big for it
 async def test_waiter_gets_small_and_large_values(pair: tuple[Cache, Cache], size: int) -> None:
     a, b = pair
-    started, release = asyncio.Event(), asyncio.Event()
     value = "x" * size
-
-    async def load() -> str:
-        started.set()
-        await release.wait()
-        return value
-
+    load = GatedLoader(value)
     holder = asyncio.create_task(a.get_or_load("k", load))
-    await started.wait()
+    await load.started.wait()
     waiter = asyncio.create_task(b.get_or_load("k", load))
     await wait_until(lambda: b.statistics().lock_waits > 0)
-    release.set()
+    load.release.set()
     assert await asyncio.wait_for(waiter, 5) == value
     assert await holder == value
     assert b.statistics().loader_calls == 0

@@ -12,6 +12,8 @@ import redis.asyncio as redis
 from aiocacheguard import Cache, Event, Policy, Statistics
 from aiocacheguard.metrics import PrometheusCollector, instrument_opentelemetry
 
+from .conftest import GatedLoader
+
 CONTRACT_FIELDS = {
     "hits", "misses", "stale_served", "negative_hits", "coalesced", "loader_calls",
     "loader_errors", "lock_acquired", "lock_waits", "takeovers", "refreshes",
@@ -41,12 +43,7 @@ async def test_hook_sees_loads_takeovers_and_lost_locks(
 ) -> None:
     events: list[Event] = []
     policy = Policy(ttl=30.0, lock_ttl=0.2)
-    started, release = asyncio.Event(), asyncio.Event()
-
-    async def stuck() -> str:
-        started.set()
-        await release.wait()
-        return "late"
+    stuck = GatedLoader("late")
 
     async def fast() -> str:
         return "fresh"
@@ -56,13 +53,13 @@ async def test_hook_sees_loads_takeovers_and_lost_locks(
         Cache(client, namespace=namespace, policy=policy, hook=events.append) as b,
     ):
         holder = asyncio.create_task(a.get_or_load("k", stuck))
-        await started.wait()
+        await stuck.started.wait()
         a_lock = a.keys.lock(a.keys.value("k"))
         # The holder stalls: renewal can't help if its lock is gone.
         await client.delete(a_lock)
         await client.set(a_lock, "someone else", px=100)  # a holder that then dies
         assert await b.get_or_load("k", fast) == "fresh"
-        release.set()
+        stuck.release.set()
         assert await holder == "late"
     kinds = [e.kind for e in events]
     assert "takeover" in kinds and "lock_lost" in kinds

@@ -270,14 +270,22 @@ async def test_no_jitter_writes_the_exact_ttl(client: redis.Redis, namespace: st
         assert 99_000 < await client.pttl(cache.keys.value("k")) <= 100_000
 
 
-async def test_aclose_cancels_a_refresh_in_flight(
+async def refresh_in_flight(
     client: redis.Redis, namespace: str, clock: Clock
-) -> None:
+) -> tuple[Cache, GatedLoader]:
+    """A Cache whose soft-expired key is being refreshed by a loader blocked until released."""
     cache = Cache(client, namespace=namespace, policy=POLICY, clock=clock)
     await seed(cache, clock)
     loader = GatedLoader("new")
     assert await cache.get_or_load("k", loader) == "old"
     await loader.started.wait()
+    return cache, loader
+
+
+async def test_aclose_cancels_a_refresh_in_flight(
+    client: redis.Redis, namespace: str, clock: Clock
+) -> None:
+    cache, loader = await refresh_in_flight(client, namespace, clock)
     assert library_tasks()
     await cache.aclose()
     assert loader.cancelled.is_set()
@@ -292,11 +300,7 @@ async def test_aclose_cancels_a_refresh_in_flight(
 async def test_aclose_drain_waits_for_the_refresh(
     client: redis.Redis, namespace: str, clock: Clock
 ) -> None:
-    cache = Cache(client, namespace=namespace, policy=POLICY, clock=clock)
-    await seed(cache, clock)
-    loader = GatedLoader("new")
-    assert await cache.get_or_load("k", loader) == "old"
-    await loader.started.wait()
+    cache, loader = await refresh_in_flight(client, namespace, clock)
     closing = asyncio.create_task(cache.aclose(drain=True))
     await asyncio.sleep(0)
     assert not closing.done()
