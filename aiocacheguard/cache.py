@@ -460,8 +460,6 @@ class Cache:
             early = True
         else:
             return
-        if rkey in self._refresher:
-            return
         if (
             self._refresher.schedule(
                 rkey, lambda: self._refresh_in_background(rkey, loader, policy, entry)

@@ -266,8 +266,7 @@ class BloomFilter:
         False if ``item`` was definitely never added; True if it may have been, or if the
         bitmap is missing (fail open). One round trip.
         """
-        (answer,) = await self._query([item])
-        return answer != 0
+        return await self.check(item) != 0
 
     async def contains_many(self, items: Sequence[Key]) -> list[bool]:
         """`contains` for many items in one round trip."""
