@@ -20,8 +20,6 @@ from .errors import (
     LockError,
     LockTimeout,
     SerializationError,
-    ServerError,
-    ServerNotFoundError,
 )
 from .guards.bloom import BloomFilter
 from .metrics import Event, Hook, Statistics
@@ -52,8 +50,6 @@ __all__ = (
     "Policy",
     "SerializationError",
     "Serializer",
-    "ServerError",
-    "ServerNotFoundError",
     "Statistics",
     "__version__",
     "cached",

@@ -1,6 +1,6 @@
 """``python -m aiocacheguard``: the same as the ``aiocacheguard`` command."""
 
-from .cli import main
+from .tools.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -102,7 +102,7 @@ class Cache:
     Example:
         >>> import asyncio, redis.asyncio as redis
         >>> from aiocacheguard import Cache, Policy
-        >>> from aiocacheguard.server import RedisServer
+        >>> from aiocacheguard.testing import RedisServer
         >>> async def main(port: int) -> object:
         ...     client = redis.Redis(port=port)
         ...     async with Cache(client, namespace="doc", policy=Policy(ttl=30.0)) as cache:

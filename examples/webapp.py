@@ -94,7 +94,7 @@ def main() -> None:  # pragma: no cover - a manual demo
     import uvicorn
 
     from aiocacheguard import Policy
-    from aiocacheguard.server import RedisServer
+    from aiocacheguard.testing import RedisServer
 
     with RedisServer() as server:
         database = Database()

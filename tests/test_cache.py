@@ -24,7 +24,7 @@ from aiocacheguard import (
 )
 from aiocacheguard.record import Record
 
-from .conftest import GatedLoader
+from .helpers import GatedLoader
 
 MISSING = object()
 

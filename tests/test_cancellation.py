@@ -9,9 +9,9 @@ import pytest
 import redis.asyncio as redis
 
 from aiocacheguard import Cache, Policy
-from aiocacheguard.server import RedisServer
+from aiocacheguard.testing import RedisServer
 
-from .conftest import library_tasks
+from .helpers import library_tasks
 from .proxy import DelayProxy
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from aiocacheguard.bench import STRATEGIES
-from aiocacheguard.server import RedisServer
+from aiocacheguard.testing import RedisServer
+from aiocacheguard.tools.bench import STRATEGIES
 
 ROOT = Path(__file__).parent.parent
 

@@ -14,16 +14,15 @@ from typing import Any
 
 import pytest
 import redis.asyncio as redis
-from redis.asyncio.cluster import ClusterNode
-from redis.asyncio.cluster import RedisCluster as ClusterClient
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.sentinel import MasterNotFoundError, Sentinel
 
 from aiocacheguard import BloomFilter, Cache, Policy, cached
-from aiocacheguard.server import RedisCluster, RedisSentinel, RedisServer
+from aiocacheguard.testing import RedisClusterServer, RedisSentinelServer, RedisServer
 
-from .conftest import GatedLoader, wait_until
+from .helpers import GatedLoader, wait_until
 
-Client = redis.Redis | ClusterClient
+Client = redis.Redis | RedisCluster
 
 
 @pytest.fixture(params=["standalone", "cluster", "sentinel"])
@@ -32,7 +31,7 @@ async def deployment(request: pytest.FixtureRequest) -> AsyncIterator[Client]:
         server: RedisServer = request.getfixturevalue("redis_server")
         client: Client = redis.Redis(port=server.port)
     elif request.param == "sentinel":
-        deployment: RedisSentinel = request.getfixturevalue("redis_sentinel")
+        deployment: RedisSentinelServer = request.getfixturevalue("redis_sentinel")
         sentinel = Sentinel(deployment.sentinels, socket_timeout=1.0)  # type: ignore[no-untyped-call]
         client = sentinel.master_for(deployment.service, socket_timeout=1.0)
         yield client
@@ -41,8 +40,8 @@ async def deployment(request: pytest.FixtureRequest) -> AsyncIterator[Client]:
             await sentinel_client.aclose()
         return
     else:
-        cluster: RedisCluster = request.getfixturevalue("redis_cluster")
-        client = ClusterClient(startup_nodes=[ClusterNode(h, p) for h, p in cluster.startup_nodes])
+        cluster: RedisClusterServer = request.getfixturevalue("redis_cluster")
+        client = RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in cluster.startup_nodes])
         await client.initialize()
     yield client
     await client.aclose()
@@ -143,7 +142,7 @@ async def test_scripts_reload_after_flush(deployment: Client, namespace: str) ->
         loader = GatedLoader("v")
         loader.release.set()
         await cache.get_or_load("a", loader)
-        if isinstance(deployment, ClusterClient):
+        if isinstance(deployment, RedisCluster):
             for node in deployment.get_primaries():
                 await deployment.execute_command("SCRIPT", "FLUSH", target_nodes=node)
         else:
@@ -172,7 +171,7 @@ async def test_decorator(deployment: Client, namespace: str) -> None:
 @pytest.mark.slow
 async def test_sentinel_failover_keeps_callers_served(namespace: str) -> None:
     """Stop the primary: callers are served throughout, and writes resume on the promoted one."""
-    with RedisSentinel() as deployment:
+    with RedisSentinelServer() as deployment:
         sentinel = Sentinel(deployment.sentinels, socket_timeout=0.5)  # type: ignore[no-untyped-call]
         client = sentinel.master_for(deployment.service, socket_timeout=0.5)
         calls = 0

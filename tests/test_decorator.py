@@ -20,7 +20,7 @@ from aiocacheguard import (
     cached,
 )
 
-from .conftest import command_calls
+from .helpers import command_calls
 
 
 def test_default_key_is_stable_and_spelling_independent(cache: Cache) -> None:

@@ -25,9 +25,9 @@ import redis.asyncio as redis
 from aiocacheguard import Cache, LoadTimeout, LockTimeout, Policy
 from aiocacheguard.guards.lock import Outcome, RebuildLock
 from aiocacheguard.record import Record
-from aiocacheguard.server import RedisServer
+from aiocacheguard.testing import RedisServer
 
-from .conftest import GatedLoader, wait_until
+from .helpers import GatedLoader, wait_until
 
 ROOT = Path(__file__).parent.parent
 

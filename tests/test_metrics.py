@@ -12,7 +12,7 @@ import redis.asyncio as redis
 from aiocacheguard import Cache, Event, Policy, Statistics
 from aiocacheguard.metrics import PrometheusCollector, instrument_opentelemetry
 
-from .conftest import GatedLoader
+from .helpers import GatedLoader
 
 CONTRACT_FIELDS = {
     "hits", "misses", "stale_served", "negative_hits", "coalesced", "loader_calls",

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from aiocacheguard import Cache, Policy
-from aiocacheguard.server import RedisServer
+from aiocacheguard.testing import RedisServer
 
 KEYS = st.sampled_from(["a", "b", "c", "ü", "x:y", "{tag}"])
 VALUES = st.one_of(

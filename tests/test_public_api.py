@@ -44,8 +44,10 @@ def test_import_does_no_io_and_starts_nothing() -> None:
         "import socket, threading, asyncio\n"
         "def refuse(*a, **k): raise AssertionError('network at import')\n"
         "socket.socket.connect = refuse\n"
-        "import aiocacheguard\n"
+        "import aiocacheguard, sys\n"
         "assert threading.active_count() == 1\n"
+        "tools = ('aiocacheguard.testing', 'aiocacheguard.tools')\n"
+        "assert not [name for name in sys.modules if name.startswith(tools)], 'tools imported'\n"
         "print('ok')\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from aiocacheguard.server import RedisServer
+from aiocacheguard.testing import RedisServer
 
 ROOT = Path(__file__).parent.parent
 README = (ROOT / "README.md").read_text()

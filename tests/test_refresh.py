@@ -16,7 +16,7 @@ from aiocacheguard.guards.refresh import xfetch_due
 from aiocacheguard.metrics import Event
 from aiocacheguard.record import Record
 
-from .conftest import GatedLoader, library_tasks, wait_until
+from .helpers import GatedLoader, library_tasks, wait_until
 
 
 class Clock:

@@ -17,7 +17,7 @@ import redis.asyncio as redis
 from aiocacheguard import Cache, Policy
 from aiocacheguard.guards.singleflight import SingleFlight
 
-from .conftest import GatedLoader, command_calls, library_tasks
+from .helpers import GatedLoader, command_calls, library_tasks
 
 N = 1000
 

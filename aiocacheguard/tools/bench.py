@@ -45,8 +45,8 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 
-from ._version import __version__
-from .record import Record
+from .._version import __version__
+from ..record import Record
 
 __all__ = ("STRATEGIES", "BenchConfig", "BenchError", "RoundResult", "StrategyResult", "run_bench")
 
@@ -355,7 +355,7 @@ async def _strategy(
     job: dict[str, Any], load: Callable[[], Awaitable[dict[str, Any]]]
 ) -> tuple[Callable[[], Awaitable[Any]], Callable[[], Awaitable[None]]]:
     """The strategy's get() and its clean-up."""
-    from . import Cache, Policy
+    from .. import Cache, Policy
 
     if job.get("factory"):
         import importlib

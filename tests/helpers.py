@@ -1,0 +1,75 @@
+"""Helpers the tests share: deployments for fixtures, gated loaders, polling, server counters."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+import pytest
+import redis.asyncio as redis
+
+from aiocacheguard.testing import (
+    RedisClusterServer,
+    RedisSentinelServer,
+    RedisServer,
+    ServerNotFoundError,
+)
+
+D = TypeVar("D", RedisServer, RedisClusterServer, RedisSentinelServer)
+
+
+def started(deployment: D) -> Iterator[D]:
+    """Start a throwaway deployment for the session; no binary fails the run, never skips."""
+    try:
+        deployment.start()
+    except ServerNotFoundError as exc:
+        pytest.fail(f"the tests need a redis-server binary: {exc}", pytrace=False)
+    try:
+        yield deployment
+    finally:
+        deployment.stop()
+
+
+def library_tasks() -> set[asyncio.Task[object]]:
+    return {t for t in asyncio.all_tasks() if t.get_name().startswith("aiocacheguard-")}
+
+
+class GatedLoader:
+    """A loader that counts its calls and blocks until released (then fails, if told to)."""
+
+    def __init__(self, value: object = "v", error: BaseException | None = None) -> None:
+        self.value = value
+        self.error = error
+        self.calls = 0
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+        self.cancelled = asyncio.Event()
+
+    async def __call__(self) -> object:
+        self.calls += 1
+        self.started.set()
+        try:
+            await self.release.wait()
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+async def wait_until(condition: Callable[[], bool], within: float = 5.0) -> None:
+    """
+    Wait for a library-internal state that has no event of its own (e.g. "the other Cache is
+    parked on the fill channel"), checking every millisecond, failing after ``within`` s.
+    """
+    async with asyncio.timeout(within):
+        while not condition():
+            await asyncio.sleep(0.001)
+
+
+async def command_calls(client: redis.Redis, *commands: str) -> int:
+    """How many times the server ran these commands (from INFO commandstats)."""
+    stats = await client.info("commandstats")
+    return sum(int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in commands)
