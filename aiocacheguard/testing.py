@@ -44,9 +44,11 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from ._fault_proxy import FaultProxy
 from .errors import CacheGuardError
 
 __all__ = (
+    "FaultProxy",
     "RedisClusterServer",
     "RedisSentinelServer",
     "RedisServer",
