@@ -1,26 +1,30 @@
 """
-The only module that talks to Redis: command budgets, error mapping, and batching of reads.
+The only module that talks to Redis: command budgets, error mapping, and batching of commands.
 
-Every command runs under ``asyncio.timeout(command_timeout)``, because redis-py's defaults wait
-about a minute on a blackholed server (5 s socket timeout times its retries). Every ``redis`` and
-``OSError`` error is translated here, in `map_errors`, into the library's `BackendError` tree.
+Every command runs under a budget of ``command_timeout`` seconds, because redis-py's defaults
+wait about a minute on a blackholed server. Every ``redis`` and ``OSError`` error is translated
+here, in `to_backend_error`, into the library's `BackendError` tree.
 
-Concurrent GETs are coalesced into MGETs and concurrent SETs into pipelines (DataLoader style):
-commands queued in the same event-loop turn leave as one round trip, and at most
-``max_in_flight`` commands are outstanding at once, so a default ``redis.asyncio.Redis()``
-(whose pool raises ``MaxConnectionsError`` past 100 connections in redis-py 8) survives any
-number of concurrent callers.
+Batching costs nothing when there is nothing to batch: a command asked for while no other is
+outstanding goes straight to Redis in the caller's task. Commands asked for while others are
+outstanding are coalesced (DataLoader style): those of one event-loop turn leave together, GETs
+as MGETs and scripts as pipelines, in chunks of `MAX_BATCH` sent side by side (`MAX_BATCHES`
+of a kind, and ``max_in_flight`` commands in all, at once), so a default
+``redis.asyncio.Redis()`` (whose pool raises ``MaxConnectionsError`` past 100 connections in
+redis-py 8) survives any number of callers. A batch waiting for its turn fails at once when
+one ahead of it failed, rather than spend a budget already known to be lost.
+
+A batch of reads spends at most half of its reads' budget: if it runs out (one huge value in it,
+say), each read is retried alone in what is left, so one slow value fails alone.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
-import functools
 import logging
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from typing import Any, Generic, TypeVar, cast
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Final, Generic, TypeVar, cast
 
 import redis.asyncio as redis
 import redis.exceptions as redis_errors
@@ -29,7 +33,7 @@ from redis.asyncio.cluster import RedisCluster
 from ._types import LuaScript, ScriptArg, Subscriber
 from .errors import BackendError, BackendTimeout, BackendUnavailable, ConfigurationError
 
-__all__ = ("RedisBackend", "RedisClient", "map_errors")
+__all__ = ("FOREIGN", "RedisBackend", "RedisClient", "to_backend_error")
 
 T = TypeVar("T")
 ItemT = TypeVar("ItemT")
@@ -46,8 +50,15 @@ RedisClient = redis.Redis | RedisCluster
 #: Keys per MGET or pipeline. Large enough to amortise a round trip, small enough that one
 #: reply is parsed without stalling the event loop for long.
 MAX_BATCH = 256
-#: Batches of one kind (reads or writes) outstanding at once.
-MAX_FLUSHERS = 4
+#: Batches of one kind (reads or scripts) outstanding at once. More would not be answered
+#: sooner (one event loop parses every reply) but would each take longer, out of budget.
+MAX_BATCHES = 4
+
+#: What `RedisBackend.get` returns for a key holding another Redis type (a hash, a list): bytes
+#: no record starts with, so the Cache counts them as foreign and the next fill replaces them.
+FOREIGN: Final = b""
+
+_REDIS_ERRORS = (redis_errors.RedisError, OSError)
 
 
 def to_backend_error(exc: BaseException) -> BackendError:
@@ -56,7 +67,7 @@ def to_backend_error(exc: BaseException) -> BackendError:
         return exc
     if isinstance(exc, redis_errors.TimeoutError | TimeoutError):
         error: BackendError = BackendTimeout(
-            f"Redis did not answer in time: {exc or 'command budget spent'}"
+            f"Redis did not answer in time: {str(exc) or 'the command budget was spent'}"
         )
     elif isinstance(exc, redis_errors.ConnectionError | OSError):
         error = BackendUnavailable(f"Redis is unreachable: {exc}")
@@ -66,87 +77,136 @@ def to_backend_error(exc: BaseException) -> BackendError:
     return error
 
 
-@contextlib.contextmanager
-def map_errors() -> Iterator[None]:
-    """Translate redis-py and socket errors into `BackendError` subclasses (the one seam)."""
-    try:
-        yield
-    except (redis_errors.RedisError, OSError) as exc:
-        raise to_backend_error(exc) from exc
+def _is_wrongtype(exc: BaseException) -> bool:
+    return isinstance(exc, redis_errors.ResponseError) and str(exc).startswith("WRONGTYPE")
+
+
+class _Queued(Generic[ItemT, ResultT]):
+    __slots__ = ("future", "item")
+
+    def __init__(self, item: ItemT, future: asyncio.Future[ResultT]) -> None:
+        self.item = item
+        self.future = future
 
 
 class _Batcher(Generic[ItemT, ResultT]):
     """
-    Coalesces concurrent single-item requests into batches (DataLoader style).
+    Coalesces the requests of one event-loop turn into batches sent side by side, at most
+    `MAX_BATCHES` of one kind at a time (and within ``max_in_flight``).
 
-    Items submitted in the same event-loop turn leave together; while ``max_flushers`` batches
-    are outstanding, new items queue and leave with the next one. A caller cancelled while
-    queued is dropped from its batch; one cancelled after its batch left just stops waiting.
+    A batch has one budget from the moment it is sent. A batch waiting for its turn when a
+    batch ahead of it fails (Redis unreachable, or out of time) fails at once with the same
+    error instead of spending a budget of its own already known to be lost. A caller cancelled
+    while queued is dropped from its batch; one cancelled after its batch left stops waiting.
     """
 
     def __init__(
         self,
+        backend: RedisBackend,
         flush: Callable[[list[ItemT]], Awaitable[Sequence[ResultT | BaseException]]],
         *,
         name: str,
-        max_batch: int,
-        max_flushers: int,
+        split_on_timeout: bool,
     ) -> None:
+        self._backend = backend
         self._flush = flush
         self._name = name
-        self._max_batch = max_batch
-        self._max_flushers = max_flushers
-        self._queue: collections.deque[tuple[ItemT, asyncio.Future[ResultT]]] = collections.deque()
-        self._flushers: set[asyncio.Task[None]] = set()
+        self._split = split_on_timeout
+        self._queue: list[_Queued[ItemT, ResultT]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
         self._scheduled = False
+        self._lanes = asyncio.Semaphore(MAX_BATCHES)
+        self._epoch = 0  # batches failed so far; a batch sent in an older epoch fails fast
+        self._failure: BackendError | None = None
 
     async def submit(self, item: ItemT) -> ResultT:
-        future: asyncio.Future[ResultT] = asyncio.get_running_loop().create_future()
-        self._queue.append((item, future))
-        if not self._scheduled and len(self._flushers) < self._max_flushers:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[ResultT] = loop.create_future()
+        self._queue.append(_Queued(item, future))
+        if not self._scheduled:
             self._scheduled = True
-            task = asyncio.create_task(self._run(), name=f"aiocacheguard-{self._name}")
-            self._flushers.add(task)
-            task.add_done_callback(self._flushers.discard)
+            loop.call_soon(self._dispatch)
         return await future
 
-    async def _run(self) -> None:
-        while self._queue:
-            self._scheduled = False
-            batch: list[tuple[ItemT, asyncio.Future[ResultT]]] = []
-            while self._queue and len(batch) < self._max_batch:
-                entry = self._queue.popleft()
-                if not entry[1].done():  # its caller was cancelled while queued
-                    batch.append(entry)
-            if not batch:
+    def _dispatch(self) -> None:
+        self._scheduled = False
+        live = [q for q in self._queue if not q.future.done()]
+        self._queue.clear()
+        for start in range(0, len(live), MAX_BATCH):
+            self._send(live[start : start + MAX_BATCH])
+
+    def _send(self, batch: list[_Queued[ItemT, ResultT]], deadline: float | None = None) -> None:
+        task = asyncio.create_task(
+            self._run(batch, self._epoch, deadline), name=f"aiocacheguard-{self._name}"
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(
+        self, batch: list[_Queued[ItemT, ResultT]], epoch: int, deadline: float | None
+    ) -> None:
+        async with self._lanes, self._backend.slots:
+            if self._epoch > epoch and self._failure is not None:
+                self._fail(batch, self._failure, count=False)
+                return
+            if deadline is None:
+                deadline = asyncio.get_running_loop().time() + self._backend.command_timeout
+            results = await self._flush_within(batch, deadline)
+        if results is None:
+            return
+        for queued, result in zip(batch, results, strict=True):
+            if queued.future.done():
                 continue
-            try:
-                results = await self._flush([item for item, _ in batch])
-            except BaseException as exc:
-                for _, future in batch:
-                    if future.done():
-                        continue
-                    if isinstance(exc, Exception):
-                        future.set_exception(to_backend_error(exc))
-                    else:
-                        future.cancel()
-                if not isinstance(exc, Exception):
-                    raise
-                continue
-            for (_, future), result in zip(batch, results, strict=True):
-                if future.done():
-                    continue
-                if isinstance(result, BaseException):
-                    future.set_exception(to_backend_error(result))
-                else:
-                    future.set_result(result)
+            if isinstance(result, BaseException):
+                queued.future.set_exception(to_backend_error(result))
+            else:
+                queued.future.set_result(result)
+
+    async def _flush_within(
+        self, batch: list[_Queued[ItemT, ResultT]], deadline: float
+    ) -> Sequence[ResultT | BaseException] | None:
+        batch[:] = [q for q in batch if not q.future.done()]  # gone while waiting for a turn
+        if not batch:
+            return None
+        split_at = deadline
+        if self._split and len(batch) > 1:
+            now = asyncio.get_running_loop().time()
+            split_at = now + (deadline - now) / 2
+        try:
+            async with asyncio.timeout_at(split_at):
+                return await self._flush([q.item for q in batch])
+        except TimeoutError:
+            if split_at < deadline:  # each read alone, in what is left of the budget
+                for queued in batch:
+                    self._send([queued], deadline)
+                return None
+            self._fail(batch, BackendTimeout("Redis did not answer in time"))
+        except _REDIS_ERRORS as exc:
+            self._fail(batch, to_backend_error(exc))
+        except BaseException:
+            for queued in batch:
+                queued.future.cancel()
+            raise
+        return None
+
+    def _fail(
+        self, batch: list[_Queued[ItemT, ResultT]], error: BackendError, *, count: bool = True
+    ) -> None:
+        if count:
+            self._backend.errors += 1
+            self._epoch += 1
+            self._failure = error
+        for queued in batch:
+            if not queued.future.done():
+                queued.future.set_exception(error)
 
     async def aclose(self) -> None:
-        for task in list(self._flushers):
+        for queued in self._queue:
+            queued.future.cancel()
+        self._queue.clear()
+        for task in list(self._tasks):
             task.cancel()
-        await asyncio.gather(*self._flushers, return_exceptions=True)
-        while self._queue:
-            self._queue.popleft()[1].cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
 def _pool_limit(client: RedisClient) -> int | None:
@@ -157,13 +217,13 @@ def _pool_limit(client: RedisClient) -> int | None:
 
 class RedisBackend:
     """
-    Redis commands with budgets, bounded concurrency and batched reads.
+    Redis commands with budgets, bounded concurrency and batching.
 
     Args:
         client: A ready ``redis.asyncio`` client with ``decode_responses=False``.
-        command_timeout: Seconds one command may take once it is sent.
-        max_in_flight: Commands outstanding at once. Default: half the client's pool size,
-            at most 50, so other users of the same client keep connections too.
+        command_timeout: Seconds one command may take, from being asked for to its answer.
+        max_in_flight: Commands (or batches) outstanding at once. Default: half the client's
+            pool size, at most 50, so other users of the same client keep connections too.
     """
 
     def __init__(
@@ -198,62 +258,97 @@ class RedisBackend:
         self.client = client
         self.command_timeout = command_timeout
         self.max_in_flight = max_in_flight
-        self._slots = asyncio.Semaphore(max_in_flight)
-        flushers = min(MAX_FLUSHERS, max_in_flight)
+        self.slots = asyncio.Semaphore(max_in_flight)
+        self._cluster_slots = asyncio.Semaphore(max_in_flight)
+        self._outstanding = 0
         self._reads: _Batcher[bytes, bytes | None] = _Batcher(
-            self._mget, name="mget", max_batch=MAX_BATCH, max_flushers=flushers
+            self, self._mget, name="mget", split_on_timeout=True
         )
         self._scripts: _Batcher[_ScriptCall, Any] = _Batcher(
-            self._eval_batch, name="eval", max_batch=MAX_BATCH, max_flushers=flushers
+            self, self._eval_batch, name="eval", split_on_timeout=False
         )
         self._pubsub: _PubSub | None = None
         #: Commands that failed or ran out of time, for `Statistics.redis_errors`.
         self.errors = 0
 
-    async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
-        """Run one command: wait for a slot, then spend at most ``command_timeout`` on it."""
-        async with self._slots:
+    async def _direct(self, command: Callable[[], Awaitable[T]]) -> T:
+        """One command in the caller's task, under its budget."""
+        async with self.slots:
             try:
-                with map_errors():
-                    async with asyncio.timeout(self.command_timeout):
-                        return await fn()
-            except BackendError:
+                async with asyncio.timeout(self.command_timeout):
+                    return await command()
+            except (*_REDIS_ERRORS, TimeoutError) as exc:
                 self.errors += 1
-                raise
+                raise to_backend_error(exc) from exc
 
     async def get(self, key: bytes) -> bytes | None:
-        """GET ``key``, coalesced with the other reads of this turn into one MGET."""
-        return await self._reads.submit(key)
+        """
+        GET ``key`` (`FOREIGN` for a key of another type): straight to Redis when nothing else
+        is outstanding, else batched.
+        """
+        self._outstanding += 1
+        try:
+            if self._outstanding == 1:  # nothing to coalesce with
+                client = self.client
+                try:
+                    return cast("bytes | None", await self._direct(lambda: client.get(key)))
+                except BackendError as exc:
+                    if _is_wrongtype(exc.__cause__ or exc):
+                        self.errors -= 1  # foreign data, not a Redis failure
+                        return FOREIGN
+                    raise
+            return await self._reads.submit(key)
+        finally:
+            self._outstanding -= 1
 
     async def eval(
         self, script: LuaScript, keys: Sequence[bytes], args: Sequence[ScriptArg]
     ) -> Any:
         """
-        Run ``script`` with EVALSHA, pipelined with this turn's other scripts.
+        Run ``script`` with EVALSHA: straight away when nothing else is outstanding, else
+        pipelined with this turn's other scripts.
 
         A script the server does not know (after SCRIPT FLUSH, a restart or a failover) is
         loaded and the call repeated, transparently.
         """
-        return await self._scripts.submit((script, tuple(keys), tuple(args)))
+        call = (script, tuple(keys), tuple(args))
+        self._outstanding += 1
+        try:
+            if self._outstanding == 1:
+                return await self._direct(lambda: self._evalsha_loading(call))
+            return await self._scripts.submit(call)
+        finally:
+            self._outstanding -= 1
+
+    async def _evalsha_loading(self, call: _ScriptCall) -> Any:
+        script, keys, args = call
+        try:
+            return await self.client.evalsha(script.sha, len(keys), *keys, *args)
+        except redis_errors.NoScriptError:
+            await self.client.script_load(script.source)
+            return await self.client.evalsha(script.sha, len(keys), *keys, *args)
 
     async def _mget(self, keys: list[bytes]) -> list[bytes | None]:
         client = self.client
         if len(keys) == 1:
-            return [cast("bytes | None", await self.call(lambda: client.get(keys[0])))]
+            try:
+                return [cast("bytes | None", await client.get(keys[0]))]
+            except redis_errors.ResponseError as exc:
+                if _is_wrongtype(exc):
+                    return [FOREIGN]
+                raise
         if isinstance(client, RedisCluster):
-            cluster = client
-            values = await self.call(lambda: cluster.mget_nonatomic(keys))
+            values = await client.mget_nonatomic(keys)
         else:
-            values = await self.call(lambda: client.mget(keys))
+            values = await client.mget(keys)
         return cast("list[bytes | None]", list(values))
 
     async def _eval_batch(self, calls: list[_ScriptCall]) -> list[Any]:
         results = await self._evalsha(calls)
         missing = [i for i, r in enumerate(results) if isinstance(r, redis_errors.NoScriptError)]
         if missing:
-            client = self.client
             for source in {calls[i][0].source for i in missing}:
-                await self.call(functools.partial(client.script_load, source))
+                await self.client.script_load(source)
             again = await self._evalsha([calls[i] for i in missing])
             for i, result in zip(missing, again, strict=True):
                 results[i] = result
@@ -270,27 +365,24 @@ class RedisBackend:
 
             async def one(call: _ScriptCall) -> Any:
                 script, keys, args = call
-                async with self._slots:
+                async with self._cluster_slots:  # the cluster's pools are bounded too
                     try:
-                        async with asyncio.timeout(self.command_timeout):
-                            return await cluster.evalsha(script.sha, len(keys), *keys, *args)
-                    except (redis_errors.RedisError, OSError) as exc:
+                        return await cluster.evalsha(script.sha, len(keys), *keys, *args)
+                    except _REDIS_ERRORS as exc:
                         return exc
 
             return list(await asyncio.gather(*(one(c) for c in calls)))
 
-        async def pipelined() -> list[Any]:
-            async with self.client.pipeline(transaction=False) as pipe:
-                for script, keys, args in calls:
-                    pipe.evalsha(script.sha, len(keys), *keys, *args)
-                return list(await pipe.execute(raise_on_error=False))
-
-        return await self.call(pipelined)
+        async with client.pipeline(transaction=False) as pipe:
+            for script, keys, args in calls:
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            return list(await pipe.execute(raise_on_error=False))
 
     def subscriber(self, on_message: Callable[[bytes, bytes], None]) -> Subscriber:
         """
         The Cache's one pub/sub connection; ``on_message(channel, data)`` is called for every
-        message. Created on first use, closed by `aclose`.
+        message, and with ``b""`` when a channel is subscribed again after a reconnection
+        (messages may have been missed). Created on first use, closed by `aclose`.
         """
         if self._pubsub is None:
             self._pubsub = _PubSub(self, on_message)
@@ -343,26 +435,26 @@ class _PubSub:
         if confirmed is None:
             confirmed = self._confirmations[channel] = loop.create_future()
         try:
-            with map_errors():
-                async with asyncio.timeout(self._backend.command_timeout):
-                    if self._connecting is not None and not self._connecting.done():
-                        await asyncio.shield(self._connecting)  # one connection, not two
-                    await self._pubsub.subscribe(channel)
-                    if self._reader is None or self._reader.done():
-                        self._reader = asyncio.create_task(
-                            self._read(), name="aiocacheguard-pubsub"
-                        )
-                    await asyncio.shield(confirmed)
-        except BaseException:
-            # Nobody waits for this confirmation any more: don't keep it around.
+            async with asyncio.timeout(self._backend.command_timeout):
+                if self._connecting is not None and not self._connecting.done():
+                    await asyncio.shield(self._connecting)  # one connection, not two
+                await self._pubsub.subscribe(channel)
+                if self._reader is None or self._reader.done():
+                    self._reader = asyncio.create_task(self._read(), name="aiocacheguard-pubsub")
+                await asyncio.shield(confirmed)
+        except (*_REDIS_ERRORS, TimeoutError) as exc:
+            raise to_backend_error(exc) from exc
+        finally:
+            # Confirmed, failed or given up: nobody waits for this confirmation any more.
             if self._confirmations.get(channel) is confirmed:
                 del self._confirmations[channel]
-            raise
 
     async def unsubscribe(self, channel: bytes) -> None:
-        with map_errors():
+        try:
             async with asyncio.timeout(self._backend.command_timeout):
                 await self._pubsub.unsubscribe(channel)
+        except (*_REDIS_ERRORS, TimeoutError) as exc:
+            raise to_backend_error(exc) from exc
 
     async def _read(self) -> None:
         failures = 0
@@ -370,6 +462,15 @@ class _PubSub:
             try:
                 message = await self._pubsub.get_message(timeout=None)
                 failures = 0
+            except redis_errors.ResponseError as exc:
+                # An error reply: a SUBSCRIBE refused (an ACL without it, a proxy without
+                # pub/sub). Fail the subscriptions waiting for a confirmation, at once.
+                error = to_backend_error(exc)
+                for confirmed in self._confirmations.values():
+                    if not confirmed.done():
+                        confirmed.set_exception(error)
+                        confirmed.exception()
+                continue
             except (redis_errors.RedisError, OSError, RuntimeError) as exc:
                 failures += 1
                 self._backend.errors += 1
@@ -384,9 +485,13 @@ class _PubSub:
             if kind == "message":
                 self._on_message(channel, message["data"])
             elif kind == "subscribe":
-                confirmed = self._confirmations.pop(channel, None)
-                if confirmed is not None and not confirmed.done():
-                    confirmed.set_result(None)
+                pending = self._confirmations.pop(channel, None)
+                if pending is None:
+                    # Subscribed again by redis-py after a reconnection: a fill published
+                    # while the connection was down is lost, so listeners re-check now.
+                    self._on_message(channel, b"")
+                elif not pending.done():
+                    pending.set_result(None)
 
     async def aclose(self) -> None:
         for task in (self._connecting, self._reader):

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeAlias
+from typing import Any, Literal, Protocol, TypeAlias
 
-if TYPE_CHECKING:
-    from .cache import Cache
+__all__ = (
+    "Event",
+    "Hook",
+    "PrometheusCollector",
+    "Statistics",
+    "StatisticsSource",
+    "instrument_opentelemetry",
+)
 
-__all__ = ("Event", "Hook", "PrometheusCollector", "Statistics", "instrument_opentelemetry")
+logger = logging.getLogger("aiocacheguard")
 
 EventKind: TypeAlias = Literal[
     "loaded", "stale_served", "refresh_failed", "refreshed", "takeover", "lock_lost"
@@ -45,6 +52,30 @@ class Hook(Protocol):
     def __call__(self, event: Event, /) -> None: ...
 
 
+class Emitter:
+    """Hands `Event`s to a hook, if there is one; a hook that raises is logged, not raised."""
+
+    __slots__ = ("_hook",)
+
+    def __init__(self, hook: Hook | None) -> None:
+        self._hook = hook
+
+    def __call__(
+        self,
+        kind: EventKind,
+        key: bytes,
+        error: BaseException | None = None,
+        *,
+        duration: float | None = None,
+    ) -> None:
+        if self._hook is None:
+            return
+        try:
+            self._hook(Event(kind, key, error, duration))
+        except Exception:
+            logger.exception("the Cache's event hook raised; ignored")
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Statistics:
     """
@@ -62,8 +93,10 @@ class Statistics:
         loader_errors: Times a loader raised (nothing was cached from it).
         lock_acquired: Rebuild locks this process took (it then called the loader).
         lock_waits: Flights that found another process rebuilding and waited for its fill.
-        stale_served: Flights that returned a value past its soft TTL (a refresh was asked
-            for) or, with ``stale_if_error``, past its TTL because the loader failed.
+        stale_served: Flights that returned a value past its TTL because the loader failed
+            (``Policy.stale_if_error``); each is also a ``"stale_served"`` event.
+        soft_expired_served: Reads that returned a value past its soft TTL (logical expiry)
+            and asked for a background refresh.
         refreshes: Background or forced refreshes that wrote a new value.
         refresh_errors: Refreshes whose loader failed or timed out (the stale value stayed).
         early_refreshes: Refreshes started early by XFetch (also counted in ``refreshes``
@@ -78,6 +111,10 @@ class Statistics:
             ``set``/``delete`` superseded the rebuild; the value was still returned locally.
         decode_errors: Records that could not be decoded and were treated as a miss.
         redis_errors: Redis commands that failed or ran out of time.
+        notify_fallbacks: Waits for another process's fill that had no pub/sub subscription
+            (refused, or the connection failed) and re-checked at the holder's lease instead.
+        bloom_add_errors: Bloom filter additions that failed; the filter keeps the keys in
+            memory, answers "maybe" for them and adds them with its next successful write.
     """
 
     hits: int = 0
@@ -98,6 +135,18 @@ class Statistics:
     lock_lost: int = 0
     decode_errors: int = 0
     redis_errors: int = 0
+    soft_expired_served: int = 0
+    notify_fallbacks: int = 0
+    bloom_add_errors: int = 0
+
+
+class StatisticsSource(Protocol):
+    """What the exporters read: a `Cache`, or anything with a namespace and statistics."""
+
+    @property
+    def namespace(self) -> str: ...
+
+    def statistics(self) -> Statistics: ...
 
 
 class Counters:
@@ -123,6 +172,9 @@ class Counters:
     lock_lost: int
     decode_errors: int
     redis_errors: int
+    soft_expired_served: int
+    notify_fallbacks: int
+    bloom_add_errors: int
 
     def __init__(self) -> None:
         for name in self.__slots__:
@@ -148,7 +200,7 @@ class PrometheusCollector:
     """
 
     def __init__(
-        self, cache: Cache, *, registry: Any = None, prefix: str = "aiocacheguard"
+        self, cache: StatisticsSource, *, registry: Any = None, prefix: str = "aiocacheguard"
     ) -> None:
         from prometheus_client import REGISTRY  # lazy: an optional extra
 
@@ -171,7 +223,7 @@ class PrometheusCollector:
 
 
 def instrument_opentelemetry(
-    cache: Cache, *, meter: Any = None, prefix: str = "aiocacheguard"
+    cache: StatisticsSource, *, meter: Any = None, prefix: str = "aiocacheguard"
 ) -> None:
     """
     Report a Cache's `Statistics` as OpenTelemetry observable counters

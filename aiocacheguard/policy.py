@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .errors import ConfigurationError
-from .guards.bloom import BloomFilter
 
 __all__ = ("Policy",)
 
@@ -70,8 +69,6 @@ class Policy:
         stale_if_error: When the loader (or a refresh) fails or times out, keep serving the
             previous value for up to this many seconds past its expiry. Redis keeps values
             this much longer. ``None`` (default): never serve a value past ``ttl``.
-        bloom: A `BloomFilter` of the keys that exist: a miss it says is definitely absent
-            returns ``None`` without calling the loader. Default: the Cache's filter, if any.
         jitter: Each write shortens ``ttl`` (and ``soft_ttl``, ``negative_ttl``) by a random
             fraction up to this, so keys written together do not expire together. In [0, 1);
             default 0.1.
@@ -100,7 +97,6 @@ class Policy:
     early_beta: float = 0.0
     stale_if_error: float | None = None
     jitter: float = 0.1
-    bloom: BloomFilter | None = None
 
     def __post_init__(self) -> None:
         _check_seconds("ttl", self.ttl)
@@ -112,8 +108,6 @@ class Policy:
         _check_seconds("stale_if_error", self.stale_if_error, optional=True)
         _check_fraction("early_beta", self.early_beta, upper=100.0, inclusive=True)
         _check_fraction("jitter", self.jitter, upper=1.0, inclusive=False)
-        if self.bloom is not None and not isinstance(self.bloom, BloomFilter):
-            raise ConfigurationError("bloom", self.bloom, "an aiocacheguard.BloomFilter or None")
         if not isinstance(self.lock, bool):
             raise ConfigurationError("lock", self.lock, "True or False")
         if self.on_wait_timeout not in ("load", "raise"):

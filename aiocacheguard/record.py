@@ -1,19 +1,25 @@
 """
 The envelope stored under each cache key: a fixed binary header, then the serialized payload.
 
-Format version 1, big-endian, 33 header bytes::
+Format version 2, big-endian, 41 header bytes::
 
     offset  size  field
     0       2     magic b"\\xa7\\xc6" (0xA7 cannot start UTF-8 text, so text written by other
                   tools is never mistaken for a record)
-    2       1     format version (1)
+    2       1     format version (2)
     3       1     flags: bit 0 = negative result (the loader returned None; no payload)
     4       1     serializer tag (see `aiocacheguard.serializers`)
     5       8     stored_at: wall-clock time of the write, float seconds since the epoch
     13      8     soft_expires_at: logical expiry, or 0.0 when the entry has none
     21      8     expires_at: hard expiry as intended by the policy
     29      4     compute_time: how long the loader took, float32 seconds (XFetch's delta)
-    33      -     payload
+    33      8     write_id: random, so that two writes in one clock tick still differ
+    41      -     payload
+
+Version 1 (the first 33 bytes of the above, without write_id) is still read. The header
+identifies one stored copy (the rebuild lock compares it to detect a replacement); version 1
+headers of two writes in the same clock tick with the same TTL could be equal, which the
+write id rules out.
 
 Wall-clock times are used because several processes (and machines) read the same record;
 their clocks are assumed to agree to well under a TTL.
@@ -25,18 +31,31 @@ overwrites them.
 
 from __future__ import annotations
 
+import secrets
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-__all__ = ("FORMAT_VERSION", "HEADER_SIZE", "Record", "RecordError")
+__all__ = ("FORMAT_VERSION", "HEADER_SIZE", "Record", "RecordError", "header_of")
 
 MAGIC = b"\xa7\xc6"
-FORMAT_VERSION = 1
-_HEADER = struct.Struct(">2sBBBdddf")
+FORMAT_VERSION = 2
+_HEADER_V1 = struct.Struct(">2sBBBdddf")
+_HEADER = struct.Struct(">2sBBBdddfQ")
 _FLAG_NEGATIVE = 0x01
-#: Bytes before the payload. Every write has a distinct header (it holds the write's times), so
-#: a header identifies one stored copy: the rebuild lock compares it to detect a replacement.
+#: Bytes before the payload (version 2). Every write has a distinct header (its times and a
+#: random write id), so a header identifies one stored copy.
 HEADER_SIZE = _HEADER.size
+
+
+def header_of(data: bytes) -> bytes:
+    """The header of the stored copy ``data`` (its identity), whatever its version."""
+    if len(data) > 2 and data[2] == 1:
+        return data[: _HEADER_V1.size]
+    return data[:HEADER_SIZE]
+
+
+def _write_id() -> int:
+    return int.from_bytes(secrets.token_bytes(8), "big")
 
 
 class RecordError(ValueError):
@@ -54,6 +73,7 @@ class Record:
     expires_at: float
     soft_expires_at: float | None = None
     compute_time: float = 0.0
+    write_id: int = field(default_factory=_write_id, compare=False)
 
     def encode(self) -> bytes:
         header = _HEADER.pack(
@@ -65,6 +85,7 @@ class Record:
             self.soft_expires_at or 0.0,
             self.expires_at,
             self.compute_time,
+            self.write_id,
         )
         return header + self.payload
 
@@ -76,13 +97,18 @@ class Record:
         Raises:
             RecordError: the bytes are foreign, truncated, or of an unknown format version.
         """
-        if len(data) < _HEADER.size or data[:2] != MAGIC:
+        if len(data) < _HEADER_V1.size or data[:2] != MAGIC:
             raise RecordError("not an aiocacheguard record")
-        _magic, version, flags, tag, stored_at, soft, hard, compute = _HEADER.unpack_from(data)
-        if version != FORMAT_VERSION:
+        version = data[2]
+        if version == FORMAT_VERSION and len(data) >= _HEADER.size:
+            _m, _v, flags, tag, stored_at, soft, hard, compute, write_id = _HEADER.unpack_from(data)
+            payload = data[_HEADER.size :]
+        elif version == 1:
+            _m, _v, flags, tag, stored_at, soft, hard, compute = _HEADER_V1.unpack_from(data)
+            write_id, payload = 0, data[_HEADER_V1.size :]
+        else:
             raise RecordError(f"record format version {version} is not readable by this version")
         negative = bool(flags & _FLAG_NEGATIVE)
-        payload = data[_HEADER.size :]
         if negative and payload:
             raise RecordError("negative record with a payload")
         return cls(
@@ -93,4 +119,5 @@ class Record:
             expires_at=hard,
             soft_expires_at=soft or None,
             compute_time=compute,
+            write_id=write_id,
         )

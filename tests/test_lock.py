@@ -23,7 +23,7 @@ import pytest
 import redis.asyncio as redis
 
 from aiocacheguard import Cache, LoadTimeout, LockTimeout, Policy
-from aiocacheguard.guards.lock import Outcome, RebuildLock
+from aiocacheguard.guards.lock import Acquire, Outcome, RebuildLock
 from aiocacheguard.record import Record
 from aiocacheguard.testing import RedisServer
 
@@ -336,16 +336,16 @@ async def test_fenced_fill(cache: Cache, client: redis.Redis) -> None:
         )
 
     first, second = lock(), lock()
-    assert (await first.acquire_or_read()).outcome is Outcome.ACQUIRED
-    busy = await second.acquire_or_read()
+    assert (await first.acquire(Acquire.ABSENT)).outcome is Outcome.ACQUIRED
+    busy = await second.acquire(Acquire.ABSENT)
     assert busy.outcome is Outcome.BUSY and 4.0 < busy.lease_left <= 5.0
     await client.delete(cache.keys.lock(value_key))  # the first holder's lease runs out
-    assert (await second.acquire_or_read()).outcome is Outcome.ACQUIRED
+    assert (await second.acquire(Acquire.ABSENT)).outcome is Outcome.ACQUIRED
     assert await second.fill(b"new", 30.0) is True
     assert await first.fill(b"old", 30.0) is False
     assert await client.get(value_key) == b"new"
     assert await first.renew() is False and await first.release() is False
-    assert (await first.acquire_or_read()).value == b"new"
+    assert (await first.acquire(Acquire.ABSENT)).value == b"new"
 
 
 async def test_renewal_keeps_a_long_load_locked(cache: Cache, client: redis.Redis) -> None:

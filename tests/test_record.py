@@ -4,7 +4,7 @@ import struct
 
 import pytest
 
-from aiocacheguard.record import FORMAT_VERSION, Record, RecordError
+from aiocacheguard.record import FORMAT_VERSION, HEADER_SIZE, Record, RecordError, header_of
 
 
 def make(**overrides: object) -> Record:
@@ -33,7 +33,33 @@ def test_round_trip_negative_without_soft_expiry() -> None:
 
 
 def test_version_byte_is_third() -> None:
-    assert make().encode()[2] == FORMAT_VERSION == 1
+    assert make().encode()[2] == FORMAT_VERSION == 2
+
+
+def test_version_1_records_are_still_read() -> None:
+    record = make()
+    v1 = (
+        struct.pack(
+            ">2sBBBdddf",
+            b"\xa7\xc6",
+            1,
+            0,
+            1,
+            record.stored_at,
+            record.soft_expires_at,
+            record.expires_at,
+            record.compute_time,
+        )
+        + record.payload
+    )
+    assert Record.decode(v1) == record
+    assert header_of(v1) == v1[:33]
+
+
+def test_two_writes_in_one_clock_tick_have_different_headers() -> None:
+    """The rebuild lock tells stored copies apart by header: equal times must not collide."""
+    first, second = make().encode(), make().encode()
+    assert header_of(first) != header_of(second)
 
 
 @pytest.mark.parametrize(
@@ -43,7 +69,7 @@ def test_version_byte_is_third() -> None:
         b'{"a": 1}',
         b"hello world, a value some other tool wrote" * 3,
         make().encode()[:20],  # truncated header
-        b"\xa7\xc6" + bytes([2]) + make().encode()[3:],  # a future format version
+        b"\xa7\xc6" + bytes([3]) + make().encode()[3:],  # a future format version
         make(payload=b"", negative=True).encode() + b"x",  # negative with a payload
     ],
 )
@@ -53,4 +79,4 @@ def test_foreign_or_corrupt_bytes_are_refused(data: bytes) -> None:
 
 
 def test_header_is_fixed_size() -> None:
-    assert len(make(payload=b"").encode()) == struct.calcsize(">2sBBBdddf") == 33
+    assert len(make(payload=b"").encode()) == struct.calcsize(">2sBBBdddfQ") == HEADER_SIZE == 41

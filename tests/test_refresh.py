@@ -89,7 +89,8 @@ async def test_soft_expired_key_is_served_at_once_while_one_refresh_runs(
     )
     assert results == ["old"] * 1000
     await loader.started.wait()
-    assert soft.statistics().stale_served == 1  # one flight served every caller
+    stats = soft.statistics()
+    assert stats.soft_expired_served == 1000 and stats.stale_served == 0  # not stale-if-error
     # More reads while the refresh runs start no second one.
     assert await soft.get_or_load("k", loader) == "old"
     loader.release.set()
@@ -114,14 +115,14 @@ async def test_two_caches_on_one_soft_expired_key_refresh_once(
         assert await b.get_or_load("k", loader) == "old"
         loader.release.set()
         await wait_until(lambda: a.statistics().refreshes == 1)
-        await wait_until(lambda: len(b._refresher) == 0)
+        await wait_until(lambda: len(b._refreshes._refresher) == 0)
         assert await b.get_or_load("k", loader) == "new"
         # b, reading the old copy again now that a replaced it, does not refresh either.
         assert loader.calls == 1
         assert b.statistics().refreshes == 0
 
 
-async def test_failed_refresh_keeps_serving_stale_and_the_next_read_retries(
+async def test_failed_refresh_keeps_serving_stale_and_retries_after_a_backoff(
     soft: Cache, clock: Clock, events: Events, caplog: pytest.LogCaptureFixture
 ) -> None:
     await seed(soft, clock)
@@ -132,10 +133,17 @@ async def test_failed_refresh_keeps_serving_stale_and_the_next_read_retries(
     assert isinstance(events.seen[-1].error, ConnectionError)
     assert "background refresh" in caplog.text and "database down" in caplog.text
     assert soft.statistics().refresh_errors == 1
-    # Still served, and the next read asks for a refresh again.
+    # Still served; reads right after the failure do not start a refresh each (backoff).
+    for _ in range(50):
+        assert await soft.get_or_load("k", failing) == "old"
+    assert failing.calls == 1 and not soft._refreshes._refresher
+    # Once the backoff (1 s after a first failure) has passed, a read asks again.
+    clock.now += 1.5
     assert await soft.get_or_load("k", failing) == "old"
     await events.wait_for("refresh_failed", count=2)
     assert failing.calls == 2
+    # One warning for the episode, not one per failure.
+    assert caplog.text.count("background refresh") == 1
 
 
 async def test_stale_if_error_past_the_ttl(
@@ -333,13 +341,13 @@ async def test_refreshes_are_bounded(client: redis.Redis, namespace: str, clock:
         loader = GatedLoader("new")
         results = await asyncio.gather(*(cache.get_or_load(f"k{i}", loader) for i in range(10)))
         assert results == ["old"] * 10
-        await loader.started.wait()
-        assert len(cache._refresher) == 3 and loader.calls == 3
+        await wait_until(lambda: loader.calls == 3)  # each refresh reaches its loader
+        assert len(cache._refreshes._refresher) == 3
         loader.release.set()
-        await wait_until(lambda: len(cache._refresher) == 0)
+        await wait_until(lambda: len(cache._refreshes._refresher) == 0)
         # The dropped ones are asked for again by their next reads, three at a time.
         for _ in range(3):
             await asyncio.gather(*(cache.get_or_load(f"k{i}", loader) for i in range(10)))
-            await wait_until(lambda: len(cache._refresher) == 0)
+            await wait_until(lambda: len(cache._refreshes._refresher) == 0)
         assert cache.statistics().refreshes == 10 and loader.calls == 10
         assert await asyncio.gather(*(cache.get(f"k{i}") for i in range(10))) == ["new"] * 10

@@ -19,16 +19,22 @@ Guarantees:
       fill) to the live bitmap, including during and after a rebuild.
     - A missing bitmap (deleted, evicted, FLUSHALL, a failover that lost it) reads as "maybe
       present": the filter fails open, and the Cache asks the loader.
+    - An `add` that Redis refused (an error, a timeout) is not forgotten: this filter object
+      keeps the items (at most `MAX_PENDING`), answers "maybe" for them, and sends them with
+      its next `add` until one succeeds.
 
 Limitations:
     - Items cannot be removed; rebuild from the source of truth to drop deleted ones.
     - Past ``capacity`` items the false-positive rate grows above ``error_rate``.
     - The bitmap is at most 2^32 bits (512 MiB), a limit of Redis' SETBIT.
+    - Items whose add failed are known only to the process that tried: until its next
+      successful add, other processes may answer "absent" for them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import re
 import struct
@@ -37,12 +43,15 @@ from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
 import mmh3
 
 from .._types import Key, LuaScript, ScriptRunner
-from ..errors import ConfigurationError
+from ..errors import BackendError, ConfigurationError
 
 __all__ = ("ADD", "CONTAINS", "BloomFilter")
 
 #: Redis bitmaps address at most 2^32 bits.
 MAX_BITS = 2**32
+#: Items whose add failed, kept in memory until an add succeeds. Past this many, the filter
+#: answers "maybe" for everything until then (fail open rather than answer wrongly).
+MAX_PENDING = 10_000
 
 # Bit positions travel packed, 4 bytes each (big-endian unsigned), one string per call:
 # encoding hundreds of thousands of integer arguments would cost far more than the script.
@@ -154,11 +163,15 @@ class BloomFilter:
         "_building_key",
         "_key",
         "_runner",
+        "add_errors",
         "bits",
         "capacity",
         "error_rate",
+        "fail_open",
         "hashes",
         "name",
+        "pending",
+        "rejected",
     )
 
     def __init__(self, name: str, *, capacity: int, error_rate: float) -> None:
@@ -192,6 +205,11 @@ class BloomFilter:
         self._runner: ScriptRunner | None = None
         self._key = b""
         self._building_key = b""
+        #: Items whose add failed, sent again with the next add (see the guarantees).
+        self.pending: set[bytes] = set()
+        #: For the Cache's statistics: `may_contain` answers "absent", checks that failed
+        #: open, adds that failed.
+        self.rejected = self.fail_open = self.add_errors = 0
 
     def __repr__(self) -> str:
         return (
@@ -227,17 +245,33 @@ class BloomFilter:
         return struct.pack(f">{len(positions)}I", *positions)
 
     async def add(self, *items: Key) -> None:
-        """Add ``items``: one script call per 1,000 items, all sent in one round trip."""
+        """
+        Add ``items``: one script call per 1,000 items, all sent in one round trip.
+
+        Raises:
+            BackendError: Redis refused or did not answer; the items are kept (see above).
+        """
         runner = self._require_runner()
+        retried = list(self.pending)
+        batch = [*map(_as_bytes, items), *retried]
         calls = [
             runner.eval(
                 ADD,
                 (self._key, self._building_key),
-                (self._packed(items[start : start + 1000]),),
+                (self._packed(batch[start : start + 1000]),),
             )
-            for start in range(0, len(items), 1000)
+            for start in range(0, len(batch), 1000)
         ]
-        await asyncio.gather(*calls)
+        try:
+            await asyncio.gather(*calls)
+        except BaseException:
+            self.add_errors += 1
+            if len(self.pending) < MAX_PENDING:
+                self.pending.update(batch[: MAX_PENDING - len(self.pending)])
+            else:
+                self.pending.add(b"")  # overflowed: `check` fails open for everything
+            raise
+        self.pending.difference_update(retried)
 
     async def add_many(
         self, items: AsyncIterable[Key] | Iterable[Key], *, batch: int = 1000
@@ -272,8 +306,30 @@ class BloomFilter:
         """`contains` for many items in one round trip."""
         return [answer != 0 for answer in await self._query(items)]
 
+    async def may_contain(self, item: Key) -> bool:
+        """
+        `contains` for the Cache's misses: False only for "definitely absent"; a missing
+        bitmap or a Redis error fails open. Counted in `rejected` and `fail_open`.
+        """
+        try:
+            answer = await self.check(item)
+        except BackendError:
+            answer = -1
+        if answer < 0:
+            self.fail_open += 1
+        elif answer == 0:
+            self.rejected += 1
+        return answer != 0
+
+    async def add_quietly(self, item: Key) -> None:
+        """`add` for the Cache's fills: a failure is counted and kept pending, not raised."""
+        with contextlib.suppress(BackendError):
+            await self.add(item)
+
     async def check(self, item: Key) -> int:
         """1 maybe present, 0 definitely absent, -1 the bitmap is missing (for the Cache)."""
+        if self.pending and (_as_bytes(item) in self.pending or b"" in self.pending):
+            return 1  # its add failed: never answer "absent" for it
         (answer,) = await self._query([item])
         return answer
 

@@ -9,7 +9,10 @@ so a holder whose lease ran out can never overwrite what its successor (or a ``s
 ``delete``, which also drop the lock) wrote after it.
 
 Acquiring is combined with reading: `ACQUIRE_OR_READ` returns the value if a fill landed since
-the caller's own read, so a process that lost the race never loads a second time.
+the caller's own read, so a process that lost the race never loads a second time. What an
+acquisition may take the lock over is its `Acquire` mode. An acquisition whose answer was never
+read (its caller cancelled, its command timed out) may still have taken the lock:
+`RebuildLock.may_hold` says so, and the caller releases it (owner-only, so harmless if not).
 
 Guarantees:
     - At most one token owns the lock of a key at a time; only that token's fill is written.
@@ -35,39 +38,52 @@ from dataclasses import dataclass
 
 from .._types import LuaScript, ScriptRunner
 from ..errors import BackendError
+from ..record import HEADER_SIZE
 
 __all__ = (
     "ACQUIRE_OR_READ",
-    "FENCED_FILL",
+    "FILL",
     "INLINE_LIMIT",
     "RELEASE_IF_OWNER",
     "RENEW_IF_OWNER",
-    "STORE_AND_RELEASE",
     "UNLINK_AND_RELEASE",
+    "Acquire",
+    "Attempt",
     "Outcome",
     "RebuildLock",
+    "store",
 )
 
 # KEYS[1] value key, KEYS[2] lock key
-# ARGV[1] token, ARGV[2] lease in ms, ARGV[3] mode, ARGV[4] prefix (mode "stale" only)
-#   mode "absent": take the lock only if the key holds no value;
-#   mode "stale":  take it also if the value still starts with ARGV[4] (the header of the
-#                  copy the caller found expired or corrupt), i.e. nobody replaced it since;
-#   mode "any":    take it whatever the value.
+# ARGV[1] token, ARGV[2] lease in ms, ARGV[3] mode (an `Acquire` value), ARGV[4] prefix
+# (mode "stale" only), ARGV[5] header size
 # Returns {1, value} if a value is there that the mode does not override, {2, ""} if the lock
-# was taken, {3, pttl} if another token holds it (pttl: its remaining lease in ms).
+# was taken, {3, pttl, header} if another token holds it (pttl: its remaining lease in ms;
+# header: the first ARGV[5] bytes of the value now stored, "" if none).
+# A key of another Redis type (a hash where a record belongs) is foreign data: read as "no
+# value", so the lock is taken and the fill (a SET) replaces it.
 ACQUIRE_OR_READ = LuaScript(
     "acquire_or_read",
     """
 local mode = ARGV[3]
-if mode ~= "any" then
-  local value = redis.call("GET", KEYS[1])
+local function stored()
+  local value = redis.pcall("GET", KEYS[1])
+  if type(value) == "table" then return false end
+  return value
+end
+if mode == "absent" or mode == "stale" then
+  local value = stored()
   if value and (mode == "absent" or string.sub(value, 1, #ARGV[4]) ~= ARGV[4]) then
     return {1, value}
   end
 end
+if mode == "claim" then
+  redis.call("SET", KEYS[2], ARGV[1], "PX", ARGV[2])
+  return {2, ""}
+end
 if redis.call("SET", KEYS[2], ARGV[1], "NX", "PX", ARGV[2]) then return {2, ""} end
-return {3, redis.call("PTTL", KEYS[2])}
+local value = stored()
+return {3, redis.call("PTTL", KEYS[2]), value and string.sub(value, 1, tonumber(ARGV[5])) or ""}
 """,
 )
 
@@ -75,14 +91,14 @@ return {3, redis.call("PTTL", KEYS[2])}
 # need no read of their own; larger records (and releases) publish "" and waiters read the key.
 
 # KEYS[1] value key, KEYS[2] lock key
-# ARGV[1] token, ARGV[2] record bytes, ARGV[3] ttl in ms, ARGV[4] fill channel,
-# ARGV[5] inline limit in bytes
-# Returns 1 if the value was written (and the lock released, the fill published), 0 if the
-# token no longer owns the lock and nothing was written.
-FENCED_FILL = LuaScript(
-    "fenced_fill",
+# ARGV[1] token, or "" for an explicit write that supersedes whoever holds the lock;
+# ARGV[2] record bytes, ARGV[3] ttl in ms, ARGV[4] fill channel, ARGV[5] inline limit in bytes
+# Returns 1 if the value was written (the lock released, the fill published), 0 if the token
+# no longer owns the lock and nothing was written.
+FILL = LuaScript(
+    "fill",
     """
-if redis.call("GET", KEYS[2]) ~= ARGV[1] then return 0 end
+if ARGV[1] ~= "" and redis.call("GET", KEYS[2]) ~= ARGV[1] then return 0 end
 redis.call("SET", KEYS[1], ARGV[2], "PX", ARGV[3])
 redis.call("DEL", KEYS[2])
 redis.call("PUBLISH", ARGV[4], #ARGV[2] <= tonumber(ARGV[5]) and ARGV[2] or "")
@@ -115,20 +131,6 @@ return redis.call("PEXPIRE", KEYS[1], ARGV[2])
 )
 
 # KEYS[1] value key, KEYS[2] lock key
-# ARGV[1] record bytes, ARGV[2] ttl in ms, ARGV[3] fill channel, ARGV[4] inline limit
-# Returns 1. An explicit write supersedes any rebuild in progress: the holder's fill will be
-# refused, and waiters wake to read this value.
-STORE_AND_RELEASE = LuaScript(
-    "store_and_release",
-    """
-redis.call("SET", KEYS[1], ARGV[1], "PX", ARGV[2])
-redis.call("DEL", KEYS[2])
-redis.call("PUBLISH", ARGV[3], #ARGV[1] <= tonumber(ARGV[4]) and ARGV[1] or "")
-return 1
-""",
-)
-
-# KEYS[1] value key, KEYS[2] lock key
 # ARGV[1] fill channel
 # Returns 1 if a value was removed, else 0. A rebuild in progress loses its lock, so the value
 # it computed from data older than this invalidation is never written.
@@ -142,6 +144,16 @@ return removed
 )
 
 
+class Acquire(enum.Enum):
+    """What an acquisition may take the lock over."""
+
+    ABSENT = "absent"  # only a key without a value; else report the value
+    STALE = "stale"  # also a value that still starts with a given header (nobody replaced it)
+    ANY = "any"  # whatever the value (a forced refresh); still one holder at a time
+    CLAIM = "claim"  # whoever holds it (Policy(lock=False)): no exclusion, but a later
+    #                  set() or delete() still fences this holder's fill out
+
+
 class Outcome(enum.Enum):
     VALUE = 1  # a value exists
     ACQUIRED = 2  # this token now holds the lock
@@ -151,7 +163,7 @@ class Outcome(enum.Enum):
 @dataclass(frozen=True, slots=True)
 class Attempt:
     outcome: Outcome
-    value: bytes = b""
+    value: bytes = b""  # the stored value, when VALUE; its header, when BUSY ("" if none)
     lease_left: float = 0.0  # seconds, when BUSY
 
 
@@ -165,6 +177,23 @@ def _ms(seconds: float) -> int:
     return max(1, round(seconds * 1000))
 
 
+async def store(
+    runner: ScriptRunner,
+    *,
+    value_key: bytes,
+    lock_key: bytes,
+    channel: bytes,
+    record: bytes,
+    ttl: float,
+) -> None:
+    """
+    An explicit write (``Cache.set``): stores ``record`` whoever holds the lock, which it
+    drops, so the rebuild in progress is superseded (its fill is refused) and its waiters
+    wake to read this value.
+    """
+    await runner.eval(FILL, (value_key, lock_key), ("", record, _ms(ttl), channel, INLINE_LIMIT))
+
+
 class RebuildLock:
     """
     The rebuild lock of one key, for one attempt (one token).
@@ -175,7 +204,16 @@ class RebuildLock:
         lock_ttl: The lease, in seconds.
     """
 
-    __slots__ = ("_runner", "channel", "lock_key", "lock_ttl", "lost", "token", "value_key")
+    __slots__ = (
+        "_runner",
+        "channel",
+        "lock_key",
+        "lock_ttl",
+        "lost",
+        "may_hold",
+        "token",
+        "value_key",
+    )
 
     def __init__(
         self,
@@ -193,43 +231,42 @@ class RebuildLock:
         self.lock_ttl = lock_ttl
         self.token = secrets.token_hex(16)
         self.lost = False
+        #: True from the moment an acquisition is sent until this token is known not to hold
+        #: the lock (the answer said so, or it was filled or released). An acquisition whose
+        #: answer nobody read (cancelled, timed out) may have taken it: release it then.
+        self.may_hold = False
 
-    async def acquire_or_read(
-        self, *, replacing: bytes | None = None, force: bool = False
-    ) -> Attempt:
+    async def acquire(self, mode: Acquire, *, replacing: bytes = b"") -> Attempt:
         """
-        Take the lock unless the key holds a value; else report the value or the holder.
+        Take the lock as ``mode`` allows; else report the value or the holder.
 
         Args:
-            replacing: Also take the lock over a value that still starts with these bytes
-                (the header of a copy found expired or corrupt), unless it was replaced.
-            force: Take the lock whatever the value.
+            mode: What the lock may be taken over (see `Acquire`).
+            replacing: With `Acquire.STALE`, the header of the copy found expired or corrupt:
+                the lock is taken over a value that still starts with it.
         """
-        if force:
-            mode, prefix = "any", b""
-        elif replacing is not None:
-            mode, prefix = "stale", replacing
-        else:
-            mode, prefix = "absent", b""
-        kind, payload = await self._runner.eval(
+        self.may_hold = True
+        kind, payload, *rest = await self._runner.eval(
             ACQUIRE_OR_READ,
             (self.value_key, self.lock_key),
-            (self.token, _ms(self.lock_ttl), mode, prefix),
+            (self.token, _ms(self.lock_ttl), mode.value, replacing, HEADER_SIZE),
         )
         outcome = Outcome(int(kind))
+        if outcome is Outcome.ACQUIRED:
+            return Attempt(outcome)
+        self.may_hold = False
         if outcome is Outcome.VALUE:
             return Attempt(outcome, value=bytes(payload))
-        if outcome is Outcome.BUSY:
-            return Attempt(outcome, lease_left=max(int(payload), 1) / 1000)
-        return Attempt(outcome)
+        return Attempt(outcome, value=bytes(rest[0]), lease_left=max(int(payload), 1) / 1000)
 
     async def fill(self, record: bytes, ttl: float) -> bool:
         """Write ``record`` if this token still owns the lock, release it, wake waiters."""
         written = await self._runner.eval(
-            FENCED_FILL,
+            FILL,
             (self.value_key, self.lock_key),
             (self.token, record, _ms(ttl), self.channel, INLINE_LIMIT),
         )
+        self.may_hold = False
         self.lost = not written
         return bool(written)
 
@@ -238,6 +275,7 @@ class RebuildLock:
         released = await self._runner.eval(
             RELEASE_IF_OWNER, (self.lock_key,), (self.token, self.channel)
         )
+        self.may_hold = False
         return bool(released)
 
     async def renew(self) -> bool:

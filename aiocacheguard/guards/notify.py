@@ -12,22 +12,38 @@ Guarantees:
       published after that is delivered; a waiter that checks the key *after* entering
       `listen` cannot miss a fill between its check and its wait.
     - Subscriptions are reference counted per channel and dropped when the last listener leaves.
+      A listener arriving while its channel is being unsubscribed subscribes after the
+      UNSUBSCRIBE was sent, so it is never left deaf.
+    - Where pub/sub cannot be had (an ACL without SUBSCRIBE, a proxy without pub/sub, a failed
+      connection), `listen` still yields, with a signal that is not `Signal.live`: the waiter
+      falls back to re-checking when the holder's lease can have run out. One warning per
+      episode says so, and for ``RETRY_AFTER`` seconds later listeners skip the attempt.
 
 Limitations:
     - Pub/sub is at-most-once: a message published while the connection is down is lost.
       Callers must bound every wait by something they can re-check (the lock's remaining
-      lease), which the Cache does.
+      lease), which the Cache does; a re-subscription after a reconnect wakes every listener
+      of the channel, so they re-check at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
+from typing import Final
 
 from .._types import Subscriber
+from ..errors import BackendError
 
 __all__ = ("FillNotifier", "Signal")
+
+logger = logging.getLogger("aiocacheguard")
+
+#: After a subscription failed, listeners go without one for this many seconds before trying
+#: again, so a pub/sub that cannot work does not cost every waiter a command budget.
+RETRY_AFTER: Final = 5.0
 
 
 class Signal:
@@ -36,11 +52,13 @@ class Signal:
     latest message's data for `take`.
     """
 
-    __slots__ = ("_data", "_event")
+    __slots__ = ("_data", "_event", "live")
 
-    def __init__(self) -> None:
+    def __init__(self, *, live: bool = True) -> None:
         self._event = asyncio.Event()
         self._data = b""
+        #: False when no subscription stands behind this signal: it is never set.
+        self.live = live
 
     def set(self, data: bytes = b"") -> None:
         self._data = data
@@ -73,11 +91,15 @@ class _Channel:
 class FillNotifier:
     """Multiplexes one subscriber connection over many per-key channels."""
 
-    __slots__ = ("_channels", "_subscriber")
+    __slots__ = ("_channels", "_leaving", "_subscriber", "_unavailable_until", "fallbacks")
 
     def __init__(self) -> None:
         self._subscriber: Subscriber | None = None
         self._channels: dict[bytes, _Channel] = {}
+        self._leaving: dict[bytes, asyncio.Task[None]] = {}
+        self._unavailable_until: float | None = None
+        #: Listeners that had to go without a subscription (see `Signal.live`).
+        self.fallbacks = 0
 
     def bind(self, subscriber: Subscriber) -> None:
         self._subscriber = subscriber
@@ -97,13 +119,19 @@ class FillNotifier:
     @contextlib.asynccontextmanager
     async def listen(self, channel: bytes) -> AsyncIterator[Signal]:
         """
-        Listen to ``channel`` for the duration of the block.
-
-        Raises:
-            BackendError: the subscription could not be made.
+        Listen to ``channel`` for the duration of the block. If no subscription can be had,
+        the signal yielded is not `Signal.live` (see the module's guarantees).
         """
         subscriber = self._subscriber
         assert subscriber is not None, "bind() a subscriber first"
+        loop = asyncio.get_running_loop()
+        if self._unavailable_until is not None and loop.time() < self._unavailable_until:
+            self.fallbacks += 1
+            yield Signal(live=False)
+            return
+        leaving = self._leaving.get(channel)
+        if leaving is not None:  # our SUBSCRIBE must follow that UNSUBSCRIBE on the wire
+            await asyncio.shield(leaving)
         entry = self._channels.get(channel)
         if entry is None:
             ready = asyncio.create_task(
@@ -113,14 +141,49 @@ class FillNotifier:
         signal = Signal()
         entry.signals.add(signal)
         try:
-            await asyncio.shield(entry.ready)
+            try:
+                await asyncio.shield(entry.ready)
+            except BackendError as exc:
+                self._unavailable(exc)
+                signal.live = False
+            else:
+                if self._unavailable_until is not None:
+                    self._unavailable_until = None
+                    logger.warning("pub/sub notifications work again")
             yield signal
         finally:
             entry.signals.discard(signal)
             if not entry.signals and self._channels.get(channel) is entry:
                 del self._channels[channel]
-                if not entry.ready.done():
-                    entry.ready.cancel()
-                with contextlib.suppress(Exception):
-                    await asyncio.gather(entry.ready, return_exceptions=True)
-                    await subscriber.unsubscribe(channel)
+                self._leave(channel, entry)
+
+    def _unavailable(self, exc: BaseException) -> None:
+        self.fallbacks += 1
+        if self._unavailable_until is None:
+            logger.warning(
+                "pub/sub notifications are unavailable (%s): waiters re-check when the "
+                "holder's lease can have run out instead of being notified",
+                exc,
+            )
+        self._unavailable_until = asyncio.get_running_loop().time() + RETRY_AFTER
+
+    def _leave(self, channel: bytes, entry: _Channel) -> None:
+        if not entry.ready.done():
+            entry.ready.cancel()
+        subscriber = self._subscriber
+        assert subscriber is not None
+
+        async def unsubscribe() -> None:
+            with contextlib.suppress(Exception):
+                await asyncio.gather(entry.ready, return_exceptions=True)
+                await subscriber.unsubscribe(channel)
+
+        task = asyncio.create_task(unsubscribe(), name="aiocacheguard-unsubscribe")
+        self._leaving[channel] = task
+        task.add_done_callback(
+            lambda t: self._leaving.pop(channel) if self._leaving.get(channel) is t else None
+        )
+
+    async def aclose(self) -> None:
+        """Wait for the unsubscriptions still on their way (each bounded by the backend)."""
+        await asyncio.gather(*self._leaving.values(), return_exceptions=True)

@@ -19,9 +19,13 @@ Guarantees:
     - A failing background refresh never raises into an unrelated caller: its exception is
       handed to the Cache's error handling (statistics, log, event hook).
 
+    - A key whose refresh failed is not refreshed in the background again until a backoff
+      has passed (1 s, doubling per failure up to 60 s), so a stale key whose loader keeps
+      failing does not start a refresh on every read.
+
 Limitations:
-    - A refresh dropped because ``max_concurrent`` were running is not retried by itself; the
-      next read of the stale entry asks again.
+    - A refresh dropped because ``max_concurrent`` were running (or backing off) is not
+      retried by itself; the next read of the stale entry asks again.
 """
 
 from __future__ import annotations
@@ -29,12 +33,19 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+import time
 from collections.abc import Callable, Coroutine, Hashable
-from typing import Any, Generic, TypeVar
+from typing import Any, Final, Generic, TypeVar
 
 __all__ = ("Refresher", "xfetch_due")
 
 K = TypeVar("K", bound=Hashable)
+
+#: Backoff after a key's background refresh failed: BACKOFF_FIRST seconds, doubling with each
+#: further failure, at most BACKOFF_MAX. At most BACKOFF_KEYS keys are remembered.
+BACKOFF_FIRST: Final = 1.0
+BACKOFF_MAX: Final = 60.0
+BACKOFF_KEYS: Final = 10_000
 
 
 def xfetch_due(*, now: float, expiry: float, delta: float, beta: float, rng: random.Random) -> bool:
@@ -60,11 +71,13 @@ def xfetch_due(*, now: float, expiry: float, delta: float, beta: float, rng: ran
 class Refresher(Generic[K]):
     """Owns the background refresh tasks of one Cache."""
 
-    __slots__ = ("_max_concurrent", "_tasks")
+    __slots__ = ("_clock", "_failures", "_max_concurrent", "_tasks")
 
-    def __init__(self, *, max_concurrent: int) -> None:
+    def __init__(self, *, max_concurrent: int, clock: Callable[[], float] = time.monotonic) -> None:
         self._max_concurrent = max_concurrent
+        self._clock = clock
         self._tasks: dict[K, asyncio.Task[Any]] = {}
+        self._failures: dict[K, tuple[int, float]] = {}  # key -> (failures, retry at)
 
     def __len__(self) -> int:
         return len(self._tasks)
@@ -78,6 +91,9 @@ class Refresher(Generic[K]):
         reached. Returns whether it started. ``work`` must handle its own errors.
         """
         if key in self._tasks or len(self._tasks) >= self._max_concurrent:
+            return False
+        failed = self._failures.get(key)
+        if failed is not None and self._clock() < failed[1]:
             return False
         self._start(key, work)
         return True
@@ -96,8 +112,16 @@ class Refresher(Generic[K]):
     def _finished(self, key: K, task: asyncio.Task[Any]) -> None:
         if self._tasks.get(key) is task:
             del self._tasks[key]
-        if not task.cancelled():
-            task.exception()  # handled by the work itself; mark retrieved
+        if task.cancelled():
+            return
+        if task.exception() is None:  # handled by the work itself; now marked retrieved
+            self._failures.pop(key, None)
+            return
+        failures = self._failures.pop(key, (0, 0.0))[0] + 1
+        if len(self._failures) >= BACKOFF_KEYS:  # forget the oldest
+            del self._failures[next(iter(self._failures))]
+        backoff = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (failures - 1))
+        self._failures[key] = (failures, self._clock() + backoff)
 
     async def aclose(self, *, drain: bool = False) -> None:
         """Cancel the refreshes in flight (default), or wait for them with ``drain=True``."""

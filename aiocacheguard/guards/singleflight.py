@@ -31,10 +31,93 @@ from typing import Any, Generic, TypeVar, cast
 
 from ..errors import CacheClosedError
 
-__all__ = ("SingleFlight",)
+__all__ = ("SharedCall", "SingleFlight")
 
 K = TypeVar("K", bound=Hashable)
 T = TypeVar("T")
+
+
+class _Abandoned(Exception):
+    """The caller running a shared call was cancelled; its joiners go again."""
+
+
+class _Shared(Generic[T]):
+    __slots__ = ("future",)
+
+    def __init__(self) -> None:
+        self.future: asyncio.Future[T] | None = None  # made when a second caller joins
+
+    def join(self) -> asyncio.Future[T]:
+        if self.future is None:
+            self.future = asyncio.get_running_loop().create_future()
+        return self.future
+
+    def settle(self, result: T | None, error: BaseException | None) -> None:
+        future = self.future
+        if future is None or future.done():
+            return
+        if error is None:
+            future.set_result(cast(T, result))
+            return
+        future.set_exception(error if isinstance(error, Exception) else _Abandoned())
+        future.exception()  # retrieved, even if every joiner has gone
+
+
+class SharedCall(Generic[K, T]):
+    """
+    Concurrent calls for one key share the first caller's call, which runs in that caller's
+    own task: no task is created, so a call with nobody to share it with costs one dict
+    lookup. For idempotent work only (a read): if the first caller is cancelled, its joiners
+    are not, and one of them makes the call again.
+
+    Example:
+        >>> async def main() -> tuple[int, list[int]]:
+        ...     reads: SharedCall[str, int] = SharedCall()
+        ...     calls = 0
+        ...     async def read() -> int:
+        ...         nonlocal calls
+        ...         calls += 1
+        ...         await asyncio.sleep(0.01)
+        ...         return 42
+        ...     results = await asyncio.gather(*(reads.run("k", read) for _ in range(100)))
+        ...     return calls, sorted(set(results))
+        >>> asyncio.run(main())
+        (1, [42])
+    """
+
+    __slots__ = ("_calls",)
+
+    def __init__(self) -> None:
+        self._calls: dict[K, _Shared[T]] = {}
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._calls
+
+    async def run(self, key: K, work: Callable[[], Coroutine[Any, Any, T]]) -> T:
+        """The result of ``work()``, or of the same key's call already running."""
+        calls = self._calls
+        while (shared := calls.get(key)) is not None:
+            try:
+                return await shared.join()
+            except _Abandoned:
+                continue
+        shared = calls[key] = _Shared()
+        result: T | None = None
+        error: BaseException | None = None
+        try:
+            result = await work()
+            return result
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            if calls.get(key) is shared:
+                del calls[key]
+            shared.settle(result, error)
+
+    def forget(self, key: K) -> None:
+        """Later callers make their own call (the one running may predate a write)."""
+        self._calls.pop(key, None)
 
 
 class _Flight(Generic[T]):

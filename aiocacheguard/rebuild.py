@@ -1,0 +1,327 @@
+"""
+The cross-process miss protocol: take the rebuild lock and load, or wait for the fill.
+
+One `Rebuilder` per Cache runs every miss (`Rebuilder.load`) and every refresh
+(`Rebuilder.refresh`) through the same steps:
+
+1. **Acquire** (one script): the lock is taken unless a usable value is there, which is
+   returned instead (a fill landed since our read). What the lock may be taken over is the
+   `Acquire` mode: nothing (a miss), a copy found expired (a refresh; unless someone replaced
+   it meanwhile), anything (a forced refresh), or, with ``Policy(lock=False)``, whoever holds
+   it (no exclusion, but a later set() or delete() still fences the fill out).
+2. **Wait** (the lock is busy): subscribe to the key's fill channel, re-check, and sleep until
+   a fill is announced or the holder's lease can have run out; a fill message carries the
+   record, so no read is needed; a lease that ran out is taken over. Without pub/sub the wait
+   is the lease-bounded re-check alone.
+3. **Load as holder**: run the loader with the lease renewed, encode, and write with the fenced
+   fill (written only while our token holds the lock), which also wakes the waiters.
+
+Guarantees:
+    - Whatever fails after the lock may have been taken (the loader, encoding, a Redis error,
+      cancellation) releases it: at once where the error is ordinary, in the background where
+      the caller was cancelled (an acquisition whose answer nobody read is undone once the
+      answer arrives). `Rebuilder.aclose` waits for those releases.
+    - A waiter never returns empty-handed: it gets the fill, takes the lock over, or, after
+      ``wait_timeout``, loads itself (or raises `LockTimeout` if the policy says so).
+    - A forced refresh that finds another holder waits for that holder's fill and returns
+      it; it does not return the value it meant to replace.
+
+Limitations:
+    - An acquisition that timed out may land after the release sent for it; the lock's lease
+      (``lock_ttl``) bounds how long that lock stands.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Final, Protocol
+
+from ._types import ScriptRunner
+from .codec import Entry, RecordCodec
+from .errors import BackendError, LockTimeout
+from .guards.lock import Acquire, Attempt, Outcome, RebuildLock
+from .guards.notify import FillNotifier
+from .keys import KeySpace
+from .metrics import Counters, EventKind
+from .policy import Policy
+
+__all__ = ("Rebuilder",)
+
+#: Added to a holder's remaining lease before a waiter re-checks for a takeover, so the
+#: re-check lands just after the lock expired rather than just before.
+LEASE_SLACK: Final = 0.01
+
+Loader = Callable[[], Awaitable[Any]]
+
+
+class LoaderRunner(Protocol):
+    """Calls a loader under its policy's budget, counting and reporting it (the Cache's)."""
+
+    def __call__(self, rkey: bytes, loader: Loader, policy: Policy, /) -> Awaitable[Any]: ...
+
+
+class EventSink(Protocol):
+    def __call__(self, kind: EventKind, rkey: bytes, /) -> None: ...
+
+
+#: Called beside each fill with the key and value written (the Cache adds it to its Bloom
+#: filter). Must not raise.
+OnFill = Callable[[bytes, Any], Awaitable[None]]
+
+
+class Rebuilder:
+    """
+    The miss protocol of one Cache.
+
+    Args:
+        runner: Runs the lock's scripts (the Cache's backend).
+        keys: The Cache's key space (lock keys and fill channels).
+        notifier: Fill notifications.
+        codec: Encodes the loaded value; decodes what Redis or a fill message holds.
+        counters: The Cache's statistics.
+        run_loader: Calls a loader (budget, statistics, events).
+        emit: Reports ``takeover`` and ``lock_lost`` events.
+    """
+
+    def __init__(
+        self,
+        *,
+        runner: ScriptRunner,
+        keys: KeySpace,
+        notifier: FillNotifier,
+        codec: RecordCodec,
+        counters: Counters,
+        run_loader: LoaderRunner,
+        emit: EventSink,
+    ) -> None:
+        self._runner = runner
+        self._keys = keys
+        self._notifier = notifier
+        self._codec = codec
+        self._counters = counters
+        self._run_loader = run_loader
+        self._emit = emit
+        self._releases: set[asyncio.Task[Any]] = set()
+
+    async def load(
+        self,
+        rkey: bytes,
+        loader: Loader,
+        policy: Policy,
+        *,
+        expired: Entry | None,
+        on_fill: OnFill | None = None,
+    ) -> Any:
+        """
+        A miss: the value some process loads (this one if it gets the lock). ``expired`` is a
+        copy past its TTL that the lock may be taken over, unless it was replaced.
+
+        Raises:
+            LockTimeout: waiting ran out and ``policy.on_wait_timeout == "raise"``.
+            BackendError: Redis failed (the caller decides what to do without it).
+            Exception: whatever the loader raised.
+        """
+        mode = Acquire.STALE if expired is not None else Acquire.ABSENT
+        replacing = b"" if expired is None else expired.header
+        return await self._rebuild(rkey, loader, policy, mode, replacing, on_fill, wait=True)
+
+    async def refresh(
+        self,
+        rkey: bytes,
+        loader: Loader,
+        policy: Policy,
+        *,
+        replacing: Entry | None,
+        on_fill: OnFill | None = None,
+    ) -> Any:
+        """
+        Load again and write, returning the value now cached: unless the copy ``replacing``
+        was already replaced (that value is returned) or, in the background case
+        (``replacing`` given), another process is refreshing it (``replacing`` is returned).
+        With ``replacing=None`` (a forced refresh), a refresh by another process is waited for.
+        """
+        if replacing is None:
+            return await self._rebuild(rkey, loader, policy, Acquire.ANY, b"", on_fill, wait=True)
+        value = await self._rebuild(
+            rkey, loader, policy, Acquire.STALE, replacing.header, on_fill, wait=False
+        )
+        return replacing.result() if value is _BUSY else value
+
+    async def _rebuild(
+        self,
+        rkey: bytes,
+        loader: Loader,
+        policy: Policy,
+        mode: Acquire,
+        replacing: bytes,
+        on_fill: OnFill | None,
+        *,
+        wait: bool,
+    ) -> Any:
+        lock = RebuildLock(
+            self._runner,
+            value_key=rkey,
+            lock_key=self._keys.lock(rkey),
+            channel=self._keys.channel(rkey),
+            lock_ttl=policy.lock_ttl,
+        )
+        if not policy.lock:
+            mode = Acquire.CLAIM
+        self._notifier.prepare()  # if this must wait, its connection is on the way
+        try:
+            attempt, entry = await self._acquire(lock, mode, replacing)
+            if attempt.outcome is Outcome.BUSY:
+                if not wait:
+                    return _BUSY
+                self._counters.lock_waits += 1
+                # A forced refresh waits for a value other than the one it found.
+                after = attempt.value if mode is Acquire.ANY else replacing
+                attempt, entry = await self._wait_for_fill(lock, policy, after)
+            if entry is not None:
+                return entry.result()
+            if attempt.outcome is Outcome.ACQUIRED:
+                return await self._load_as_holder(lock, loader, policy, on_fill)
+            if policy.on_wait_timeout == "raise":
+                raise LockTimeout(
+                    f"waited wait_timeout={policy.wait_timeout}s for another process to fill "
+                    "the key; raise Policy.wait_timeout, or use on_wait_timeout='load'"
+                )
+            return await self._run_loader(rkey, loader, policy)
+        except asyncio.CancelledError:
+            if lock.may_hold:
+                self._release_later(lock)
+            raise
+        except BaseException:
+            if lock.may_hold:
+                with contextlib.suppress(BackendError):
+                    await lock.release()  # wake the waiters now rather than after the lease
+            raise
+
+    async def _acquire(
+        self, lock: RebuildLock, mode: Acquire, replacing: bytes
+    ) -> tuple[Attempt, Entry | None]:
+        """
+        One lock attempt. A value found instead is returned decoded if it is usable: not
+        corrupt and not expired (else the lock is taken over it, unless it was replaced).
+        """
+        for _ in range(3):  # a value that keeps being replaced by unusable ones: give up
+            attempt = await self._acquire_once(lock, mode, replacing)
+            if attempt.outcome is not Outcome.VALUE:
+                return attempt, None
+            entry = self._codec.decode(attempt.value)
+            if entry is not None and entry.fresh(self._codec.clock()):
+                return attempt, entry
+            mode, replacing = Acquire.STALE, attempt.value  # take the lock over it
+        return attempt, None
+
+    async def _acquire_once(self, lock: RebuildLock, mode: Acquire, replacing: bytes) -> Attempt:
+        # The acquisition runs in a task of its own, so that if this caller is cancelled while
+        # it is on the wire, its answer is still read: a lock it took is then released.
+        task = asyncio.create_task(
+            lock.acquire(mode, replacing=replacing), name="aiocacheguard-acquire"
+        )
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            self._releases.add(task)
+            task.add_done_callback(lambda t: self._undo(lock, t))
+            lock.may_hold = False  # the undo owns the release now
+            raise
+
+    def _undo(self, lock: RebuildLock, task: asyncio.Task[Attempt]) -> None:
+        self._releases.discard(task)
+        if (
+            task.cancelled()
+            or task.exception() is not None  # the outcome is unknown: release to be sure
+            or task.result().outcome is Outcome.ACQUIRED
+        ):
+            self._release_later(lock)
+
+    def _release_later(self, lock: RebuildLock) -> None:
+        async def release() -> None:
+            with contextlib.suppress(BackendError):
+                await lock.release()
+
+        task = asyncio.create_task(release(), name="aiocacheguard-release")
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
+
+    async def _wait_for_fill(
+        self, lock: RebuildLock, policy: Policy, replacing: bytes
+    ) -> tuple[Attempt, Entry | None]:
+        """
+        Wait for another process's fill (a value other than ``replacing``), re-checking on
+        every notification and whenever the holder's lease may have run out (then the lock
+        is taken over).
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + policy.wait_timeout
+        mode = Acquire.STALE if replacing else Acquire.ABSENT
+        async with self._notifier.listen(lock.channel) as signal:
+            notified = True  # the first check, right after subscribing, is not a takeover
+            while True:
+                attempt, entry = await self._acquire(lock, mode, replacing)
+                if entry is not None:
+                    return attempt, entry
+                if attempt.outcome is Outcome.ACQUIRED:
+                    if not notified:
+                        self._counters.takeovers += 1
+                        self._emit("takeover", lock.value_key)
+                    return attempt, None
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return attempt, None
+                notified = await signal.wait_notified(
+                    min(remaining, attempt.lease_left + LEASE_SLACK)
+                )
+                filled = signal.take()
+                if filled:  # the fill message carried the record: no read needed
+                    entry = self._codec.decode(filled)
+                    if (
+                        entry is not None
+                        and entry.header != replacing
+                        and entry.fresh(self._codec.clock())
+                    ):
+                        return Attempt(Outcome.VALUE, value=filled), entry
+
+    async def _load_as_holder(
+        self, lock: RebuildLock, loader: Loader, policy: Policy, on_fill: OnFill | None
+    ) -> Any:
+        self._counters.lock_acquired += 1
+        started = time.monotonic()
+        async with lock.kept_alive():
+            value = await self._run_loader(lock.value_key, loader, policy)
+        written = self._codec.encode(value, policy, compute_time=time.monotonic() - started)
+        if written is None:
+            await lock.release()
+            return value
+        try:
+            if on_fill is not None and value is not None:
+                filled, _ = await asyncio.gather(
+                    lock.fill(*written), on_fill(lock.value_key, value)
+                )
+            else:
+                filled = await lock.fill(*written)
+        except BackendError:
+            if lock.may_hold:  # the fill may not have landed: don't leave the lock standing
+                self._release_later(lock)
+            return value  # counted; the value is still served to this process's callers
+        if not filled:
+            self._counters.lock_lost += 1
+            self._emit("lock_lost", lock.value_key)
+        return value
+
+    async def aclose(self) -> None:
+        """Wait for the releases still on their way (each bounded by a command budget)."""
+        while self._releases:
+            await asyncio.gather(*self._releases, return_exceptions=True)
+
+
+class _Busy:
+    """Another process holds the lock and the caller chose not to wait."""
+
+
+_BUSY: Final = _Busy()

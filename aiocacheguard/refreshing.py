@@ -1,0 +1,127 @@
+"""
+Refreshing entries: when a read asks for a background refresh (logical expiry, XFetch), running
+it and forced refreshes through the rebuild protocol, and what a failed one says.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+from .codec import Entry
+from .guards.refresh import Refresher, xfetch_due
+from .metrics import Counters, Emitter
+from .policy import Policy
+from .rebuild import OnFill, Rebuilder
+
+__all__ = ("Refreshes",)
+
+logger = logging.getLogger("aiocacheguard")
+
+Loader = Callable[[], Awaitable[Any]]
+
+
+class Refreshes:
+    """
+    The refreshes of one Cache, owned by a `Refresher` (one per key, bounded, drained on
+    close, backed off after a failure).
+
+    Args:
+        rebuilder: Runs each refresh (lock, load, fenced fill).
+        counters: The Cache's statistics.
+        emit: Reports ``refreshed`` and ``refresh_failed``.
+        rng: XFetch's draws.
+        clock: Times the backoff after a failed refresh.
+        max_concurrent: Background refreshes at once.
+        written: Called with the key after a refresh, so later reads see the new value.
+        on_fill: Called beside each fill (the Bloom filter's add).
+    """
+
+    def __init__(
+        self,
+        *,
+        rebuilder: Rebuilder,
+        counters: Counters,
+        emit: Emitter,
+        rng: random.Random,
+        clock: Callable[[], float],
+        max_concurrent: int,
+        written: Callable[[bytes], None],
+        on_fill: OnFill | None,
+    ) -> None:
+        self._rebuilder = rebuilder
+        self._counters = counters
+        self._emit = emit
+        self._rng = rng
+        self._refresher: Refresher[bytes] = Refresher(max_concurrent=max_concurrent, clock=clock)
+        self._written = written
+        self._on_fill = on_fill
+        self._failures = 0  # in a row, Cache-wide: one warning per episode
+
+    def maybe_start(
+        self, rkey: bytes, entry: Entry, loader: Loader, policy: Policy, now: float
+    ) -> None:
+        """Start a background refresh if the entry is soft-expired or XFetch draws one."""
+        record = entry.record
+        if record.negative:
+            return
+        soft = record.soft_expires_at
+        if soft is not None and now >= soft:
+            self._counters.soft_expired_served += 1
+            early = False
+        elif policy.early_beta > 0 and xfetch_due(
+            now=now,
+            expiry=record.expires_at if soft is None else soft,
+            delta=record.compute_time,
+            beta=policy.early_beta,
+            rng=self._rng,
+        ):
+            early = True
+        else:
+            return
+        if self._refresher.schedule(rkey, self._in_background(rkey, loader, policy, entry)):
+            self._counters.early_refreshes += early
+
+    async def run(self, rkey: bytes, loader: Loader, policy: Policy) -> Any:
+        """Refresh now whatever is cached, joining a refresh of the key already running."""
+        return await self._refresher.run(rkey, lambda: self._refresh(rkey, loader, policy, None))
+
+    def _in_background(
+        self, rkey: bytes, loader: Loader, policy: Policy, seen: Entry
+    ) -> Callable[[], Coroutine[Any, Any, Any]]:
+        async def work() -> Any:
+            try:
+                value = await self._refresh(rkey, loader, policy, seen)
+            except Exception as exc:
+                # Never raised into a caller: the stale value stays served. One warning per
+                # episode of failures; each is still counted and an event.
+                self._counters.refresh_errors += 1
+                self._failures += 1
+                level = logging.WARNING if self._failures == 1 else logging.DEBUG
+                logger.log(level, "background refresh of %r failed: %r", rkey, exc)
+                self._emit("refresh_failed", rkey, exc)
+                raise
+            if self._failures:
+                logger.info("background refreshes work again (%d failed)", self._failures)
+                self._failures = 0
+            return value
+
+        return work
+
+    async def _refresh(
+        self, rkey: bytes, loader: Loader, policy: Policy, seen: Entry | None
+    ) -> Any:
+        before = self._counters.lock_acquired
+        value = await self._rebuilder.refresh(
+            rkey, loader, policy, replacing=seen, on_fill=self._on_fill
+        )
+        if self._counters.lock_acquired != before:  # this process loaded and wrote it
+            self._counters.refreshes += 1
+            self._emit("refreshed", rkey)
+        self._written(rkey)
+        return value
+
+    async def aclose(self, *, drain: bool) -> None:
+        await self._refresher.aclose(drain=drain)
