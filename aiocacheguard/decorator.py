@@ -138,17 +138,24 @@ class Cached(Generic[P, T]):
         self: Cached[Concatenate[S, Q], T], instance: S, owner: type[Any]
     ) -> Cached[Q, T]: ...
 
+    def __set_name__(self, owner: type[Any], name: str) -> None:
+        self._attribute = name
+
     def __get__(self, instance: object, owner: type[Any]) -> Any:
         if instance is None:
             return self
-        return Cached(
-            self.__wrapped__,
-            cache=self.cache,
-            policy=self.policy,
-            key=self._template,
-            _bound=instance,
-            _has_instance=True,
-        )
+        # A shallow copy bound to the instance (signature and template were checked once),
+        # kept in the instance's __dict__ where it has one, as functools.cached_property does:
+        # later accesses find it there and never reach this method.
+        bound = object.__new__(Cached)
+        bound.__dict__.update(self.__dict__)
+        bound._bound = instance
+        bound._has_instance = True
+        name = self.__dict__.get("_attribute")
+        namespace = getattr(instance, "__dict__", None)
+        if name is not None and namespace is not None:
+            namespace[name] = bound
+        return bound
 
     def _arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> inspect.BoundArguments:
         if self._has_instance:

@@ -203,6 +203,34 @@ async def test_methods_share_entries_unless_the_template_names_self(cache: Cache
     assert isinstance(Catalog.price, Cached)
 
 
+def test_a_bound_method_is_made_once_per_instance(cache: Cache) -> None:
+    """Binding used to rebuild the wrapper (signature, template check) on every access."""
+
+    class Catalog:
+        @cached(cache, key="{self.tenant}:{sku}")
+        async def price(self, sku: str) -> int:
+            return len(sku)
+
+        def __init__(self, tenant: str) -> None:
+            self.tenant = tenant
+
+    a, b = Catalog("a"), Catalog("b")
+    assert a.price is a.price and b.price is b.price and a.price is not b.price
+    assert a.price.cache_key("x") == "a:x" and b.price.cache_key("x") == "b:x"
+
+    class Slotted:
+        __slots__ = ("tenant",)
+
+        def __init__(self, tenant: str) -> None:
+            self.tenant = tenant
+
+        @cached(cache, key="{self.tenant}:{sku}")
+        async def price(self, sku: str) -> int:
+            return len(sku)
+
+    assert Slotted("s").price.cache_key("x") == "s:x"  # no __dict__: a fresh binding each time
+
+
 def test_frameworks_see_a_coroutine_function(cache: Cache) -> None:
     @cached(cache)
     async def get() -> int:

@@ -1,0 +1,189 @@
+"""
+Defects of the first miss path, reproduced with real faults: a proxy that holds commands, an
+ACL that refuses SUBSCRIBE, a slow link. Each test failed on the code before the rebuild.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as redis
+
+from aiocacheguard import BackendTimeout, Cache, Policy
+from aiocacheguard.backend import RedisBackend
+from aiocacheguard.guards.notify import FillNotifier
+from aiocacheguard.testing import FaultProxy, RedisServer
+
+from .helpers import GatedLoader, library_tasks, wait_until
+
+
+@pytest.fixture
+async def proxy(redis_server: RedisServer) -> AsyncIterator[FaultProxy]:
+    async with FaultProxy(redis_server.port) as proxy:
+        yield proxy
+
+
+async def test_cancelling_every_caller_while_the_acquire_is_on_the_wire(
+    proxy: FaultProxy, client: redis.Redis, namespace: str
+) -> None:
+    """The acquisition nobody reads the answer of must not leave a lock nobody owns."""
+    through = redis.Redis(port=proxy.port)
+    policy = Policy(ttl=30.0, lock_ttl=10.0)
+    async with Cache(through, namespace=namespace, policy=policy) as cache:
+        warm = GatedLoader("warm")
+        warm.release.set()
+        await cache.get_or_load("warm-up", warm)  # scripts loaded, connection open
+        lock = cache.keys.lock(cache.keys.value("k"))
+        proxy.hold()
+        loader = GatedLoader("v")
+        callers = [asyncio.create_task(cache.get_or_load("k", loader)) for _ in range(5)]
+        while b"EVALSHA" not in (await proxy.wait_held(1))[0].data:
+            proxy.release(1)  # the read (a miss) goes through; the acquisition is held
+        for caller in callers:
+            caller.cancel()
+        await asyncio.gather(*callers, return_exceptions=True)
+        proxy.unhold()  # now the acquisition reaches Redis and takes the lock
+        # ... and is undone once its answer arrives: well before the 10 s lease.
+        async with asyncio.timeout(3):
+            await wait_until(lambda: not library_tasks())
+            while await client.exists(lock):
+                await asyncio.sleep(0.01)
+        assert loader.calls == 0
+    await through.aclose()
+
+
+async def test_waiters_without_pub_sub_wait_for_the_holder(
+    redis_server: RedisServer,
+    client: redis.Redis,
+    namespace: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An ACL without SUBSCRIBE: waiters re-check at the lease instead of loading themselves."""
+    user = f"nosub-{uuid.uuid4().hex[:8]}"
+    await client.execute_command(
+        "ACL", "SETUSER", user, "on", ">pw", "~*", "&*", "+@all", "-subscribe", "-psubscribe"
+    )
+    limited = redis.Redis(port=redis_server.port, username=user, password="pw")
+    policy = Policy(ttl=30.0, lock_ttl=1.0)
+    try:
+        async with (
+            Cache(client, namespace=namespace, policy=policy) as holder,
+            Cache(limited, namespace=namespace, policy=policy) as waiter,
+        ):
+            held = GatedLoader("filled")
+            holding = asyncio.create_task(holder.get_or_load("k", held))
+            await held.started.wait()
+            own = GatedLoader("own")
+            own.release.set()
+            waiting = [asyncio.create_task(waiter.get_or_load("k", own)) for _ in range(50)]
+            await wait_until(lambda: waiter.statistics().lock_waits > 0)
+            held.release.set()
+            async with asyncio.timeout(5):
+                assert await asyncio.gather(*waiting) == ["filled"] * 50
+            assert await holding == "filled"
+            assert own.calls == 0 and held.calls == 1  # one load in total
+            assert waiter.statistics().notify_fallbacks >= 1
+            assert "pub/sub notifications are unavailable" in caplog.text
+            assert caplog.text.count("pub/sub notifications are unavailable") == 1
+    finally:
+        await limited.aclose()
+        await client.execute_command("ACL", "DELUSER", user)
+
+
+async def test_one_large_value_does_not_fail_the_reads_batched_with_it(
+    proxy: FaultProxy, client: redis.Redis, namespace: str
+) -> None:
+    async with Cache(client, namespace=namespace, policy=Policy(ttl=60.0)) as writer:
+        await writer.set("big", "x" * 1_000_000)
+        for i in range(20):
+            await writer.set(f"small{i}", i)
+    through = redis.Redis(port=proxy.port)
+    async with Cache(
+        through, namespace=namespace, policy=Policy(ttl=60.0), command_timeout=0.4
+    ) as cache:
+        assert await cache.get("small0") == 0  # connections open before the link slows
+        proxy.downstream_bandwidth = 1_000_000  # a 1 MB value takes about a second
+        reads = [cache.get(f"small{i}") for i in range(20)]
+        results = await asyncio.gather(cache.get("big"), *reads, return_exceptions=True)
+        assert isinstance(results[0], BackendTimeout)  # the big one fails alone
+        assert results[1:] == list(range(20))
+    await through.aclose()
+
+
+async def test_batches_of_one_turn_leave_side_by_side(
+    proxy: FaultProxy, client: redis.Redis, namespace: str
+) -> None:
+    """1,024 reads queued in one turn used to leave as four round trips one after another."""
+    async with Cache(client, namespace=namespace, policy=Policy(ttl=60.0)) as writer:
+        await writer.set("k", "v")
+    through = redis.Redis(port=proxy.port)
+    async with Cache(through, namespace=namespace, policy=Policy(ttl=60.0)) as cache:
+        proxy.downstream_latency = 0.05
+        keys = [f"missing{i}" for i in range(1024)]
+        assert await asyncio.gather(cache.get("k"), *map(cache.get, keys)) == ["v"] + [None] * 1024
+        # The first read went alone; the 1,024 others in four batches at once, each on a
+        # connection of its own.
+        assert proxy.statistics().connections_accepted >= 5
+    await through.aclose()
+
+
+async def test_a_listener_arriving_while_its_channel_is_left_is_not_deaf(
+    client: redis.Redis, namespace: str
+) -> None:
+    backend = RedisBackend(client, command_timeout=1.0)
+    notifier = FillNotifier()
+    notifier.bind(backend.subscriber(notifier.deliver))
+    channel = f"{namespace}:fill".encode()
+    leave = asyncio.Event()
+
+    async def first() -> None:
+        async with notifier.listen(channel):
+            await leave.wait()
+
+    async def second() -> bool:
+        await leave.wait()  # wakes in the same turn as first() leaves
+        async with notifier.listen(channel) as signal:
+            await client.publish(channel, b"filled")
+            return await signal.wait_notified(2.0)
+
+    try:
+        listening = asyncio.create_task(first())
+        await wait_until(lambda: channel in notifier._channels)
+        await asyncio.shield(notifier._channels[channel].ready)
+        arriving = asyncio.create_task(second())
+        await asyncio.sleep(0)
+        leave.set()
+        await listening
+        assert await arriving
+    finally:
+        await notifier.aclose()
+        await backend.aclose()
+
+
+async def test_a_failing_subscribe_is_said_once(
+    redis_server: RedisServer, client: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, "aiocacheguard")
+    user = f"nosub-{uuid.uuid4().hex[:8]}"
+    await client.execute_command(
+        "ACL", "SETUSER", user, "on", ">pw", "~*", "&*", "+@all", "-subscribe"
+    )
+    limited = redis.Redis(port=redis_server.port, username=user, password="pw")
+    backend = RedisBackend(limited, command_timeout=1.0)
+    notifier = FillNotifier()
+    notifier.bind(backend.subscriber(notifier.deliver))
+    try:
+        for i in range(3):
+            async with asyncio.timeout(0.5):  # refused at once, not after the command budget
+                async with notifier.listen(f"c{i}".encode()) as signal:
+                    assert not signal.live
+        assert notifier.fallbacks == 3
+    finally:
+        await notifier.aclose()
+        await backend.aclose()
+        await limited.aclose()
+        await client.execute_command("ACL", "DELUSER", user)
