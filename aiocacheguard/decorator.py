@@ -130,6 +130,9 @@ class Cached(Generic[P, T]):
     def __repr__(self) -> str:
         return f"<Cached {self._prefix} namespace={self.cache.namespace!r}>"
 
+    def __set_name__(self, owner: type[Any], name: str) -> None:
+        self._attribute = name
+
     @overload
     def __get__(self, instance: None, owner: type[Any]) -> Self: ...
 
@@ -137,9 +140,6 @@ class Cached(Generic[P, T]):
     def __get__(
         self: Cached[Concatenate[S, Q], T], instance: S, owner: type[Any]
     ) -> Cached[Q, T]: ...
-
-    def __set_name__(self, owner: type[Any], name: str) -> None:
-        self._attribute = name
 
     def __get__(self, instance: object, owner: type[Any]) -> Any:
         if instance is None:

@@ -21,6 +21,10 @@ from aiocacheguard.testing import FaultProxy, RedisServer
 from .helpers import GatedLoader, library_tasks, wait_until
 
 
+async def acl(client: redis.Redis, *args: str) -> None:
+    await client.execute_command("ACL", *args)  # type: ignore[no-untyped-call]
+
+
 @pytest.fixture
 async def proxy(redis_server: RedisServer) -> AsyncIterator[FaultProxy]:
     async with FaultProxy(redis_server.port) as proxy:
@@ -64,8 +68,8 @@ async def test_waiters_without_pub_sub_wait_for_the_holder(
 ) -> None:
     """An ACL without SUBSCRIBE: waiters re-check at the lease instead of loading themselves."""
     user = f"nosub-{uuid.uuid4().hex[:8]}"
-    await client.execute_command(
-        "ACL", "SETUSER", user, "on", ">pw", "~*", "&*", "+@all", "-subscribe", "-psubscribe"
+    await acl(
+        client, "SETUSER", user, "on", ">pw", "~*", "&*", "+@all", "-subscribe", "-psubscribe"
     )
     limited = redis.Redis(port=redis_server.port, username=user, password="pw")
     policy = Policy(ttl=30.0, lock_ttl=1.0)
@@ -91,7 +95,7 @@ async def test_waiters_without_pub_sub_wait_for_the_holder(
             assert caplog.text.count("pub/sub notifications are unavailable") == 1
     finally:
         await limited.aclose()
-        await client.execute_command("ACL", "DELUSER", user)
+        await acl(client, "DELUSER", user)
 
 
 async def test_one_large_value_does_not_fail_the_reads_batched_with_it(
@@ -169,9 +173,7 @@ async def test_a_failing_subscribe_is_said_once(
 ) -> None:
     caplog.set_level(logging.WARNING, "aiocacheguard")
     user = f"nosub-{uuid.uuid4().hex[:8]}"
-    await client.execute_command(
-        "ACL", "SETUSER", user, "on", ">pw", "~*", "&*", "+@all", "-subscribe"
-    )
+    await acl(client, "SETUSER", user, "on", ">pw", "~*", "&*", "+@all", "-subscribe")
     limited = redis.Redis(port=redis_server.port, username=user, password="pw")
     backend = RedisBackend(limited, command_timeout=1.0)
     notifier = FillNotifier()
@@ -186,4 +188,4 @@ async def test_a_failing_subscribe_is_said_once(
         await notifier.aclose()
         await backend.aclose()
         await limited.aclose()
-        await client.execute_command("ACL", "DELUSER", user)
+        await acl(client, "DELUSER", user)
