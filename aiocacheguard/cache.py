@@ -8,9 +8,8 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import replace
-from types import TracebackType
+from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any, Final, Self, TypeVar, cast
 
 from ._checks import check_int, check_seconds
@@ -19,7 +18,7 @@ from .backend import RedisBackend, RedisClient
 from .codec import Entry, RecordCodec
 from .errors import BackendError, CacheClosedError, ConfigurationError
 from .guards.bloom import BloomFilter
-from .guards.lock import UNLINK_AND_RELEASE, store
+from .guards.lock import store, unlink
 from .guards.notify import FillNotifier
 from .guards.singleflight import SharedCall, SingleFlight
 from .keys import KeySpace
@@ -128,7 +127,6 @@ class Cache:
         self._notifier.bind(self._backend.subscriber(self._notifier.deliver))
         self._rebuilder = Rebuilder(
             runner=self._backend,
-            keys=self.keys,
             notifier=self._notifier,
             codec=self._codec,
             counters=counters,
@@ -160,18 +158,11 @@ class Cache:
     def namespace(self) -> str:
         return self.keys.namespace
 
-    # -- lifecycle -------------------------------------------------------------------------
-
     async def __aenter__(self) -> Self:
         self._check_open()
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
     async def aclose(self, *, drain: bool = False) -> None:
@@ -198,18 +189,13 @@ class Cache:
         if self._closing is not None:
             raise CacheClosedError("this Cache was closed with aclose(); create a new one")
 
-    # -- public operations ---------------------------------------------------------------
-
     def statistics(self) -> Statistics:
         """A frozen snapshot of the counters (see `Statistics`)."""
-        bloom = self.bloom
         return self._counters.snapshot(
             redis_errors=self._backend.errors,
             decode_errors=self._codec.decode_errors,
             notify_fallbacks=self._notifier.fallbacks,
-            bloom_rejected=bloom.rejected if bloom else 0,
-            bloom_fail_open=bloom.fail_open if bloom else 0,
-            bloom_add_errors=bloom.add_errors if bloom else 0,
+            **(self.bloom.counters() if self.bloom else {}),
         )
 
     async def get(self, key: Key, default: Any = None) -> Any:
@@ -247,25 +233,11 @@ class Cache:
         """
         self._check_open()
         rkey = self.keys.value(key)
-        policy = self.policy
-        if ttl is not None:
-            check_seconds("ttl", ttl)
-            soft = None if policy.soft_ttl is None else policy.soft_ttl * ttl / policy.ttl
-            policy = replace(policy, ttl=ttl, soft_ttl=soft, negative_ttl=ttl, jitter=0.0)
-        elif value is None and policy.negative_ttl is None:  # an explicit None is stored
-            policy = replace(policy, negative_ttl=policy.ttl)
+        policy = self.policy.for_write(ttl=ttl, negative=value is None)
         record, redis_ttl = cast(
             tuple[bytes, float], self._codec.encode(value, policy, compute_time=0.0)
         )
-        keys = self.keys
-        write = store(
-            self._backend,
-            value_key=rkey,
-            lock_key=keys.lock(rkey),
-            channel=keys.channel(rkey),
-            record=record,
-            ttl=redis_ttl,
-        )
+        write = store(self._backend, rkey, record, redis_ttl)
         if self.bloom is not None and value is not None:
             await asyncio.gather(write, self.bloom.add(self.keys.user_key(rkey)))
         else:
@@ -284,11 +256,9 @@ class Cache:
         """
         self._check_open()
         rkey = self.keys.value(key)
-        removed = await self._backend.eval(
-            UNLINK_AND_RELEASE, (rkey, self.keys.lock(rkey)), (self.keys.channel(rkey),)
-        )
+        removed = await unlink(self._backend, rkey)
         self._detach(rkey)
-        return bool(removed)
+        return removed
 
     async def get_or_load(
         self, key: Key, loader: Callable[[], Awaitable[T]], *, policy: Policy | None = None
@@ -296,17 +266,14 @@ class Cache:
         """
         The cached value of ``key``; on a miss, ``await loader()`` once and cache its result.
 
-        Concurrent calls for one key in this process share one Redis read and one flight:
-        1,000 concurrent calls send one GET and call the loader at most once. A caller that is
-        cancelled leaves the flight running for the others; when every caller is cancelled
-        the loader is cancelled too, and a rebuild lock it held is released.
+        Concurrent calls for one key in this process share one Redis read and one flight
+        (1,000 calls: one GET, at most one loader call). A cancelled caller leaves the flight
+        to the others; when all are cancelled, so is the loader, and its lock is released.
 
-        On a miss, with ``policy.lock`` (the default), the flight takes the distributed rebuild
-        lock first, so one process of the deployment calls the loader while the others wait
-        for its fill notification (`aiocacheguard.rebuild`). A holder that dies is taken over
-        within ``policy.lock_ttl``; a waiter never returns empty-handed: after
-        ``policy.wait_timeout`` it calls the loader itself, or raises `LockTimeout` if
-        ``policy.on_wait_timeout == "raise"``.
+        On a miss, with ``policy.lock`` (the default), one process of the deployment loads
+        while the others wait for its fill (`aiocacheguard.rebuild`): a dead holder is taken
+        over within ``policy.lock_ttl``; after ``policy.wait_timeout`` a waiter loads itself,
+        or raises `LockTimeout` if ``policy.on_wait_timeout == "raise"``.
 
         Past ``policy.soft_ttl`` (or earlier, by XFetch's draw with ``policy.early_beta``) the
         value is returned at once and one background refresh is started; across processes
@@ -333,11 +300,13 @@ class Cache:
         """
         self._check_open()
         rkey = self.keys.value(key)
-        policy = self._call_policy(policy, loader)
+        policy = self.policy.for_call(policy, loader)
         # Join this process's flight for the key, if one is loading it.
         if rkey in self._loads:
             self._counters.coalesced += 1
-            return cast(T, await self._loads.run(rkey, self._miss(rkey, loader, policy, None)))
+            return cast(
+                T, await self._loads.run(rkey, partial(self._miss, rkey, loader, policy, None))
+            )
         # Read the record: one round trip, shared with this process's other readers of the key.
         try:
             entry = await self._read(rkey)
@@ -349,7 +318,9 @@ class Cache:
             self._refreshes.maybe_start(rkey, entry, loader, policy, now)
             return cast(T, entry.result())
         # Missing, expired or unreachable: one flight per key loads it (see `_miss`).
-        return cast(T, await self._loads.run(rkey, self._miss(rkey, loader, policy, entry)))
+        return cast(
+            T, await self._loads.run(rkey, partial(self._miss, rkey, loader, policy, entry))
+        )
 
     async def refresh(
         self, key: Key, loader: Callable[[], Awaitable[T]], *, policy: Policy | None = None
@@ -365,38 +336,34 @@ class Cache:
         """
         self._check_open()
         rkey = self.keys.value(key)
-        policy = self._call_policy(policy, loader)
+        policy = self.policy.for_call(policy, loader)
         return cast(T, await self._refreshes.run(rkey, loader, policy))
 
-    # -- the flight -----------------------------------------------------------------------
-
-    def _miss(
+    async def _miss(
         self, rkey: bytes, loader: Callable[[], Awaitable[Any]], policy: Policy, entry: Any
-    ) -> Callable[[], Coroutine[Any, Any, Any]]:
-        async def flight() -> Any:
-            # Redis unreachable: load without it; the flight still guards the loader here.
-            if entry is _UNREACHABLE:
-                return await self._load(rkey, loader, policy)
-            # A miss the Bloom filter rules out: the key exists nowhere.
-            bloom = self.bloom
-            if entry is None and bloom and not await bloom.may_contain(self.keys.user_key(rkey)):
-                return None
-            # Rebuild across processes: take the lock and load, or wait for the fill.
-            try:
-                return await self._rebuilder.load(
-                    rkey, loader, policy, expired=entry, on_fill=self._on_fill
-                )
-            except BackendError:
-                return await self._load(rkey, loader, policy)  # Redis failed mid-way
-            except Exception as exc:
-                # Stale-if-error: the previous value, within the policy's grace.
-                if entry is None or not entry.within_stale_if_error(self._codec.clock(), policy):
-                    raise
-                self._counters.stale_served += 1
-                self._emit("stale_served", rkey, exc)
-                return entry.result()
-
-        return flight
+    ) -> Any:
+        """One flight per key: the steps after a read that found nothing fresh."""
+        # Redis unreachable: load without it; the flight still guards the loader here.
+        if entry is _UNREACHABLE:
+            return await self._load(rkey, loader, policy)
+        # A miss the Bloom filter rules out: the key exists nowhere.
+        bloom = self.bloom
+        if entry is None and bloom and not await bloom.may_contain(self.keys.user_key(rkey)):
+            return None
+        # Rebuild across processes: take the lock and load, or wait for the fill.
+        try:
+            return await self._rebuilder.load(
+                rkey, loader, policy, expired=entry, on_fill=self._on_fill
+            )
+        except BackendError:
+            return await self._load(rkey, loader, policy)  # Redis failed mid-way
+        except Exception as exc:
+            # Stale-if-error: the previous value, within the policy's grace.
+            if entry is None or not entry.within_stale_if_error(self._codec.clock(), policy):
+                raise
+            self._counters.stale_served += 1
+            self._emit("stale_served", rkey, exc)
+            return entry.result()
 
     async def _read(self, rkey: bytes) -> Entry | None:
         if rkey in self._reads:
@@ -418,18 +385,6 @@ class Cache:
     async def _add_to_filter(self, rkey: bytes, value: Any) -> None:
         assert self.bloom is not None
         await self.bloom.add_quietly(self.keys.user_key(rkey))
-
-    # -- helpers --------------------------------------------------------------------------
-
-    def _call_policy(self, policy: Policy | None, loader: object) -> Policy:
-        """The policy of a call, checking its arguments before any I/O."""
-        if not callable(loader):
-            raise ConfigurationError("loader", loader, "an async function of no arguments")
-        if policy is None:
-            return self.policy
-        if not isinstance(policy, Policy):
-            raise ConfigurationError("policy", policy, "an aiocacheguard.Policy or None")
-        return policy
 
     def _detach(self, rkey: bytes) -> None:
         """After a write, later callers must not join a read or flight that began before it."""

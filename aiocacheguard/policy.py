@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from .errors import ConfigurationError
@@ -116,3 +116,33 @@ class Policy:
             raise ConfigurationError(
                 "soft_ttl", self.soft_ttl, f"a number of seconds below ttl={self.ttl!r}"
             )
+
+    def for_call(self, policy: object, loader: object) -> Policy:
+        """
+        The policy of one call (``policy``, or this default), its arguments checked before
+        any I/O.
+
+        Raises:
+            ConfigurationError: ``loader`` is not callable or ``policy`` is not a `Policy`.
+        """
+        if not callable(loader):
+            raise ConfigurationError("loader", loader, "an async function of no arguments")
+        if policy is None:
+            return self
+        if not isinstance(policy, Policy):
+            raise ConfigurationError("policy", policy, "an aiocacheguard.Policy or None")
+        return policy
+
+    def for_write(self, *, ttl: float | None, negative: bool) -> Policy:
+        """
+        The policy of an explicit write (``Cache.set``): ``ttl`` replaces this TTL, without
+        jitter, keeping ``stale_if_error`` and the soft TTL at the same fraction of it; an
+        explicit ``None`` is stored even where negative results are not cached.
+        """
+        if ttl is not None:
+            _check_seconds("ttl", ttl)
+            soft = None if self.soft_ttl is None else self.soft_ttl * ttl / self.ttl
+            return replace(self, ttl=ttl, soft_ttl=soft, negative_ttl=ttl, jitter=0.0)
+        if negative and self.negative_ttl is None:
+            return replace(self, negative_ttl=self.ttl)
+        return self

@@ -78,7 +78,6 @@ class Rebuilder:
 
     Args:
         runner: Runs the lock's scripts (the Cache's backend).
-        keys: The Cache's key space (lock keys and fill channels).
         notifier: Fill notifications.
         codec: Encodes the loaded value; decodes what Redis or a fill message holds.
         counters: The Cache's statistics.
@@ -90,7 +89,6 @@ class Rebuilder:
         self,
         *,
         runner: ScriptRunner,
-        keys: KeySpace,
         notifier: FillNotifier,
         codec: RecordCodec,
         counters: Counters,
@@ -98,7 +96,6 @@ class Rebuilder:
         emit: EventSink,
     ) -> None:
         self._runner = runner
-        self._keys = keys
         self._notifier = notifier
         self._codec = codec
         self._counters = counters
@@ -164,8 +161,8 @@ class Rebuilder:
         lock = RebuildLock(
             self._runner,
             value_key=rkey,
-            lock_key=self._keys.lock(rkey),
-            channel=self._keys.channel(rkey),
+            lock_key=KeySpace.lock(rkey),
+            channel=KeySpace.channel(rkey),
             lock_ttl=policy.lock_ttl,
         )
         if not policy.lock:

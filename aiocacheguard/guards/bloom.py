@@ -306,6 +306,14 @@ class BloomFilter:
         """`contains` for many items in one round trip."""
         return [answer != 0 for answer in await self._query(items)]
 
+    def counters(self) -> dict[str, int]:
+        """The filter's share of a Cache's statistics."""
+        return {
+            "bloom_rejected": self.rejected,
+            "bloom_fail_open": self.fail_open,
+            "bloom_add_errors": self.add_errors,
+        }
+
     async def may_contain(self, item: Key) -> bool:
         """
         `contains` for the Cache's misses: False only for "definitely absent"; a missing

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 from .._types import LuaScript, ScriptRunner
 from ..errors import BackendError
+from ..keys import KeySpace
 from ..record import HEADER_SIZE
 
 __all__ = (
@@ -52,6 +53,7 @@ __all__ = (
     "Outcome",
     "RebuildLock",
     "store",
+    "unlink",
 )
 
 # KEYS[1] value key, KEYS[2] lock key
@@ -177,21 +179,23 @@ def _ms(seconds: float) -> int:
     return max(1, round(seconds * 1000))
 
 
-async def store(
-    runner: ScriptRunner,
-    *,
-    value_key: bytes,
-    lock_key: bytes,
-    channel: bytes,
-    record: bytes,
-    ttl: float,
-) -> None:
+async def store(runner: ScriptRunner, value_key: bytes, record: bytes, ttl: float) -> None:
     """
     An explicit write (``Cache.set``): stores ``record`` whoever holds the lock, which it
     drops, so the rebuild in progress is superseded (its fill is refused) and its waiters
     wake to read this value.
     """
+    channel, lock_key = KeySpace.channel(value_key), KeySpace.lock(value_key)
     await runner.eval(FILL, (value_key, lock_key), ("", record, _ms(ttl), channel, INLINE_LIMIT))
+
+
+async def unlink(runner: ScriptRunner, value_key: bytes) -> bool:
+    """
+    An explicit delete: whether a value was removed. A rebuild in progress loses its lock, so
+    a value loaded from data older than this invalidation is never written.
+    """
+    lock_key, channel = KeySpace.lock(value_key), KeySpace.channel(value_key)
+    return bool(await runner.eval(UNLINK_AND_RELEASE, (value_key, lock_key), (channel,)))
 
 
 class RebuildLock:
