@@ -238,11 +238,13 @@ class Cache:
             tuple[bytes, float], self._codec.encode(value, policy, compute_time=0.0)
         )
         write = store(self._backend, rkey, record, redis_ttl)
-        if self.bloom is not None and value is not None:
-            await asyncio.gather(write, self.bloom.add(self.keys.user_key(rkey)))
-        else:
-            await write
-        self._detach(rkey)
+        try:
+            if self._on_fill is not None and value is not None:
+                await asyncio.gather(write, self._on_fill(rkey, value))  # as a fill does
+            else:
+                await write
+        finally:
+            self._detach(rkey)
 
     async def delete(self, key: Key) -> bool:
         """

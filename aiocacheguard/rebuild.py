@@ -123,7 +123,8 @@ class Rebuilder:
         """
         mode = Acquire.STALE if expired is not None else Acquire.ABSENT
         replacing = b"" if expired is None else expired.header
-        return await self._rebuild(rkey, loader, policy, mode, replacing, on_fill, wait=True)
+        value, _ = await self._rebuild(rkey, loader, policy, mode, replacing, on_fill, wait=True)
+        return value
 
     async def refresh(
         self,
@@ -133,19 +134,20 @@ class Rebuilder:
         *,
         replacing: Entry | None,
         on_fill: OnFill | None = None,
-    ) -> Any:
+    ) -> tuple[Any, bool]:
         """
-        Load again and write, returning the value now cached: unless the copy ``replacing``
+        Load again and write, returning the value now cached and whether this call loaded it:
+        unless the copy ``replacing``
         was already replaced (that value is returned) or, in the background case
         (``replacing`` given), another process is refreshing it (``replacing`` is returned).
         With ``replacing=None`` (a forced refresh), a refresh by another process is waited for.
         """
         if replacing is None:
             return await self._rebuild(rkey, loader, policy, Acquire.ANY, b"", on_fill, wait=True)
-        value = await self._rebuild(
+        value, loaded = await self._rebuild(
             rkey, loader, policy, Acquire.STALE, replacing.header, on_fill, wait=False
         )
-        return replacing.result() if value is _BUSY else value
+        return (replacing.result(), False) if value is _BUSY else (value, loaded)
 
     async def _rebuild(
         self,
@@ -157,7 +159,8 @@ class Rebuilder:
         on_fill: OnFill | None,
         *,
         wait: bool,
-    ) -> Any:
+    ) -> tuple[Any, bool]:
+        """The value, and whether this call loaded and wrote it (as the lock's holder)."""
         lock = RebuildLock(
             self._runner,
             value_key=rkey,
@@ -172,21 +175,21 @@ class Rebuilder:
             attempt, entry = await self._acquire(lock, mode, replacing)
             if attempt.outcome is Outcome.BUSY:
                 if not wait:
-                    return _BUSY
+                    return _BUSY, False
                 self._counters.lock_waits += 1
                 # A forced refresh waits for a value other than the one it found.
                 after = attempt.value if mode is Acquire.ANY else replacing
                 attempt, entry = await self._wait_for_fill(lock, policy, after)
             if entry is not None:
-                return entry.result()
+                return entry.result(), False
             if attempt.outcome is Outcome.ACQUIRED:
-                return await self._load_as_holder(lock, loader, policy, on_fill)
+                return await self._load_as_holder(lock, loader, policy, on_fill), True
             if policy.on_wait_timeout == "raise":
                 raise LockTimeout(
                     f"waited wait_timeout={policy.wait_timeout}s for another process to fill "
                     "the key; raise Policy.wait_timeout, or use on_wait_timeout='load'"
                 )
-            return await self._run_loader(rkey, loader, policy)
+            return await self._run_loader(rkey, loader, policy), False
         except asyncio.CancelledError:
             if lock.may_hold:
                 self._release_later(lock)
@@ -292,8 +295,11 @@ class Rebuilder:
         async with lock.kept_alive():
             value = await self._run_loader(lock.value_key, loader, policy)
         written = self._codec.encode(value, policy, compute_time=time.monotonic() - started)
-        if written is None:
-            await lock.release()
+        if written is None:  # not cached (a None with negative_ttl=None): just let go
+            try:
+                await lock.release()
+            except BackendError:
+                self._release_later(lock)
             return value
         try:
             if on_fill is not None and value is not None:

@@ -113,11 +113,10 @@ class Refreshes:
     async def _refresh(
         self, rkey: bytes, loader: Loader, policy: Policy, seen: Entry | None
     ) -> Any:
-        before = self._counters.lock_acquired
-        value = await self._rebuilder.refresh(
+        value, loaded = await self._rebuilder.refresh(
             rkey, loader, policy, replacing=seen, on_fill=self._on_fill
         )
-        if self._counters.lock_acquired != before:  # this process loaded and wrote it
+        if loaded:  # this call loaded and wrote it
             self._counters.refreshes += 1
             self._emit("refreshed", rkey)
         self._written(rkey)

@@ -332,14 +332,6 @@ async def test_soft_expiry_and_stale_if_error_are_counted_apart(
 # Found while writing this file: a library bug, not fixed here (the test is expected to fail).
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "library bug: Refreshes._refresh decides 'this process loaded' from a Cache-wide "
-        "lock_acquired delta, so another key's lock taken while a forced refresh waits for "
-        "another process counts a refresh (and emits 'refreshed') that never happened"
-    ),
-)
 async def test_forced_refresh_served_by_another_process_is_not_counted_as_a_refresh(
     client: redis.Redis, namespace: str
 ) -> None:
