@@ -229,7 +229,13 @@ async def test_second_cache_waits_for_the_first_ones_fill(pair: tuple[Cache, Cac
     holder = asyncio.create_task(a.get_or_load("k", load))
     await load.started.wait()
     waiter = asyncio.create_task(b.get_or_load("k", load))
-    await wait_until(lambda: b.statistics().lock_waits > 0)
+    channel = b.keys.channel(b.keys.value("k"))
+
+    def parked() -> bool:  # b subscribed, re-checked, and sleeps on its signal
+        entry = b._notifier._channels.get(channel)
+        return entry is not None and any(s._event._waiters for s in entry.signals)
+
+    await wait_until(parked)
     load.release.set()
     assert await asyncio.wait_for(waiter, 0.5) == "filled by a"
     assert await holder == "filled by a"
