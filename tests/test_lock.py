@@ -440,7 +440,7 @@ async def test_waiter_survives_its_pubsub_connection_being_killed(
         await loader.started.wait()
         waiter = asyncio.create_task(b.get_or_load("k", loader))
         await wait_until(lambda: b.statistics().lock_waits > 0)
-        await wait_until(lambda: bool(b._notifier._channels))
+        await wait_until(lambda: any(e.ready.done() for e in b._notifier._channels.values()))
         # The fill message may be lost while the connection is down; the waiter must still
         # be served, by redis-py's resubscription or by its lease-bounded re-check.
         assert await client.client_kill_filter(_type="pubsub") >= 1
