@@ -1,51 +1,109 @@
 """
-The hit path: 100 concurrent reads of present keys, aiocacheguard's Cache.get against raw
-redis.asyncio GET + json.loads, in the same run, interleaved, reported as a ratio.
+The hit path and the one-process stampede: aiocacheguard against raw redis.asyncio GET +
+json.loads (and, at the stampede, against cashews and an ideal in-process single-flight), all in
+one run against one Redis, reported as ratios.
 
-    python benchmarks/hit_path.py [--redis-url URL] [--batches 300] [--repeats 7]
+    python benchmarks/hit_path.py [--redis-url URL] [--repeats 5] [--json FILE]
 
-Two scenarios: one hot key (the Cache coalesces the 100 reads into one GET) and 100 distinct
-keys (the Cache batches them into one MGET; raw redis.asyncio sends 100 GETs over up to 100
-pooled connections). Each figure is the median time of a batch of 100 concurrent reads; the
-ratio is raw time / Cache time, so above 1 means the Cache is faster.
+Scenarios (no L1 anywhere; each figure is the median of ``--repeats`` repetitions, the
+contenders of a scenario interleaved in random order so drift hits them alike):
+
+    sequential get          one caller reads a present ~200 B key in a loop: ``Cache.get`` vs
+                            raw GET + json.loads, ops/s over ``--ops`` reads per repetition
+    sequential get_or_load  the same with ``Cache.get_or_load`` on a hit
+    one key                 100 concurrent reads of one key (the Cache coalesces them), ms per
+                            batch, median of ``--batches`` batches per repetition
+    distinct keys           100 concurrent reads of 100 distinct keys (the Cache batches them;
+                            raw sends 100 GETs through ``asyncio.gather``)
+    stampede 1 x 5,000      one process, 5,000 coroutines released at one just-expired key, loader
+                            50 ms, through ``aiocacheguard bench``'s harness: ``guard``
+                            (``Cache.get_or_load``), ``cashews-locked`` from peers.py (cashews
+                            ``@cache(lock=True, protected=True)``, its in-process thunder
+                            protection) and ``ideal`` (one shared asyncio task, no Redis);
+                            ``--repeats`` rounds each, medians of p50, p99 and loader calls
+
+Every ratio reads "above 1 is better for aiocacheguard" except the stampede's p99 ratios
+(aiocacheguard p99 / other p99: below 1 is better).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
+import importlib.util
 import json
-import platform
+import os
 import random
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).parent))  # spawned bench workers import peers by name
+
 import redis.asyncio as redis
-from redis import __version__ as redis_py_version
 
-from aiocacheguard import Cache, Policy, __version__
-from aiocacheguard.testing import RedisServer
+from aiocacheguard import Cache, Policy
 
-VALUE = {"id": 1, "name": "Ada Lovelace", "tags": ["math", "engines"], "score": 4.2}
+try:
+    from aiocacheguard.testing import RedisServer
+    from aiocacheguard.tools.bench import BenchConfig, environment, run_bench
+except ImportError:  # the layout before f310cc9, to measure the recorded commits with this script
+    from aiocacheguard.bench import BenchConfig, environment, run_bench  # type: ignore
+    from aiocacheguard.server import RedisServer  # type: ignore
+
+# About 200 bytes of JSON, the size issue 12 names.
+VALUE = {
+    "id": 1,
+    "name": "Ada Lovelace",
+    "email": "ada@example.org",
+    "tags": ["math", "engines", "poetry"],
+    "score": 4.2,
+    "bio": "Wrote the first published algorithm for the Analytical Engine, 1843, notes A-G.",
+}
 CONCURRENCY = 100
+STAMPEDE_COROUTINES = 5_000
+STAMPEDE_LOADER_MS = 50.0
 
 
-async def timed_batches(batch: Callable[[], Awaitable[object]], batches: int) -> float:
-    """Median seconds per batch of concurrent reads."""
+async def ops_per_second(op: Callable[[], Awaitable[object]], ops: int) -> float:
+    """One caller doing ``op`` ``ops`` times in a row: operations per second."""
+    started = time.perf_counter()
+    for _ in range(ops):
+        await op()
+    return ops / (time.perf_counter() - started)
+
+
+async def ms_per_batch(batch: Callable[[], Awaitable[object]], batches: int) -> float:
+    """Median milliseconds per batch of concurrent reads."""
     times = []
     for _ in range(batches):
         started = time.perf_counter()
         await batch()
         times.append(time.perf_counter() - started)
-    return statistics.median(times)
+    return statistics.median(times) * 1000
 
 
-async def run(url: str, batches: int, repeats: int, seed: int) -> dict[str, Any]:
-    rng = random.Random(seed)
+async def interleaved(
+    rng: random.Random,
+    contenders: dict[str, Callable[[], Awaitable[float]]],
+    repeats: int,
+) -> dict[str, list[float]]:
+    """Each contender's figure ``repeats`` times, the order shuffled in every repetition."""
+    samples: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(repeats):
+        order = list(contenders)
+        rng.shuffle(order)
+        for name in order:
+            samples[name].append(await contenders[name]())
+    return samples
+
+
+async def hit_path(url: str, args: argparse.Namespace, rng: random.Random) -> dict[str, Any]:
     namespace = f"hitbench-{rng.getrandbits(32):08x}"
     raw = redis.Redis.from_url(url)
     client = redis.Redis.from_url(url)
@@ -60,7 +118,37 @@ async def run(url: str, batches: int, repeats: int, seed: int) -> dict[str, Any]
         assert data is not None
         return json.loads(data)
 
-    scenarios: dict[str, dict[str, Callable[[], Awaitable[object]]]] = {
+    async def never() -> object:
+        raise AssertionError("the key is present: the loader must not run")
+
+    results: dict[str, Any] = {}
+
+    # Sequential: one caller, one present key, ops/s.
+    sequential: dict[str, Callable[[], Awaitable[object]]] = {
+        "raw": lambda: raw_get("k0"),
+        "get": lambda: cache.get("k0"),
+        "get_or_load": lambda: cache.get_or_load("k0", never),
+    }
+    for op in sequential.values():  # warm up connections and code paths
+        await ops_per_second(op, 500)
+    samples = await interleaved(
+        rng,
+        {name: (lambda op=op: ops_per_second(op, args.ops)) for name, op in sequential.items()},
+        args.repeats,
+    )
+    raw_rate = statistics.median(samples["raw"])
+    for name in ("get", "get_or_load"):
+        rate = statistics.median(samples[name])
+        results[f"sequential {name}"] = {
+            "unit": "ops/s",
+            "raw": raw_rate,
+            "cache": rate,
+            "ratio_cache_over_raw": rate / raw_rate,
+            "samples": {"raw": samples["raw"], "cache": samples[name]},
+        }
+
+    # Concurrent: 100 reads at once, ms per batch (lower is better).
+    concurrent: dict[str, dict[str, Callable[[], Awaitable[object]]]] = {
         "one key": {
             "raw": lambda: asyncio.gather(*(raw_get("k0") for _ in range(CONCURRENCY))),
             "cache": lambda: asyncio.gather(*(cache.get("k0") for _ in range(CONCURRENCY))),
@@ -70,23 +158,22 @@ async def run(url: str, batches: int, repeats: int, seed: int) -> dict[str, Any]
             "cache": lambda: asyncio.gather(*(cache.get(k) for k in keys)),
         },
     }
-    results: dict[str, Any] = {}
-    for scenario, contenders in scenarios.items():
+    for scenario, contenders in concurrent.items():
         for fn in contenders.values():  # warm up connections and code paths
-            await timed_batches(fn, 20)
-        samples: dict[str, list[float]] = {name: [] for name in contenders}
-        for _ in range(repeats):
-            order = list(contenders)
-            rng.shuffle(order)  # interleaved, in random order: drift hits both alike
-            for name in order:
-                samples[name].append(await timed_batches(contenders[name], batches))
-        raw_ms = statistics.median(samples["raw"]) * 1000
-        cache_ms = statistics.median(samples["cache"]) * 1000
+            await ms_per_batch(fn, 20)
+        samples = await interleaved(
+            rng,
+            {name: (lambda f=fn: ms_per_batch(f, args.batches)) for name, fn in contenders.items()},
+            args.repeats,
+        )
+        raw_ms = statistics.median(samples["raw"])
+        cache_ms = statistics.median(samples["cache"])
         results[scenario] = {
-            "raw_ms_per_batch": raw_ms,
-            "cache_ms_per_batch": cache_ms,
+            "unit": "ms per batch of 100",
+            "raw": raw_ms,
+            "cache": cache_ms,
             "ratio_raw_over_cache": raw_ms / cache_ms,
-            "samples_ms": {k: [x * 1000 for x in v] for k, v in samples.items()},
+            "samples": samples,
         }
     await cache.aclose()
     await client.aclose()
@@ -94,35 +181,145 @@ async def run(url: str, batches: int, repeats: int, seed: int) -> dict[str, Any]
     return results
 
 
+def stampede(url: str, args: argparse.Namespace) -> dict[str, Any]:
+    from peers import PEERS
+
+    extra = {}
+    strategies = ["ideal", "guard"]
+    module, factory = PEERS["cashews-locked"]
+    if importlib.util.find_spec(module):
+        extra["cashews-locked"] = factory
+        strategies.append("cashews-locked")
+    else:
+        print("stampede: cashews is not installed, its row is skipped")
+    config = BenchConfig(
+        coroutines=STAMPEDE_COROUTINES, processes=1, loader_ms=STAMPEDE_LOADER_MS,
+        rounds=args.repeats, strategies=tuple(strategies), seed=args.seed, redis_url=url,
+        extra=extra,
+    )  # fmt: skip
+    results = run_bench(
+        config,
+        on_round=lambda s, n, r: print(
+            f"  stampede {s} round {n}: {r.loader_calls} loader calls, p50 {r.p50_ms:,.1f} ms, "
+            f"p99 {r.p99_ms:,.1f} ms, served {r.served:,}, errors {r.errors}",
+            flush=True,
+        ),
+    )
+    out: dict[str, Any] = {
+        r.strategy: {"median": r.summary(), "rounds": [x.figures() for x in r.rounds]}
+        for r in results
+    }
+    guard_p99 = out["guard"]["median"]["p99_ms"]
+    out["ratios"] = {"guard_p99_over_ideal_p99": guard_p99 / out["ideal"]["median"]["p99_ms"]}
+    if "cashews-locked" in out:
+        out["ratios"]["guard_p99_over_cashews_p99"] = (
+            guard_p99 / out["cashews-locked"]["median"]["p99_ms"]
+        )
+    return out
+
+
+def versions(url: str) -> dict[str, Any]:
+    found = environment(url)
+    for package in ("hiredis", "cashews", "aiocache"):
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            found[package] = None
+    import aiocacheguard
+
+    source = Path(aiocacheguard.__file__).resolve().parent.parent
+    try:
+        found["aiocacheguard_commit"] = subprocess.run(
+            ["git", "-C", str(source), "log", "-1", "--format=%h"],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(
+            ["git", "-C", str(source), "status", "--porcelain", "--", "aiocacheguard"],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+        found["aiocacheguard_tree_dirty"] = bool(dirty)
+    except (OSError, subprocess.CalledProcessError):
+        found["aiocacheguard_commit"] = None
+    found["aiocacheguard_path"] = str(source)
+    found["load_average"] = os.getloadavg()
+    return found
+
+
+def report(results: dict[str, Any]) -> None:
+    for name in ("sequential get", "sequential get_or_load"):
+        r = results[name]
+        print(
+            f"{name:30} raw {r['raw']:8,.0f} ops/s  cache {r['cache']:8,.0f} ops/s  "
+            f"ratio {r['ratio_cache_over_raw']:.2f}x"
+        )
+    for name in ("one key", "distinct keys"):
+        r = results[name]
+        print(
+            f"{'100 concurrent, ' + name:30} raw {r['raw']:8.3f} ms/batch  cache "
+            f"{r['cache']:8.3f} ms/batch  ratio {r['ratio_raw_over_cache']:.2f}x"
+        )
+    s = results["stampede"]
+    print(
+        f"stampede 1 x {STAMPEDE_COROUTINES:,} coroutines, loader {STAMPEDE_LOADER_MS:g} ms, "
+        "medians:"
+    )
+    for name in ("ideal", "guard", "cashews-locked"):
+        if name in s:
+            m = s[name]["median"]
+            print(
+                f"  {name:16} loader calls {m['loader_calls']:4.0f}  served {m['served']:6,.0f}  "
+                f"errors {m['errors']:3.0f}  p50 {m['p50_ms']:7.1f} ms  p99 {m['p99_ms']:7.1f} ms"
+            )
+    for name, value in s["ratios"].items():
+        print(f"  {name} {value:.2f}x")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--redis-url")
-    parser.add_argument("--batches", type=int, default=300)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--redis-url", help="default: a throwaway redis-server")
+    parser.add_argument("--repeats", type=int, default=5, help="per scenario; medians reported")
+    parser.add_argument("--ops", type=int, default=3_000, help="sequential reads per repetition")
+    parser.add_argument("--batches", type=int, default=300, help="concurrent batches per repeat")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-stampede", action="store_true", help="hit path only")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
+    stampede_config = {
+        "processes": 1, "coroutines": STAMPEDE_COROUTINES, "loader_ms": STAMPEDE_LOADER_MS
+    }  # fmt: skip
+
     def go(url: str) -> int:
+        started = time.time()
         config = {
+            "value_bytes": len(json.dumps(VALUE)),
             "concurrency": CONCURRENCY,
+            "ops": args.ops,
             "batches": args.batches,
             "repeats": args.repeats,
             "seed": args.seed,
-            "aiocacheguard": __version__,
-            "python": platform.python_version(),
-            "redis_py": redis_py_version,
+            "stampede": None if args.no_stampede else stampede_config,
+            "l1": False,
         }
+        env = versions(url)
         print(f"hit path: {json.dumps(config)}")
-        results = asyncio.run(run(url, args.batches, args.repeats, args.seed))
-        for scenario, figures in results.items():
-            print(
-                f"{scenario:14} raw {figures['raw_ms_per_batch']:.3f} ms/batch  "
-                f"cache {figures['cache_ms_per_batch']:.3f} ms/batch  "
-                f"ratio {figures['ratio_raw_over_cache']:.2f}x"
-            )
+        print(f"versions: {json.dumps(env)}", flush=True)
+        rng = random.Random(args.seed)
+        results = asyncio.run(hit_path(url, args, rng))
+        if not args.no_stampede:
+            results["stampede"] = stampede(url, args)
+        report({"stampede": {"ratios": {}}, **results})
         if args.json is not None:
-            args.json.write_text(json.dumps({"config": config, "results": results}, indent=2))
+            document = {
+                "tool": "benchmarks/hit_path.py",
+                "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+                "argv": sys.argv,
+                "config": config,
+                "versions": env,
+                "results": results,
+            }
+            args.json.write_text(json.dumps(document, indent=2) + "\n")
+            print(f"wrote {args.json}")
         return 0
 
     if args.redis_url:

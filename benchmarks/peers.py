@@ -28,9 +28,14 @@ from urllib.parse import urlparse
 
 sys.path.insert(0, str(Path(__file__).parent))  # spawned workers import this module by name
 
-from aiocacheguard.testing import RedisServer
-from aiocacheguard.tools.bench import BenchConfig, results_json, run_bench
-from aiocacheguard.tools.cli import _print_table
+try:
+    from aiocacheguard.testing import RedisServer
+    from aiocacheguard.tools.bench import BenchConfig, results_json, run_bench
+    from aiocacheguard.tools.cli import _print_table
+except ImportError:  # the layout before f310cc9, to measure the recorded commits with this script
+    from aiocacheguard.bench import BenchConfig, results_json, run_bench  # type: ignore
+    from aiocacheguard.cli import _print_table  # type: ignore
+    from aiocacheguard.server import RedisServer  # type: ignore
 
 Getter = tuple[Callable[[], Awaitable[Any]], Callable[[], Awaitable[None]]]
 
