@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -15,29 +14,34 @@ from typing import Any, Final, Self, TypeVar, cast
 from ._checks import check_int, check_seconds
 from ._types import Key, Serializer
 from .backend import RedisBackend, RedisClient
-from .codec import Entry, RecordCodec
+from .codec import RecordCodec
 from .errors import BackendError, CacheClosedError, ConfigurationError
 from .guards.bloom import BloomFilter
 from .guards.lock import store, unlink
 from .guards.notify import FillNotifier
-from .guards.singleflight import SharedCall, SingleFlight
+from .guards.singleflight import SingleFlight
 from .keys import KeySpace
 from .loading import LoaderRunner
 from .metrics import Counters, Emitter, Hook, Statistics
 from .policy import Policy
+from .reading import Reader
 from .rebuild import Rebuilder
 from .refreshing import Refreshes
 from .serializers import JsonSerializer
 
 __all__ = ("Cache",)
 
-logger = logging.getLogger("aiocacheguard")
-
 T = TypeVar("T")
 
 #: The default budget of one Redis command, in seconds. redis-py's own defaults wait about a
 #: minute on a blackholed server; a cache that is slower than its database is worse than none.
 DEFAULT_COMMAND_TIMEOUT: Final = 1.0
+
+
+#: The read failed: Redis is unreachable (or too slow).
+_UNREACHABLE: Final[Any] = object()
+#: A flight started before anything was read: it reads first.
+_UNREAD: Final[Any] = object()
 
 
 class Cache:
@@ -119,7 +123,7 @@ class Cache:
         )
         self._counters = counters = Counters()
         self._codec = RecordCodec(serializer, clock=clock, rng=rng or random.Random())
-        self._reads: SharedCall[bytes, Entry | None] = SharedCall()
+        self._reads = Reader(self._backend, self._codec, counters)
         self._loads: SingleFlight[bytes, Any] = SingleFlight(name="load")
         self._emit = emit = Emitter(hook)
         self._load = LoaderRunner(counters, emit)
@@ -167,12 +171,11 @@ class Cache:
 
     async def aclose(self, *, drain: bool = False) -> None:
         """
-        Stop all work and wait for it to finish. Idempotent; a second call waits for the first.
+        Stop all work and wait for it; idempotent (a second call waits for the first).
 
-        Flights in progress are cancelled (callers still waiting get `CacheClosedError`).
-        Background refreshes are cancelled too, or, with ``drain=True``, awaited first (each is
-        bounded by its policy's ``load_timeout``). Locks a cancelled flight may hold are
-        released. No task of the Cache outlives this call. The Redis client is left open.
+        Flights are cancelled (their callers get `CacheClosedError`), and the locks they may
+        hold released; background refreshes too, or with ``drain=True`` awaited first (each
+        bounded by its ``load_timeout``). No task outlives this call; the client stays open.
         """
         if self._closing is None:
             self._closing = asyncio.create_task(self._aclose(drain), name="aiocacheguard-close")
@@ -212,7 +215,10 @@ class Cache:
             BackendError: Redis failed or did not answer within ``command_timeout``.
         """
         self._check_open()
-        entry = await self._read(self.keys.value(key))
+        rkey = self.keys.value(key)
+        if rkey in self._reads:
+            self._counters.coalesced += 1
+        entry = await self._reads.read(rkey)
         if entry is None or not entry.fresh(self._codec.clock()):
             return default
         return entry.result()
@@ -222,9 +228,8 @@ class Cache:
         Store ``value`` under ``key`` with the Cache's policy; ``ttl`` replaces its TTL (no
         jitter then, and a soft TTL kept at the same fraction of it).
 
-        ``None`` is stored as a negative result. Callers that start after this returns read
-        the new value, never an older read that was still in flight. A rebuild of the key in
-        progress anywhere is superseded: its fill is refused, and its waiters read this value.
+        ``None`` is stored as a negative result. Callers starting after this returns read the
+        new value; a rebuild of the key in progress anywhere is superseded (its fill refused).
 
         Raises:
             ConfigurationError: ``ttl`` is out of range.
@@ -303,26 +308,18 @@ class Cache:
         self._check_open()
         rkey = self.keys.value(key)
         policy = self.policy.for_call(policy, loader)
-        # Join this process's flight for the key, if one is loading it.
-        if rkey in self._loads:
+        # Join this process's flight for the key: one is loading it, or a read is on its way
+        # (the flight shares that read), so thousands of callers are woken once, not twice.
+        if rkey in self._loads or rkey in self._reads:
             self._counters.coalesced += 1
-            return cast(
-                T, await self._loads.run(rkey, partial(self._miss, rkey, loader, policy, None))
-            )
-        # Read the record: one round trip, shared with this process's other readers of the key.
-        try:
-            entry = await self._read(rkey)
-        except BackendError:
-            entry = _UNREACHABLE
-        # Fresh: serve it; past its soft TTL (or drawn by XFetch), refresh it in the background.
-        now = self._codec.clock()
-        if entry is not None and entry is not _UNREACHABLE and entry.fresh(now):
-            self._refreshes.maybe_start(rkey, entry, loader, policy, now)
-            return cast(T, entry.result())
-        # Missing, expired or unreachable: one flight per key loads it (see `_miss`).
-        return cast(
-            T, await self._loads.run(rkey, partial(self._miss, rkey, loader, policy, entry))
-        )
+            return cast(T, await self._loads.run(rkey, partial(self._flight, rkey, loader, policy)))
+        # Read the record in this caller's task (a hit creates no task); serve it if fresh.
+        served, entry = await self._read_for(rkey, loader, policy)
+        if served:
+            return cast(T, entry)
+        # Missing, expired or unreachable: one flight per key loads it (see `_flight`).
+        flight = partial(self._flight, rkey, loader, policy, entry)
+        return cast(T, await self._loads.run(rkey, flight))
 
     async def refresh(
         self, key: Key, loader: Callable[[], Awaitable[T]], *, policy: Policy | None = None
@@ -341,10 +338,35 @@ class Cache:
         policy = self.policy.for_call(policy, loader)
         return cast(T, await self._refreshes.run(rkey, loader, policy))
 
-    async def _miss(
-        self, rkey: bytes, loader: Callable[[], Awaitable[Any]], policy: Policy, entry: Any
+    async def _read_for(
+        self, rkey: bytes, loader: Callable[[], Awaitable[Any]], policy: Policy
+    ) -> tuple[bool, Any]:
+        """
+        ``(True, result)`` for a fresh entry (past its soft TTL or drawn by XFetch, a
+        background refresh is asked for); else ``(False, the entry, None or _UNREACHABLE)``.
+        """
+        try:
+            entry = await self._reads.read(rkey)
+        except BackendError:
+            return False, _UNREACHABLE
+        now = self._codec.clock()
+        if entry is None or not entry.fresh(now):
+            return False, entry
+        self._refreshes.maybe_start(rkey, entry, loader, policy, now)
+        return True, entry.result()
+
+    async def _flight(
+        self,
+        rkey: bytes,
+        loader: Callable[[], Awaitable[Any]],
+        policy: Policy,
+        entry: Any = _UNREAD,
     ) -> Any:
         """One flight per key: the steps after a read that found nothing fresh."""
+        if entry is _UNREAD:  # started by joiners while a read was on its way: share it
+            served, entry = await self._read_for(rkey, loader, policy)
+            if served:
+                return entry
         # Redis unreachable: load without it; the flight still guards the loader here.
         if entry is _UNREACHABLE:
             return await self._load(rkey, loader, policy)
@@ -367,23 +389,6 @@ class Cache:
             self._emit("stale_served", rkey, exc)
             return entry.result()
 
-    async def _read(self, rkey: bytes) -> Entry | None:
-        if rkey in self._reads:
-            self._counters.coalesced += 1
-        return await self._reads.run(rkey, lambda: self._read_record(rkey))
-
-    async def _read_record(self, rkey: bytes) -> Entry | None:
-        data = await self._backend.get(rkey)
-        entry = None if data is None else self._codec.decode(data)
-        counters = self._counters
-        if entry is None:
-            counters.misses += 1
-        elif entry.record.negative:
-            counters.negative_hits += 1
-        else:
-            counters.hits += 1
-        return entry
-
     async def _add_to_filter(self, rkey: bytes, value: Any) -> None:
         assert self.bloom is not None
         await self.bloom.add_quietly(self.keys.user_key(rkey))
@@ -392,7 +397,3 @@ class Cache:
         """After a write, later callers must not join a read or flight that began before it."""
         self._reads.forget(rkey)
         self._loads.forget(rkey)
-
-
-#: The read failed: Redis is unreachable (or too slow).
-_UNREACHABLE: Final[Any] = object()

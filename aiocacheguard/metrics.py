@@ -95,8 +95,9 @@ class Statistics:
         lock_waits: Flights that found another process rebuilding and waited for its fill.
         stale_served: Flights that returned a value past its TTL because the loader failed
             (``Policy.stale_if_error``); each is also a ``"stale_served"`` event.
-        soft_expired_served: Reads that returned a value past its soft TTL (logical expiry)
-            and asked for a background refresh.
+        soft_expired_served: Reads (once per flight, like ``hits``) that found a value past
+            its soft TTL (logical expiry): served, and ``get_or_load`` asked for a background
+            refresh.
         refreshes: Background or forced refreshes that wrote a new value.
         refresh_errors: Refreshes whose loader failed or timed out (the stale value stayed).
         early_refreshes: Refreshes started early by XFetch (also counted in ``refreshes``

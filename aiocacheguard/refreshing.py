@@ -69,7 +69,6 @@ class Refreshes:
             return
         soft = record.soft_expires_at
         if soft is not None and now >= soft:
-            self._counters.soft_expired_served += 1
             early = False
         elif policy.early_beta > 0 and xfetch_due(
             now=now,
