@@ -1,4 +1,10 @@
-"""Argument checks shared by every constructor: a named error before any I/O."""
+"""
+Argument checks shared by every constructor: a named error before any I/O.
+
+The one implementation of "an int (or a finite real number), not a bool, in range": a bool is
+an int to Python, but ``ttl=True`` or ``capacity=True`` is always a mistake. Each check raises
+`ConfigurationError`, whose message names the field, the value and the accepted range.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +12,19 @@ import math
 
 from .errors import ConfigurationError
 
-__all__ = ("check_int", "check_seconds")
+__all__ = ("check_int", "check_number", "check_seconds")
 
 
 def check_int(field: str, value: object, *, minimum: int, maximum: int | None = None) -> None:
-    """``value`` is an int (not a bool) in ``[minimum, maximum]``."""
+    """
+    ``value`` is an int (not a bool) in ``[minimum, maximum]``.
+
+    Example:
+        >>> check_int("batch", 0, minimum=1)
+        Traceback (most recent call last):
+        ...
+        aiocacheguard.errors.ConfigurationError: batch=0 is not accepted: an integer >= 1
+    """
     accepted = (
         f"an integer >= {minimum}"
         if maximum is None
@@ -22,11 +36,52 @@ def check_int(field: str, value: object, *, minimum: int, maximum: int | None = 
         raise ConfigurationError(field, value, accepted)
 
 
-def check_seconds(field: str, value: object, *, maximum: float = 365 * 24 * 3600.0) -> None:
-    """``value`` is a finite number of seconds in ``(0, maximum]`` (not a bool)."""
+def check_number(
+    field: str,
+    value: object,
+    *,
+    above: float | None = None,
+    at_least: float | None = None,
+    below: float | None = None,
+    at_most: float | None = None,
+    accepted: str | None = None,
+) -> None:
+    """
+    ``value`` is a finite int or float (not a bool) within the bounds given.
+
+    Args:
+        field: The name the error gives.
+        value: What was passed.
+        above, at_least: The lower bound, exclusive or inclusive (at most one of them).
+        below, at_most: The upper bound, exclusive or inclusive (at most one of them).
+        accepted: The error's description of the range, where the caller says it better
+            (units, an example); by default the bounds, e.g. "a number > 0 and < 0.5".
+
+    Example:
+        >>> check_number("error_rate", 0.5, above=0, below=0.5)
+        Traceback (most recent call last):
+        ...
+        aiocacheguard.errors.ConfigurationError: error_rate=0.5 is not ...: a number > 0 and < 0.5
+    """
+    if accepted is None:
+        bounds = [
+            f"{sign} {bound:g}"
+            for sign, bound in ((">", above), (">=", at_least), ("<", below), ("<=", at_most))
+            if bound is not None
+        ]
+        accepted = "a number " + " and ".join(bounds) if bounds else "a finite number"
     if (
         isinstance(value, bool)
         or not isinstance(value, int | float)
-        or not (math.isfinite(value) and 0 < value <= maximum)
+        or not math.isfinite(value)
+        or (above is not None and value <= above)
+        or (at_least is not None and value < at_least)
+        or (below is not None and value >= below)
+        or (at_most is not None and value > at_most)
     ):
-        raise ConfigurationError(field, value, f"seconds in (0, {maximum:g}]")
+        raise ConfigurationError(field, value, accepted)
+
+
+def check_seconds(field: str, value: object, *, maximum: float = 365 * 24 * 3600.0) -> None:
+    """``value`` is a finite number of seconds in ``(0, maximum]`` (not a bool)."""
+    check_number(field, value, above=0, at_most=maximum, accepted=f"seconds in (0, {maximum:g}]")

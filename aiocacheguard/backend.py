@@ -30,6 +30,7 @@ import redis.asyncio as redis
 import redis.exceptions as redis_errors
 from redis.asyncio.cluster import RedisCluster
 
+from ._checks import check_int
 from ._types import LuaScript, ScriptArg, Subscriber
 from .errors import BackendError, BackendTimeout, BackendUnavailable, ConfigurationError
 
@@ -249,12 +250,8 @@ class RedisBackend:
         if max_in_flight is None:
             limit = _pool_limit(client)
             max_in_flight = max(1, min(50, limit // 2 if limit else 50))
-        elif (
-            isinstance(max_in_flight, bool)
-            or not isinstance(max_in_flight, int)
-            or (max_in_flight < 1)
-        ):
-            raise ConfigurationError("max_in_flight", max_in_flight, "an integer >= 1")
+        else:
+            check_int("max_in_flight", max_in_flight, minimum=1)
         self.client = client
         self.command_timeout = command_timeout
         self.max_in_flight = max_in_flight

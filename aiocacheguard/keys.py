@@ -14,13 +14,29 @@ import re
 from ._types import Key
 from .errors import ConfigurationError, InvalidKeyError
 
-__all__ = ("MAX_KEY_BYTES", "KeySpace")
+__all__ = ("MAX_KEY_BYTES", "KeySpace", "hash_tag")
 
 #: The longest user key accepted, in bytes after UTF-8 encoding. Redis allows far longer keys,
 #: but every byte is stored, hashed and sent on every call; hash longer keys yourself.
 MAX_KEY_BYTES = 1024
 
 _NAMESPACE = re.compile(r"[A-Za-z0-9_.\-/]{1,64}")
+
+
+def hash_tag(namespace: bytes, name: bytes) -> bytes:
+    """
+    ``{namespace:name}``: the prefix of every Redis key of one entry (or of one Bloom filter).
+
+    Redis Cluster hashes only what is between the first ``{`` and the next ``}``, so keys that
+    start with one tag share a slot and one Lua script may touch them all. This is the one place
+    the format is written; `KeySpace` and the Bloom filter both call it. Both parts are bytes,
+    encoded once by the caller: `KeySpace.value` runs on every cache call.
+
+    Example:
+        >>> hash_tag(b"shop", b"leaderboard") + b":lock"
+        b'{shop:leaderboard}:lock'
+    """
+    return b"{%b:%b}" % (namespace, name)
 
 
 class KeySpace:
@@ -32,7 +48,7 @@ class KeySpace:
         b'{shop:leaderboard}'
     """
 
-    __slots__ = ("_prefix", "namespace")
+    __slots__ = ("_encoded", "_prefix_length", "namespace")
 
     def __init__(self, namespace: str) -> None:
         if not isinstance(namespace, str) or not _NAMESPACE.fullmatch(namespace):
@@ -42,7 +58,8 @@ class KeySpace:
                 "1 to 64 characters from A-Z a-z 0-9 _ . - / (no ':', '{' or '}')",
             )
         self.namespace = namespace
-        self._prefix = b"{" + namespace.encode() + b":"
+        self._encoded = namespace.encode()
+        self._prefix_length = len(hash_tag(self._encoded, b"")) - 1  # "{namespace:"
 
     def value(self, key: Key) -> bytes:
         """
@@ -67,11 +84,11 @@ class KeySpace:
                 f"cache key is {len(raw)} bytes, over the limit of {MAX_KEY_BYTES} bytes; hash "
                 "long keys first, for example hashlib.sha256(key.encode()).hexdigest()"
             )
-        return self._prefix + raw + b"}"
+        return hash_tag(self._encoded, raw)
 
     def user_key(self, value_key: bytes) -> bytes:
         """The user's key (as bytes) back from a value key."""
-        return value_key[len(self._prefix) : -1]
+        return value_key[self._prefix_length : -1]
 
     @staticmethod
     def lock(value_key: bytes) -> bytes:

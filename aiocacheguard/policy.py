@@ -4,10 +4,10 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from typing import Literal
 
+from ._checks import check_number
 from .errors import ConfigurationError
 
 __all__ = ("Policy",)
@@ -18,26 +18,17 @@ MAX_TTL = 365 * 24 * 3600.0
 
 
 def _check_seconds(
-    field: str, value: object, *, optional: bool = False, minimum: float = 0.0
+    field: str, value: object, *, optional: bool = False, minimum: float | None = None
 ) -> None:
+    """`check_number` for a time: above 0 (or at least ``minimum``), at most `MAX_TTL`."""
     if value is None and optional:
         return
-    lower = f">= {minimum:g}" if minimum else "> 0"
+    lower = "> 0" if minimum is None else f">= {minimum:g}"
     accepted = f"a finite number of seconds {lower} and <= {MAX_TTL:.0f}" + (
         ", or None" if optional else ""
     )
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigurationError(field, value, accepted)
-    if not math.isfinite(value) or value <= 0 or value < minimum or value > MAX_TTL:
-        raise ConfigurationError(field, value, accepted)
-
-
-def _check_fraction(field: str, value: object, *, upper: float, inclusive: bool) -> None:
-    accepted = f"a number >= 0 and {'<=' if inclusive else '<'} {upper:g}"
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ConfigurationError(field, value, accepted)
-    if value < 0 or value > upper or (value == upper and not inclusive):
-        raise ConfigurationError(field, value, accepted)
+    above = 0 if minimum is None else None
+    check_number(field, value, above=above, at_least=minimum, at_most=MAX_TTL, accepted=accepted)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -106,8 +97,8 @@ class Policy:
         _check_seconds("wait_timeout", self.wait_timeout)
         _check_seconds("load_timeout", self.load_timeout, optional=True)
         _check_seconds("stale_if_error", self.stale_if_error, optional=True)
-        _check_fraction("early_beta", self.early_beta, upper=100.0, inclusive=True)
-        _check_fraction("jitter", self.jitter, upper=1.0, inclusive=False)
+        check_number("early_beta", self.early_beta, at_least=0, at_most=100)
+        check_number("jitter", self.jitter, at_least=0, below=1)
         if not isinstance(self.lock, bool):
             raise ConfigurationError("lock", self.lock, "True or False")
         if self.on_wait_timeout not in ("load", "raise"):

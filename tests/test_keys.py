@@ -1,10 +1,13 @@
 from __future__ import annotations
 
+from typing import cast
+
 import pytest
 from redis.crc import key_slot
 
-from aiocacheguard import ConfigurationError, InvalidKeyError
-from aiocacheguard.keys import MAX_KEY_BYTES, KeySpace
+from aiocacheguard import BloomFilter, ConfigurationError, InvalidKeyError
+from aiocacheguard._types import ScriptRunner
+from aiocacheguard.keys import MAX_KEY_BYTES, KeySpace, hash_tag
 
 
 def test_namespaced_with_hash_tag() -> None:
@@ -48,3 +51,12 @@ def test_oversized_key_names_the_limit() -> None:
 def test_wrong_key_type(key: object) -> None:
     with pytest.raises(InvalidKeyError, match="str or bytes"):
         KeySpace("ns").value(key)  # type: ignore[arg-type]
+
+
+def test_entries_and_bloom_filters_share_one_hash_tag_format() -> None:
+    keys = KeySpace("shop")
+    assert keys.value("user:1") == hash_tag(b"shop", b"user:1") == b"{shop:user:1}"
+    assert keys.user_key(keys.value("user:1")) == b"user:1"
+    bloom = BloomFilter("users", capacity=10, error_rate=0.01)
+    bloom.bind(cast("ScriptRunner", object()), namespace="shop")  # binding stores, no I/O
+    assert bloom.key == hash_tag(b"shop", b"users") + b":bloom"

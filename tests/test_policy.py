@@ -55,3 +55,21 @@ def test_frozen_and_hashable() -> None:
         policy.ttl = 1.0  # type: ignore[misc]
     assert {policy: 1}[Policy(ttl=30.0, soft_ttl=20.0, negative_ttl=None)] == 1
     assert policy.negative_ttl is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "accepted"),
+    [
+        ({"jitter": 1.0}, "a number >= 0 and < 1"),
+        ({"jitter": True}, "a number >= 0 and < 1"),
+        ({"early_beta": -0.5}, "a number >= 0 and <= 100"),
+        ({"early_beta": math.nan}, "a number >= 0 and <= 100"),
+        ({"lock_ttl": 0.01}, "a finite number of seconds >= 0.05 and <= 31536000"),
+        ({"load_timeout": False}, "a finite number of seconds > 0 and <= 31536000, or None"),
+    ],
+)
+def test_other_fields_name_their_range(kwargs: dict[str, object], accepted: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        Policy(ttl=30.0, **kwargs)  # type: ignore[arg-type]
+    (field,) = kwargs
+    assert (info.value.field, info.value.accepted) == (field, accepted)

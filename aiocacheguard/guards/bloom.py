@@ -42,8 +42,10 @@ from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
 
 import mmh3
 
+from .._checks import check_int, check_number
 from .._types import Key, LuaScript, ScriptRunner
 from ..errors import BackendError, ConfigurationError
+from ..keys import hash_tag
 
 __all__ = ("ADD", "CONTAINS", "BloomFilter")
 
@@ -177,18 +179,10 @@ class BloomFilter:
     def __init__(self, name: str, *, capacity: int, error_rate: float) -> None:
         if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise ConfigurationError("name", name, "1 to 64 characters from A-Z a-z 0-9 _ . - /")
-        if (
-            isinstance(capacity, bool)
-            or not isinstance(capacity, int)
-            or not (1 <= capacity <= 10**10)
-        ):
-            raise ConfigurationError("capacity", capacity, "an integer from 1 to 10**10")
-        if (
-            isinstance(error_rate, bool)
-            or not isinstance(error_rate, int | float)
-            or not (0 < error_rate < 0.5)
-        ):
-            raise ConfigurationError("error_rate", error_rate, "a number in (0, 0.5), e.g. 0.01")
+        check_int("capacity", capacity, minimum=1, maximum=10**10)
+        check_number(
+            "error_rate", error_rate, above=0, below=0.5, accepted="a number in (0, 0.5), e.g. 0.01"
+        )
         bits = math.ceil(-capacity * math.log(error_rate) / math.log(2) ** 2)
         if bits > MAX_BITS:
             raise ConfigurationError(
@@ -225,7 +219,7 @@ class BloomFilter:
         """Attach to a Redis (a Cache's backend). The first binding stays; later ones no-op."""
         if self._runner is None:
             self._runner = runner
-            self._key = b"{" + f"{namespace}:{self.name}".encode() + b"}:bloom"
+            self._key = hash_tag(namespace.encode(), self.name.encode()) + b":bloom"
             self._building_key = self._key + b":rebuild"
 
     @property
@@ -280,8 +274,7 @@ class BloomFilter:
         Add every item of a (possibly async) iterable, ``batch`` items per round trip, so a
         bulk load needs bounded memory. Returns how many were added.
         """
-        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-            raise ConfigurationError("batch", batch, "an integer >= 1")
+        check_int("batch", batch, minimum=1)
         added = 0
         chunk: list[Key] = []
         async for item in _aiter(items):
@@ -355,6 +348,7 @@ class BloomFilter:
         Readers keep using the old bitmap until the swap; items added by others during the
         rebuild land in both. Returns how many items were added.
         """
+        check_int("batch", batch, minimum=1)
         runner = self._require_runner()
         await runner.eval(START_REBUILD, (self._building_key,), (self.bits - 1,))
         added = 0

@@ -46,6 +46,7 @@ import redis
 import redis.asyncio as aioredis
 
 from .._version import __version__
+from ..keys import KeySpace
 from ..record import Record
 
 __all__ = ("STRATEGIES", "BenchConfig", "BenchError", "RoundResult", "StrategyResult", "run_bench")
@@ -274,7 +275,7 @@ def _seed_key(
     control: redis.Redis, strategy: str, namespace: str, key: str, start_at: float, loader_s: float
 ) -> None:
     """Put the key in the state the strategy is about: missing, soft-expired or expiring."""
-    value_key = "{" + f"{namespace}:{key}" + "}"
+    value_key = KeySpace(namespace).value(key)
     payload = json.dumps(VALUE).encode()
     if strategy == "soft-ttl":
         record = Record(
