@@ -1,14 +1,19 @@
-"""Helpers the tests share: deployments for fixtures, gated loaders, polling, server counters."""
+"""
+Helpers the tests share: deployments for fixtures, gated loaders, a hand-moved clock, an event
+recorder, polling, server counters.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import pytest
 import redis.asyncio as redis
 
+from aiocacheguard import Event
 from aiocacheguard.testing import (
     RedisClusterServer,
     RedisSentinelServer,
@@ -57,6 +62,40 @@ class GatedLoader:
         if self.error is not None:
             raise self.error
         return self.value
+
+
+class Clock:
+    """A wall clock the test moves by hand (expiry decisions only; Redis TTLs stay real)."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Events:
+    """A Cache's ``hook``: records its events; `wait_for` waits until some of a kind arrive."""
+
+    def __init__(self) -> None:
+        self.seen: list[Event] = []
+        self._changed = asyncio.Event()
+
+    def __call__(self, event: Event) -> None:
+        self.seen.append(event)
+        self._changed.set()
+
+    def kinds(self) -> list[str]:
+        return [event.kind for event in self.seen]
+
+    def count(self, kind: str) -> int:
+        return sum(event.kind == kind for event in self.seen)
+
+    async def wait_for(self, kind: str, count: int = 1, within: float = 5.0) -> None:
+        async with asyncio.timeout(within):
+            while self.count(kind) < count:
+                self._changed.clear()
+                await self._changed.wait()
 
 
 async def wait_until(condition: Callable[[], bool], within: float = 5.0) -> None:

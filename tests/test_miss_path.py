@@ -12,7 +12,6 @@ failed Bloom add becoming a false negative, and soft-expiry serves counted as st
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections.abc import Awaitable
 
@@ -23,7 +22,6 @@ from aiocacheguard import (
     BackendTimeout,
     BloomFilter,
     Cache,
-    Event,
     LoadTimeout,
     Policy,
     SerializationError,
@@ -32,7 +30,7 @@ from aiocacheguard.backend import to_backend_error
 from aiocacheguard.record import Record
 from aiocacheguard.testing import RedisServer
 
-from .helpers import GatedLoader, library_tasks, wait_until
+from .helpers import Clock, Events, GatedLoader, library_tasks, wait_until
 
 #: A lease far longer than any wait bound below: a caller served within the bound was served
 #: by the fill (or a released lock), never by the lease running out.
@@ -41,37 +39,6 @@ LONG_LEASE = Policy(ttl=30.0, lock_ttl=10.0, jitter=0.0)
 BOUND = 2.0
 
 ABSENT = object()
-
-
-class Clock:
-    """A wall clock the test moves by hand (expiry decisions only; Redis TTLs stay real)."""
-
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class Events:
-    """Records the Cache's events; `wait_for` waits for one of a kind."""
-
-    def __init__(self) -> None:
-        self.seen: list[Event] = []
-        self._changed = asyncio.Event()
-
-    def __call__(self, event: Event) -> None:
-        self.seen.append(event)
-        self._changed.set()
-
-    def count(self, kind: str) -> int:
-        return sum(event.kind == kind for event in self.seen)
-
-    async def wait_for(self, kind: str) -> None:
-        async with asyncio.timeout(BOUND):
-            while not self.count(kind):
-                self._changed.clear()
-                await self._changed.wait()
 
 
 def released(value: object = "v", error: BaseException | None = None) -> GatedLoader:
@@ -316,7 +283,7 @@ async def test_soft_expiry_and_stale_if_error_are_counted_apart(
         stats = c.statistics()
         assert stats.stale_served == 0, "a soft-expired serve was counted as stale-if-error"
         assert stats.soft_expired_served == 1
-        await events.wait_for("refresh_failed")
+        await events.wait_for("refresh_failed", within=BOUND)
         assert events.count("stale_served") == 0
         # Past the TTL, within the grace: the loader fails and the stale value is served.
         clock.now += 10.0

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import math
 import random
-import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -13,40 +12,9 @@ import redis.asyncio as redis
 
 from aiocacheguard import Cache, Policy
 from aiocacheguard.guards.refresh import xfetch_due
-from aiocacheguard.metrics import Event
 from aiocacheguard.record import Record
 
-from .helpers import GatedLoader, library_tasks, wait_until
-
-
-class Clock:
-    """A wall clock the test moves by hand (expiry decisions only; Redis TTLs stay real)."""
-
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class Events:
-    def __init__(self) -> None:
-        self.seen: list[Event] = []
-        self._changed = asyncio.Event()
-
-    def __call__(self, event: Event) -> None:
-        self.seen.append(event)
-        self._changed.set()
-
-    def kinds(self) -> list[str]:
-        return [e.kind for e in self.seen]
-
-    async def wait_for(self, kind: str, count: int = 1) -> None:
-        async with asyncio.timeout(5):
-            while self.kinds().count(kind) < count:
-                self._changed.clear()
-                await self._changed.wait()
-
+from .helpers import Clock, Events, GatedLoader, library_tasks, wait_until
 
 POLICY = Policy(ttl=100.0, soft_ttl=10.0, jitter=0.0)
 
