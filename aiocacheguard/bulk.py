@@ -1,0 +1,404 @@
+"""
+Bulk operations on a `Cache`: many reads, many writes, warming before traffic, clearing a
+namespace. `Cache.get_many`, `set_many`, `warm` and `clear` are thin wrappers over these.
+
+Reads and writes go through the Cache itself, many at a time, so each one keeps its exact
+semantics (a write is the same fenced `FILL` as `Cache.set`: a rebuild in progress is
+superseded) while the backend's batching turns them into MGETs and pipelines, at most
+`MAX_BATCH` keys a command. On Redis Cluster the MGETs are split per slot, and the scripts are
+sent side by side, each routed to its slot's primary.
+
+Clearing walks the keyspace with SCAN (on a cluster, every primary) and removes what matches
+with UNLINK, a batch at a time, so the server never blocks on one huge command and freeing
+memory happens in Redis's background thread.
+
+Guarantees:
+    - `clear` removes only keys of the Cache's namespace that match the pattern, and of those
+      only values unless asked for locks and Bloom filters too.
+    - `warm` runs at most ``concurrency`` writes or loads at once, however long the input; the
+      first failure stops it and is raised as itself (not wrapped in an exception group).
+
+Limitations:
+    - None of these is atomic: a key written during `clear` may survive it, and a reader may
+      see part of a `set_many`.
+    - SCAN may return a key twice (Redis says so); `clear` counts what UNLINK removed, so the
+      count is exact, but a progress callback may see a key twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final, TypeGuard, TypeVar
+
+import anyio
+
+from ._types import Key
+from .backend import MAX_BATCH, MAX_BATCHES, RedisClient, to_backend_error
+from .errors import BackendError, ConfigurationError
+
+if TYPE_CHECKING:
+    from redis.asyncio.cluster import RedisCluster
+
+    from .cache import Cache
+
+__all__ = (
+    "NamespaceKeys",
+    "Node",
+    "clear",
+    "get_many",
+    "nodes_of",
+    "set_many",
+    "warm",
+)
+
+KeyT = TypeVar("KeyT", bound=Key)
+
+#: Keys handed to the Cache at once by `get_many` and `set_many`: every batch lane full.
+CHUNK: Final = MAX_BATCH * MAX_BATCHES
+#: Keys asked of SCAN per call (its COUNT hint), and removed per UNLINK.
+SCAN_COUNT: Final = 1000
+#: The budget of one SCAN or UNLINK call made here, in seconds, when no Cache gives one.
+COMMAND_TIMEOUT: Final = 5.0
+
+#: What `warm` accepts: ``(key, value)``, ``(key, value, ttl)``, or ``(key, loader)`` where
+#: the loader is an async function of no arguments.
+WarmItem = tuple[Key, Any] | tuple[Key, Any, float | None]
+
+
+async def get_many(cache: Cache, keys: Iterable[Key], default: Any = None) -> list[Any]:
+    """
+    The cached values of ``keys``, in order; ``default`` for each key not cached (as `Cache.get`).
+
+    Raises:
+        InvalidKeyError: a key is empty, too long or not str/bytes (nothing is read).
+        BackendError: Redis failed or did not answer within the Cache's ``command_timeout``.
+    """
+    keys = list(keys)
+    for key in keys:
+        cache.keys.value(key)  # every key checked before any is read
+    await _ready(cache)
+    results: list[Any] = []
+    for start in range(0, len(keys), CHUNK):
+        chunk = keys[start : start + CHUNK]
+        results += await _all(cache.get(key, default) for key in chunk)
+    return results
+
+
+async def set_many(cache: Cache, mapping: Mapping[KeyT, Any], *, ttl: float | None = None) -> None:
+    """
+    Store every value of ``mapping`` as `Cache.set` would (same TTL rules, same fenced write).
+
+    Raises:
+        InvalidKeyError: a key is empty, too long or not str/bytes (nothing is written).
+        ConfigurationError: ``ttl`` is out of range.
+        SerializationError: a value cannot be encoded (the others of its chunk are written).
+        BackendError: Redis failed or did not answer within the Cache's ``command_timeout``.
+    """
+    items = list(mapping.items())
+    for key, _ in items:
+        cache.keys.value(key)
+    await _ready(cache)
+    for start in range(0, len(items), CHUNK):
+        chunk = items[start : start + CHUNK]
+        await _all(cache.set(key, value, ttl=ttl) for key, value in chunk)
+
+
+async def _ready(cache: Cache) -> None:
+    """
+    Let a cluster client discover its nodes before many commands start at once: redis-py's
+    `RedisCluster` breaks (``'NoneType' object has no attribute 'writelines'``) when
+    concurrent first commands race to initialise it. A no-op once it is initialised.
+    """
+    client = cache._backend.client
+    if _is_cluster(client):
+        await _budgeted(client.initialize(), cache._backend.command_timeout)
+
+
+async def _all(calls: Iterable[Awaitable[Any]]) -> list[Any]:
+    """Run ``calls`` together; wait for every one, then raise the first failure, if any."""
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return results
+
+
+async def warm(
+    cache: Cache,
+    items: Iterable[WarmItem] | AsyncIterable[WarmItem],
+    *,
+    concurrency: int = 64,
+    progress: Callable[[int], None] | None = None,
+) -> int:
+    """
+    Fill the cache before traffic arrives; returns how many items were written or loaded.
+
+    A ``(key, value)`` or ``(key, value, ttl)`` item is written with `Cache.set` (it replaces
+    what is cached). A ``(key, loader)`` item, where ``loader`` is an async function of no
+    arguments, goes through `Cache.get_or_load`: loaded only if not cached already, once
+    across every process warming the same key. ``items`` is read lazily, so it may be a
+    generator over a file or a database cursor of any length.
+
+    Args:
+        concurrency: Writes or loads at once.
+        progress: Called with the number of items done so far, after each one.
+
+    Raises:
+        ConfigurationError: ``concurrency`` is below 1.
+        Exception: the first failure (a bad key, a loader's error, a `BackendError`); the
+            items in progress are cancelled and nothing more is read.
+    """
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+        raise ConfigurationError("concurrency", concurrency, "an integer >= 1")
+    await _ready(cache)
+    limiter = anyio.CapacityLimiter(concurrency)
+    done = 0
+    failure: BaseException | None = None
+
+    async def one(item: WarmItem, token: object) -> None:
+        nonlocal done, failure
+        try:
+            await _warm_one(cache, item)
+            done += 1
+            if progress is not None:
+                progress(done)
+        except Exception as exc:
+            if failure is None:
+                failure = exc
+            group.cancel_scope.cancel()
+        finally:
+            limiter.release_on_behalf_of(token)
+
+    async with anyio.create_task_group() as group:
+        async for item in _aiter(items):
+            token = object()
+            await limiter.acquire_on_behalf_of(token)
+            if failure is not None:
+                limiter.release_on_behalf_of(token)
+                break
+            group.start_soon(one, item, token)
+    if failure is not None:
+        raise failure
+    return done
+
+
+async def _warm_one(cache: Cache, item: WarmItem) -> None:
+    if not isinstance(item, tuple) or len(item) not in (2, 3):
+        raise TypeError(
+            f"warm items are (key, value), (key, value, ttl) or (key, loader): {item!r}"
+        )
+    key, value = item[0], item[1]
+    ttl = item[2] if len(item) == 3 else None
+    if callable(value):
+        await cache.get_or_load(key, value)
+    else:
+        await cache.set(key, value, ttl=ttl)
+
+
+async def _aiter(items: Iterable[WarmItem] | AsyncIterable[WarmItem]) -> AsyncIterator[WarmItem]:
+    if isinstance(items, AsyncIterable):
+        async for item in items:
+            yield item
+    else:
+        for item in items:
+            yield item
+
+
+async def clear(
+    cache: Cache,
+    pattern: str = "*",
+    *,
+    locks: bool = False,
+    blooms: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> int:
+    """
+    Remove the namespace's entries whose key matches ``pattern``; returns how many keys went.
+
+    ``pattern`` is a Redis glob over user keys (``*``, ``?``, ``[a-z]``, ``\\`` escapes):
+    ``"user:*"`` removes ``user:1`` and ``user:2``. Rebuild locks and Bloom filters (matched
+    by their name) are removed only when asked: removing a held lock lets a second process
+    load the same key.
+
+    Args:
+        progress: Called with the number of keys removed so far, after each batch.
+
+    Raises:
+        BackendError: Redis failed or a command ran past its budget; keys removed before
+            that stay removed.
+    """
+    backend = cache._backend
+    found = NamespaceKeys(cache.namespace, pattern, values=True, locks=locks, blooms=blooms)
+    removed = 0
+    async for batch in found.scan(backend.client, budget=backend.command_timeout):
+        removed += await _budgeted(backend.client.unlink(*batch), backend.command_timeout)
+        if progress is not None:
+            progress(removed)
+    return removed
+
+
+async def _budgeted(command: Awaitable[Any], budget: float) -> Any:
+    """One command under a budget, its errors translated (`aiocacheguard.backend`)."""
+    try:
+        async with asyncio.timeout(budget):
+            return await command
+    except BackendError:
+        raise
+    except Exception as exc:
+        if isinstance(exc, TimeoutError | OSError) or type(exc).__module__.startswith("redis"):
+            raise to_backend_error(exc) from exc
+        raise
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    """One Redis primary: its name (``host:port``) and a way to run a command on it."""
+
+    name: str
+    run: Callable[..., Awaitable[Any]]
+
+
+def _is_cluster(client: RedisClient) -> TypeGuard[RedisCluster]:
+    return hasattr(client, "get_primaries")
+
+
+def nodes_of(client: RedisClient) -> list[Node]:
+    """The primaries of ``client``'s deployment: itself, or every primary of a cluster."""
+    if _is_cluster(client):
+        cluster = client
+
+        def on(node: Any) -> Callable[..., Awaitable[Any]]:
+            async def run(*args: Any) -> Any:
+                return await cluster.execute_command(*args, target_nodes=node)
+
+            return run
+
+        return [Node(node.name, on(node)) for node in cluster.get_primaries()]
+    kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", {})
+    name = f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}"
+    return [Node(name, client.execute_command)]
+
+
+async def scan_node(
+    node: Node, match: bytes | None, *, count: int = SCAN_COUNT, budget: float = COMMAND_TIMEOUT
+) -> AsyncIterator[list[bytes]]:
+    """The keys of one primary matching ``match``, a SCAN call's worth at a time."""
+    cursor: Any = 0
+    while True:
+        args: list[Any] = ["SCAN", cursor, "COUNT", count]
+        if match is not None:
+            args[2:2] = ["MATCH", match]
+        cursor, keys = await _budgeted(node.run(*args), budget)
+        if isinstance(cursor, dict):  # a cluster client answers per node
+            (cursor,) = cursor.values()
+        if keys:
+            yield [bytes(k) for k in keys]
+        if int(cursor) == 0:
+            return
+
+
+_LOCK, _BLOOM, _BLOOM_REBUILD = b"}:lock", b"}:bloom", b"}:bloom:rebuild"
+
+
+def redis_glob(pattern: bytes) -> re.Pattern[bytes]:
+    """
+    A regex matching exactly what Redis's glob ``pattern`` matches (as KEYS and SCAN MATCH):
+    ``*``, ``?``, ``[abc]``, ``[^a-z]`` and ``\\`` escapes.
+
+    Raises:
+        ConfigurationError: the pattern has a reversed range such as ``[z-a]``.
+    """
+    out, i, n = [], 0, len(pattern)
+    while i < n:
+        c = pattern[i : i + 1]
+        if c == b"*":
+            out.append(b".*")
+        elif c == b"?":
+            out.append(b".")
+        elif c == b"\\" and i + 1 < n:
+            i += 1
+            out.append(re.escape(pattern[i : i + 1]))
+        elif c == b"[":
+            i += 1
+            negate = pattern[i : i + 1] == b"^"
+            i += negate
+            members: list[bytes] = []
+            while i < n and pattern[i : i + 1] != b"]":
+                char = pattern[i : i + 1]
+                if char == b"\\" and i + 1 < n:
+                    i += 1
+                    members.append(re.escape(pattern[i : i + 1]))
+                elif char == b"-" and members and i + 1 < n and pattern[i + 1 : i + 2] != b"]":
+                    members.append(b"-")
+                else:
+                    members.append(re.escape(char))
+                i += 1
+            members_bytes = b"".join(members)
+            out.append(
+                b"[" + (b"^" if negate else b"") + members_bytes + b"]" if members else b"(?!)"
+            )
+        else:
+            out.append(re.escape(c))
+        i += 1
+    try:
+        return re.compile(b"".join(out), re.DOTALL)
+    except re.error as exc:
+        raise ConfigurationError(
+            "pattern", pattern.decode(errors="replace"), f"a Redis glob ({exc})"
+        ) from None
+
+
+class NamespaceKeys:
+    """
+    The Redis keys of one namespace's entries matching a glob over user keys: values (always
+    ``{ns:key}``), rebuild locks (``{ns:key}:lock``) and Bloom filters (``{ns:name}:bloom``
+    and the ``:bloom:rebuild`` bitmap of a rebuild in progress), each kind only if asked.
+
+    One SCAN pass finds them all: Redis matches ``{ns:PATTERN}*``, then each key's kind is
+    told by its suffix (a value key ends in ``}``, a lock's never does) and its user key is
+    matched against the pattern exactly.
+    """
+
+    __slots__ = ("_blooms", "_locks", "_prefix", "_regex", "_values", "match")
+
+    def __init__(
+        self, namespace: str, pattern: str = "*", *, values: bool, locks: bool, blooms: bool
+    ) -> None:
+        from .keys import KeySpace
+
+        KeySpace(namespace)  # validates the namespace
+        raw = pattern.encode("utf-8", "surrogatepass")
+        self._prefix = b"{" + namespace.encode() + b":"
+        self._regex = redis_glob(raw)
+        self.match = self._prefix + raw + b"}*"
+        self._values, self._locks, self._blooms = values, locks, blooms
+
+    def kind(self, key: bytes) -> str | None:
+        """``"value"``, ``"lock"`` or ``"bloom"`` if ``key`` is one asked for, else None."""
+        if not key.startswith(self._prefix):
+            return None
+        for suffix, kind, wanted in (
+            (b"}", "value", self._values),
+            (_LOCK, "lock", self._locks),
+            (_BLOOM, "bloom", self._blooms),
+            (_BLOOM_REBUILD, "bloom", self._blooms),
+        ):
+            if key.endswith(suffix):
+                user = key[len(self._prefix) : -len(suffix)]
+                if wanted and self._regex.fullmatch(user):
+                    return kind
+                return None
+        return None
+
+    async def scan(
+        self, client: RedisClient, *, budget: float = COMMAND_TIMEOUT
+    ) -> AsyncIterator[list[bytes]]:
+        """The matching keys of every primary, a batch at a time (no batch is empty)."""
+        for node in nodes_of(client):
+            async for keys in scan_node(node, self.match, budget=budget):
+                wanted = [k for k in keys if self.kind(k) is not None]
+                if wanted:
+                    yield wanted

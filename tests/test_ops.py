@@ -1,0 +1,164 @@
+"""
+Bulk operations (aiocacheguard.bulk) and the operator's API (aiocacheguard.ops), on a real
+standalone server and a real cluster. The tests call the functions; `Cache.get_many`,
+`set_many`, `warm` and `clear` are thin wrappers over them.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+import redis.asyncio as redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+from aiocacheguard import Cache, Policy
+from aiocacheguard.backend import RedisClient
+from aiocacheguard.bulk import NamespaceKeys, clear, get_many, redis_glob, set_many, warm
+from aiocacheguard.errors import ConfigurationError
+from aiocacheguard.testing import RedisClusterServer, RedisServer
+
+from .helpers import command_calls
+
+
+@pytest.fixture(params=["standalone", "cluster"])
+async def any_client(request: pytest.FixtureRequest) -> AsyncIterator[RedisClient]:
+    client: RedisClient
+    if request.param == "standalone":
+        server: RedisServer = request.getfixturevalue("redis_server")
+        client = redis.Redis(host=server.host, port=server.port)
+    else:
+        cluster: RedisClusterServer = request.getfixturevalue("redis_cluster")
+        client = RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in cluster.startup_nodes])
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def any_cache(any_client: RedisClient, namespace: str) -> AsyncIterator[Cache]:
+    async with Cache(any_client, namespace=namespace, policy=Policy(ttl=60.0)) as cache:
+        yield cache
+
+
+async def test_set_many_then_get_many(any_cache: Cache) -> None:
+    values = {f"k{i}": {"n": i} for i in range(2000)}
+    await set_many(any_cache, values, ttl=30.0)
+    keys = [*values, "absent"]
+    got = await get_many(any_cache, keys, default="none")
+    assert got == [*values.values(), "none"]
+    assert await any_cache.get("k7") == {"n": 7}
+
+
+async def test_set_many_is_pipelined(client: redis.Redis, cache: Cache) -> None:
+    before = await command_calls(client, "evalsha", "get", "mget")
+    await set_many(cache, {f"k{i}": i for i in range(500)})
+    assert await get_many(cache, [f"k{i}" for i in range(500)]) == list(range(500))
+    # 500 fills and one MGET's worth of reads, not 500 separate GETs.
+    assert await command_calls(client, "evalsha", "get", "mget") - before <= 500 + 4
+
+
+async def test_set_many_supersedes_a_held_lock(client: redis.Redis, cache: Cache) -> None:
+    lock = cache.keys.value("k") + b":lock"
+    await client.set(lock, b"someone", px=10_000)
+    await set_many(cache, {"k": 1})
+    assert await client.exists(lock) == 0  # as Cache.set: the rebuild in progress is fenced out
+    assert await cache.get("k") == 1
+
+
+async def test_get_many_checks_every_key_first(cache: Cache) -> None:
+    from aiocacheguard.errors import InvalidKeyError
+
+    with pytest.raises(InvalidKeyError):
+        await get_many(cache, ["ok", ""])
+    with pytest.raises(InvalidKeyError):
+        await set_many(cache, {"ok": 1, "": 2})
+    assert await cache.get("ok") is None
+
+
+async def test_warm_values_and_loaders_with_bounded_concurrency(any_cache: Cache) -> None:
+    running = peak = 0
+    seen: list[int] = []
+
+    def loader(i: int) -> Callable[[], object]:
+        async def load() -> int:
+            nonlocal running, peak
+            running += 1
+            peak = max(peak, running)
+            import asyncio
+
+            await asyncio.sleep(0.001)
+            running -= 1
+            return i
+
+        return load
+
+    async def items() -> AsyncIterator[tuple[str, object]]:
+        for i in range(300):
+            yield (f"v{i}", i) if i % 2 else (f"v{i}", loader(i))
+
+    count = await warm(any_cache, items(), concurrency=8, progress=seen.append)
+    assert count == 300 and seen[-1] == 300 and len(seen) == 300
+    assert peak <= 8
+    assert await get_many(any_cache, [f"v{i}" for i in range(300)]) == list(range(300))
+
+
+async def test_warm_stops_at_the_first_failure(cache: Cache) -> None:
+    async def broken() -> object:
+        raise RuntimeError("database down")
+
+    items = [("a", 1), ("b", broken), *((f"c{i}", i) for i in range(1000))]
+    with pytest.raises(RuntimeError, match="database down"):
+        await warm(cache, items, concurrency=1)
+    assert await cache.get("a") == 1
+    assert await cache.get("c999") is None
+    with pytest.raises(ConfigurationError):
+        await warm(cache, [], concurrency=0)
+
+
+async def test_clear_removes_only_the_pattern_of_the_namespace(any_cache: Cache) -> None:
+    other_ns = f"other-{uuid.uuid4().hex[:8]}"
+    client = any_cache._backend.client
+    async with Cache(client, namespace=other_ns, policy=Policy(ttl=60.0)) as other:
+        await set_many(other, {"user:1": 1})
+        await set_many(any_cache, {f"user:{i}": i for i in range(1500)} | {"order:1": 1})
+        lock = any_cache.keys.value("user:3") + b":lock"
+        bloom = b"{" + any_cache.namespace.encode() + b":user:ids}:bloom"
+        await client.set(lock, b"token", px=10_000)
+        await client.set(bloom, b"\x00")
+        seen: list[int] = []
+        assert await clear(any_cache, "user:*", progress=seen.append) == 1500
+        assert seen and seen[-1] == 1500
+        assert await any_cache.get("order:1") == 1
+        assert await client.exists(lock, bloom) == 2  # kept unless asked for
+        assert await other.get("user:1") == 1
+        assert await clear(any_cache, "user:*", locks=True, blooms=True) == 2
+        assert await clear(any_cache) == 1
+        assert await other.get("user:1") == 1
+
+
+def test_redis_glob_matches_as_redis_does() -> None:
+    cases = [
+        (b"user:*", b"user:1", True),
+        (b"user:*", b"usr:1", False),
+        (b"a?c", b"abc", True),
+        (b"[a-c]x", b"bx", True),
+        (b"[^a-c]x", b"bx", False),
+        (b"\\*", b"*", True),
+        (b"\\*", b"a", False),
+        (b"a.b", b"axb", False),
+    ]
+    for pattern, key, expected in cases:
+        assert bool(redis_glob(pattern).fullmatch(key)) is expected, (pattern, key)
+    with pytest.raises(ConfigurationError):
+        redis_glob(b"[z-a]")
+
+
+def test_namespace_keys_tells_kinds_by_suffix() -> None:
+    keys = NamespaceKeys("ns", "user:*", values=True, locks=True, blooms=False)
+    assert keys.match == b"{ns:user:*}*"
+    assert keys.kind(b"{ns:user:1}") == "value"
+    assert keys.kind(b"{ns:user:1}:lock") == "lock"
+    assert keys.kind(b"{ns:user:1}:bloom") is None  # not asked for
+    assert keys.kind(b"{ns:order:1}") is None
+    assert keys.kind(b"{other:user:1}") is None
