@@ -7,13 +7,14 @@ Re-exports only: importing the package does no I/O and creates no instances.
 from ._types import Key, Loader, Serializer
 from ._version import __version__
 from .cache import Cache
-from .decorator import Cached, cached
+from .decorator import Cached, CacheRef, cached
 from .errors import (
     BackendError,
     BackendTimeout,
     BackendUnavailable,
     CacheClosedError,
     CacheGuardError,
+    CacheNotBoundError,
     ConfigurationError,
     InvalidKeyError,
     LoadTimeout,
@@ -34,6 +35,8 @@ __all__ = (
     "Cache",
     "CacheClosedError",
     "CacheGuardError",
+    "CacheNotBoundError",
+    "CacheRef",
     "Cached",
     "ConfigurationError",
     "Event",

@@ -1,5 +1,8 @@
 """
 `cached`: turn an async loader into a cached one, with its exact signature kept for type checkers.
+
+`CacheRef`: a place for a Cache that does not exist yet, so loaders can be decorated at module
+level and bound to the Cache an app creates when it starts (a FastAPI or Starlette lifespan).
 """
 
 from __future__ import annotations
@@ -11,13 +14,14 @@ import json
 import string
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from types import TracebackType
 from typing import Any, Concatenate, Generic, ParamSpec, Self, TypeVar, overload
 
 from .cache import Cache
-from .errors import ConfigurationError, InvalidKeyError
+from .errors import CacheNotBoundError, ConfigurationError, InvalidKeyError
 from .policy import Policy
 
-__all__ = ("Cached", "cached")
+__all__ = ("CacheRef", "Cached", "cached")
 
 P = ParamSpec("P")
 Q = ParamSpec("Q")
@@ -30,7 +34,7 @@ _MAX_PLAIN_ARGS = 200
 
 
 def cached(
-    cache: Cache,
+    cache: Cache | CacheRef,
     *,
     ttl: float | None = None,
     key: str | None = None,
@@ -41,8 +45,10 @@ def cached(
     (single-flight, rebuild lock, soft expiry, negative results, Bloom) applies unchanged.
 
     Args:
-        cache: The `Cache` to use.
-        ttl: Shortcut for ``policy=replace(cache.policy, ttl=ttl)``.
+        cache: The `Cache` to use, or a `CacheRef` bound to one later (a loader declared at
+            module level, before the app that creates the Cache has started).
+        ttl: Shortcut for ``policy=replace(cache.policy, ttl=ttl)``. With a `CacheRef` and
+            no ``policy``, the policy is that of the Cache the ref is bound to at call time.
         key: A `str.format` template naming the function's parameters, e.g.
             ``"user:{user_id}"`` (attributes work too: ``"{self.tenant}:{user_id}"``). Checked
             against the signature when the decorator is applied. Default: the function's
@@ -56,8 +62,9 @@ def cached(
         ``.cache_key(...)`` taking the function's own arguments.
 
     Raises:
-        ConfigurationError: the function is not ``async def``, or the template names a
-            parameter the function does not have.
+        ConfigurationError: ``cache`` is neither a `Cache` nor a `CacheRef`, ``ttl`` is out
+            of range, the function is not ``async def``, or the template names a parameter
+            the function does not have.
 
     Example:
         >>> import asyncio, redis.asyncio as redis
@@ -77,16 +84,159 @@ def cached(
         {'id': 1, 'name': 'Ada'} user:1
         True
     """
-    if not isinstance(cache, Cache):
-        raise ConfigurationError("cache", cache, "an aiocacheguard.Cache")
-    effective = policy if policy is not None else cache.policy
+    if not isinstance(cache, Cache | CacheRef):
+        raise ConfigurationError("cache", cache, "an aiocacheguard.Cache or CacheRef")
+    if policy is None and isinstance(cache, Cache):
+        policy = cache.policy
     if ttl is not None:
-        effective = replace(effective, ttl=ttl)
+        if policy is not None:
+            policy = replace(policy, ttl=ttl)
+        else:
+            Policy(ttl=ttl)  # checks it now; the ref's Cache gives the other fields later
 
     def decorate(fn: Callable[P, Awaitable[T]]) -> Cached[P, T]:
-        return Cached(fn, cache=cache, policy=effective, key=key)
+        return Cached(fn, cache=cache, policy=policy, key=key, ttl=ttl)
 
     return decorate
+
+
+class CacheRef:
+    """
+    A Cache named before it exists: decorate loaders with ``@cached(cache_ref, ...)`` at module
+    level, and bind the ref to the Cache the app creates when it starts.
+
+    A Cache belongs to the event loop it runs in and cannot be used after `Cache.aclose`,
+    while an app's lifespan can run more than once in one process (each test client runs it
+    again). So the Cache is created in the lifespan, and bound there::
+
+        cache_ref = CacheRef()
+
+        @cached(cache_ref, ttl=30.0, key="user:{user_id}")
+        async def get_user(user_id: int) -> dict[str, object] | None: ...
+
+        @asynccontextmanager
+        async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+            async with Cache(client, namespace="shop", policy=Policy(ttl=30.0)) as cache:
+                with cache_ref.bind(cache):
+                    yield
+
+    Guarantees:
+        - `bind` takes effect at once and replaces any Cache bound before, so the next
+          lifespan simply binds its new Cache. Used in ``with``, it also unbinds when the
+          block ends (if no other Cache was bound since).
+        - Calling a loader of an unbound ref, or reading `cache`, raises `CacheNotBoundError`
+          saying how to bind, rather than reaching a closed Cache or a global default.
+        - A call through a ref costs one attribute read more than one through a Cache.
+
+    Limitations:
+        - One Cache at a time: two apps running at the same time in one process (two test
+          clients open together) need a ref each, or the second bind takes over the first
+          app's loaders.
+        - With ``ttl=`` and no ``policy=``, a decorated loader's policy is derived from the
+          bound Cache's at its first call through that Cache, so a ``ttl`` that contradicts
+          the Cache's policy (not above its ``soft_ttl``) raises `ConfigurationError` then.
+
+    Example:
+        >>> import asyncio, redis.asyncio as redis
+        >>> from aiocacheguard import Cache, CacheNotBoundError, CacheRef, Policy, cached
+        >>> from aiocacheguard.testing import RedisServer
+        >>> cache_ref = CacheRef()
+        >>> @cached(cache_ref, key="user:{user_id}")
+        ... async def get_user(user_id: int) -> dict[str, object] | None:
+        ...     return {"id": user_id}
+        >>> async def lifespan(port: int) -> None:
+        ...     client = redis.Redis(port=port)
+        ...     async with Cache(client, namespace="doc-ref", policy=Policy(ttl=30.0)) as cache:
+        ...         with cache_ref.bind(cache):
+        ...             print(await get_user(1), cache_ref)
+        ...     await client.aclose()
+        >>> with RedisServer() as server:
+        ...     asyncio.run(lifespan(server.port))
+        ...     asyncio.run(lifespan(server.port))  # a second lifespan, a new Cache
+        {'id': 1} <CacheRef bound to namespace 'doc-ref'>
+        {'id': 1} <CacheRef bound to namespace 'doc-ref'>
+        >>> asyncio.run(get_user(1))
+        Traceback (most recent call last):
+        ...
+        aiocacheguard.errors.CacheNotBoundError: ...get_user uses a CacheRef that is not bound...
+    """
+
+    __slots__ = ("_cache",)
+
+    def __init__(self) -> None:
+        self._cache: Cache | None = None
+
+    def __repr__(self) -> str:
+        if self._cache is None:
+            return "<CacheRef unbound>"
+        return f"<CacheRef bound to namespace {self._cache.namespace!r}>"
+
+    def bind(self, cache: Cache) -> _Binding:
+        """
+        Make ``cache`` the Cache of this ref, now; ``with ref.bind(cache):`` also unbinds at
+        the end of the block.
+
+        Returns:
+            A context manager whose ``as`` target is ``cache``.
+
+        Raises:
+            ConfigurationError: ``cache`` is not a `Cache`.
+        """
+        if not isinstance(cache, Cache):
+            raise ConfigurationError("cache", cache, "an aiocacheguard.Cache")
+        self._cache = cache
+        return _Binding(self, cache)
+
+    def unbind(self) -> None:
+        """Bind no Cache: calls through this ref raise `CacheNotBoundError` until `bind`."""
+        self._cache = None
+
+    @property
+    def bound(self) -> bool:
+        """Whether a Cache is bound."""
+        return self._cache is not None
+
+    @property
+    def cache(self) -> Cache:
+        """
+        The bound Cache (for a FastAPI dependency, say).
+
+        Raises:
+            CacheNotBoundError: no Cache is bound.
+        """
+        return self._require("this CacheRef")
+
+    def _require(self, user: str) -> Cache:
+        cache = self._cache
+        if cache is None:
+            raise CacheNotBoundError(
+                f"{user} uses a CacheRef that is not bound to a Cache: create the Cache when "
+                "the app starts and bind it there, e.g. in the lifespan: "
+                "`async with Cache(...) as cache: with cache_ref.bind(cache): yield`"
+            )
+        return cache
+
+
+class _Binding:
+    """What `CacheRef.bind` returns: ``with`` it to unbind at the end of the block."""
+
+    __slots__ = ("_cache", "_ref")
+
+    def __init__(self, ref: CacheRef, cache: Cache) -> None:
+        self._ref = ref
+        self._cache = cache
+
+    def __enter__(self) -> Cache:
+        return self._cache
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._ref._cache is self._cache:  # not if the next lifespan has bound its own
+            self._ref.unbind()
 
 
 class Cached(Generic[P, T]):
@@ -103,9 +253,10 @@ class Cached(Generic[P, T]):
         self,
         fn: Callable[P, Awaitable[T]],
         *,
-        cache: Cache,
-        policy: Policy,
+        cache: Cache | CacheRef,
+        policy: Policy | None,
         key: str | None,
+        ttl: float | None = None,
         _bound: object = None,
         _has_instance: bool = False,
     ) -> None:
@@ -116,8 +267,12 @@ class Cached(Generic[P, T]):
                 "an async def function (cached() awaits it); wrap sync code in one",
             )
         self.__wrapped__ = fn
-        self.cache = cache
-        self.policy = policy
+        self._source = cache
+        # A fixed policy, or (a CacheRef's loader without one) the bound Cache's policy with
+        # ``ttl`` replaced, derived once per Cache: `replace` validates, too slow for each call.
+        self._policy = cache.policy if policy is None and isinstance(cache, Cache) else policy
+        self._ttl = ttl
+        self._derived: tuple[Cache, Policy] | None = None
         self._signature = inspect.signature(fn)
         self._template = key
         self._bound = _bound
@@ -127,8 +282,43 @@ class Cached(Generic[P, T]):
             _check_template(key, self._signature, self._prefix)
         functools.update_wrapper(self, fn)
 
+    @property
+    def cache(self) -> Cache:
+        """
+        The Cache that calls go to: the one given, or the one its `CacheRef` is bound to now.
+
+        Raises:
+            CacheNotBoundError: the `CacheRef` is bound to no Cache.
+        """
+        return self._target()[0]
+
+    @property
+    def policy(self) -> Policy:
+        """
+        The policy of the entries (see `cache` for its `CacheRef` case).
+
+        Raises:
+            CacheNotBoundError: the policy comes from a `CacheRef` bound to no Cache.
+        """
+        if self._policy is not None:
+            return self._policy
+        return self._target()[1]
+
+    def _target(self) -> tuple[Cache, Policy]:
+        source = self._source
+        cache = source if isinstance(source, Cache) else source._require(self._prefix)
+        if self._policy is not None:
+            return cache, self._policy
+        derived = self._derived
+        if derived is None or derived[0] is not cache:
+            policy = cache.policy if self._ttl is None else replace(cache.policy, ttl=self._ttl)
+            derived = self._derived = (cache, policy)
+        return derived
+
     def __repr__(self) -> str:
-        return f"<Cached {self._prefix} namespace={self.cache.namespace!r}>"
+        source = self._source
+        where = f"namespace={source.namespace!r}" if isinstance(source, Cache) else repr(source)
+        return f"<Cached {self._prefix} {where}>"
 
     def __set_name__(self, owner: type[Any], name: str) -> None:
         self._attribute = name
@@ -191,17 +381,20 @@ class Cached(Generic[P, T]):
         return f"{self._prefix}({joined})"
 
     async def __call__(self, *args: P.args, **kwargs: P.kwargs) -> T:
+        cache, policy = self._target()
         key = self.cache_key(*args, **kwargs)
-        return await self.cache.get_or_load(key, self._loader(args, kwargs), policy=self.policy)
+        return await cache.get_or_load(key, self._loader(args, kwargs), policy=policy)
 
     async def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> bool:
         """Delete the entry of a call with these arguments; whether one was cached."""
-        return await self.cache.delete(self.cache_key(*args, **kwargs))
+        cache = self._target()[0]
+        return await cache.delete(self.cache_key(*args, **kwargs))
 
     async def refresh(self, *args: P.args, **kwargs: P.kwargs) -> T:
         """Call the function again for these arguments, cache and return the new value."""
+        cache, policy = self._target()
         key = self.cache_key(*args, **kwargs)
-        return await self.cache.refresh(key, self._loader(args, kwargs), policy=self.policy)
+        return await cache.refresh(key, self._loader(args, kwargs), policy=policy)
 
     def _loader(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Callable[[], Awaitable[T]]:
         fn: Callable[..., Awaitable[T]] = self.__wrapped__

@@ -11,6 +11,7 @@ CacheGuardError
  +-- InvalidKeyError (also ValueError)      a key is empty, too long or of the wrong type
  +-- SerializationError (also TypeError)    a value cannot be encoded by the Cache's serializer
  +-- CacheClosedError                       the Cache was used after aclose()
+ +-- CacheNotBoundError (also RuntimeError) a CacheRef was used while bound to no Cache
  +-- LoadTimeout (also TimeoutError)        a loader ran past Policy.load_timeout
  +-- LockError                              the rebuild lock could not be had
  |    +-- LockTimeout (also TimeoutError)   waited wait_timeout for another process's fill
@@ -28,6 +29,7 @@ __all__ = (
     "BackendUnavailable",
     "CacheClosedError",
     "CacheGuardError",
+    "CacheNotBoundError",
     "ConfigurationError",
     "InvalidKeyError",
     "LoadTimeout",
@@ -98,3 +100,11 @@ class BackendUnavailable(BackendError):
 
 class BackendTimeout(BackendError, TimeoutError):
     """Redis did not answer within the Cache's ``command_timeout``."""
+
+
+class CacheNotBoundError(CacheGuardError, RuntimeError):
+    """
+    A loader decorated with ``@cached(cache_ref, ...)`` was called, or ``cache_ref.cache``
+    read, while its `CacheRef` was bound to no Cache: before the app started or after it
+    stopped. Bind it where the Cache is created: ``with cache_ref.bind(cache):`` in a lifespan.
+    """

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, assert_type
 
-from aiocacheguard import Cache, Cached, Policy, Statistics, cached
+from aiocacheguard import Cache, Cached, CacheRef, Policy, Statistics, cached
 
 
 async def cache_api(cache: Cache) -> None:
@@ -50,3 +50,24 @@ async def decorator_api(cache: Cache) -> None:
     assert_type(await repo.price("a"), int)
     assert_type(await repo.price.invalidate("a"), bool)
     await repo.price(1)  # type: ignore[arg-type]
+
+
+cache_ref = CacheRef()
+
+
+@cached(cache_ref, ttl=30.0, key="user:{user_id}")
+async def get_user_later(user_id: int) -> dict[str, object] | None:
+    return None
+
+
+async def cache_ref_api(cache: Cache) -> None:
+    with cache_ref.bind(cache) as bound:
+        assert_type(bound, Cache)
+        assert_type(cache_ref.cache, Cache)
+        assert_type(await get_user_later(1), dict[str, object] | None)
+        assert_type(await get_user_later.invalidate(user_id=1), bool)
+        await get_user_later("1")  # type: ignore[arg-type]
+    cache_ref.bind(cache)
+    cache_ref.unbind()
+    cache_ref.bind(cache_ref)  # type: ignore[arg-type]
+    cached("cache")  # type: ignore[arg-type]
