@@ -113,8 +113,8 @@ async def _ready(cache: Cache) -> None:
     concurrent first commands race to initialise it. A no-op once it is initialised.
     """
     client = cache._backend.client
-    if _is_cluster(client):
-        await _budgeted(client.initialize(), cache._backend.command_timeout)
+    if is_cluster(client):
+        await budgeted(client.initialize(), cache._backend.command_timeout)
 
 
 async def _all(calls: Iterable[Awaitable[Any]]) -> list[Any]:
@@ -234,13 +234,13 @@ async def clear(
     found = NamespaceKeys(cache.namespace, pattern, values=True, locks=locks, blooms=blooms)
     removed = 0
     async for batch in found.scan(backend.client, budget=backend.command_timeout):
-        removed += await _budgeted(backend.client.unlink(*batch), backend.command_timeout)
+        removed += await budgeted(backend.client.unlink(*batch), backend.command_timeout)
         if progress is not None:
             progress(removed)
     return removed
 
 
-async def _budgeted(command: Awaitable[Any], budget: float) -> Any:
+async def budgeted(command: Awaitable[Any], budget: float) -> Any:
     """One command under a budget, its errors translated (`aiocacheguard.backend`)."""
     try:
         async with asyncio.timeout(budget):
@@ -261,14 +261,15 @@ class Node:
     run: Callable[..., Awaitable[Any]]
 
 
-def _is_cluster(client: RedisClient) -> TypeGuard[RedisCluster]:
+def is_cluster(client: RedisClient) -> TypeGuard[RedisCluster]:
     return hasattr(client, "get_primaries")
 
 
-def nodes_of(client: RedisClient) -> list[Node]:
+async def nodes_of(client: RedisClient, budget: float = COMMAND_TIMEOUT) -> list[Node]:
     """The primaries of ``client``'s deployment: itself, or every primary of a cluster."""
-    if _is_cluster(client):
+    if is_cluster(client):
         cluster = client
+        await budgeted(cluster.initialize(), budget)  # the nodes are learnt on first use
 
         def on(node: Any) -> Callable[..., Awaitable[Any]]:
             async def run(*args: Any) -> Any:
@@ -291,7 +292,7 @@ async def scan_node(
         args: list[Any] = ["SCAN", cursor, "COUNT", count]
         if match is not None:
             args[2:2] = ["MATCH", match]
-        cursor, keys = await _budgeted(node.run(*args), budget)
+        cursor, keys = await budgeted(node.run(*args), budget)
         if isinstance(cursor, dict):  # a cluster client answers per node
             (cursor,) = cursor.values()
         if keys:
@@ -362,7 +363,7 @@ class NamespaceKeys:
     matched against the pattern exactly.
     """
 
-    __slots__ = ("_blooms", "_locks", "_prefix", "_regex", "_values", "match")
+    __slots__ = ("_blooms", "_locks", "_regex", "_values", "match", "prefix")
 
     def __init__(
         self, namespace: str, pattern: str = "*", *, values: bool, locks: bool, blooms: bool
@@ -371,14 +372,14 @@ class NamespaceKeys:
 
         KeySpace(namespace)  # validates the namespace
         raw = pattern.encode("utf-8", "surrogatepass")
-        self._prefix = b"{" + namespace.encode() + b":"
+        self.prefix = b"{" + namespace.encode() + b":"
         self._regex = redis_glob(raw)
-        self.match = self._prefix + raw + b"}*"
+        self.match = self.prefix + raw + b"}*"
         self._values, self._locks, self._blooms = values, locks, blooms
 
     def kind(self, key: bytes) -> str | None:
         """``"value"``, ``"lock"`` or ``"bloom"`` if ``key`` is one asked for, else None."""
-        if not key.startswith(self._prefix):
+        if not key.startswith(self.prefix):
             return None
         for suffix, kind, wanted in (
             (b"}", "value", self._values),
@@ -387,7 +388,7 @@ class NamespaceKeys:
             (_BLOOM_REBUILD, "bloom", self._blooms),
         ):
             if key.endswith(suffix):
-                user = key[len(self._prefix) : -len(suffix)]
+                user = key[len(self.prefix) : -len(suffix)]
                 if wanted and self._regex.fullmatch(user):
                     return kind
                 return None
@@ -397,7 +398,7 @@ class NamespaceKeys:
         self, client: RedisClient, *, budget: float = COMMAND_TIMEOUT
     ) -> AsyncIterator[list[bytes]]:
         """The matching keys of every primary, a batch at a time (no batch is empty)."""
-        for node in nodes_of(client):
+        for node in await nodes_of(client, budget):
             async for keys in scan_node(node, self.match, budget=budget):
                 wanted = [k for k in keys if self.kind(k) is not None]
                 if wanted:

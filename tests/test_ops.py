@@ -17,6 +17,15 @@ from aiocacheguard import Cache, Policy
 from aiocacheguard.backend import RedisClient
 from aiocacheguard.bulk import NamespaceKeys, clear, get_many, redis_glob, set_many, warm
 from aiocacheguard.errors import ConfigurationError
+from aiocacheguard.ops import (
+    Check,
+    clear_preview,
+    doctor,
+    inspect,
+    server_checks,
+    stats,
+    top_keys,
+)
 from aiocacheguard.testing import RedisClusterServer, RedisServer
 
 from .helpers import command_calls
@@ -162,3 +171,111 @@ def test_namespace_keys_tells_kinds_by_suffix() -> None:
     assert keys.kind(b"{ns:user:1}:bloom") is None  # not asked for
     assert keys.kind(b"{ns:order:1}") is None
     assert keys.kind(b"{other:user:1}") is None
+
+
+# ------------------------------------------------------------------------------------------
+# ops: doctor's rules (pure), then stats, inspect, keys --top and clear's dry run on servers
+
+
+def _rows(checks: list[Check]) -> dict[str, Check]:
+    return {c.name: c for c in checks}
+
+
+TUNED = {
+    "maxmemory": str(2**30),
+    "maxmemory-policy": "allkeys-lru",
+    "save": "",
+    "appendonly": "no",
+    "latency-monitor-threshold": "100",
+    "slowlog-log-slower-than": "10000",
+    "slowlog-max-len": "128",
+    "lazyfree-lazy-eviction": "yes",
+    "maxclients": "10000",
+}
+
+
+def test_doctor_rules() -> None:
+    info = {"redis_version": "7.2.4", "used_memory": 2**20, "connected_clients": 5}
+    assert all(c.status == "ok" for c in server_checks(info, TUNED, pool_size=100))
+    rows = _rows(server_checks(info, {**TUNED, "maxmemory": "0", "maxmemory-policy": "noeviction"}))
+    assert rows["maxmemory"].status == rows["maxmemory-policy"].status == "fail"
+    assert rows["maxmemory-policy"].fix == "maxmemory-policy allkeys-lru"
+    rows = _rows(server_checks(info, {**TUNED, "maxmemory-policy": "volatile-lru"}))
+    assert rows["maxmemory-policy"].status == "warn"
+    rows = _rows(server_checks(info, {**TUNED, "save": "3600 1", "appendonly": "yes"}))
+    assert rows["persistence"].status == "warn" and "AOF" in rows["persistence"].detail
+    rows = _rows(server_checks(info, {**TUNED, "maxclients": "200"}, pool_size=100))
+    assert rows["maxclients"].status == "warn"
+    rows = _rows(server_checks({**info, "redis_version": "6.2.0"}, TUNED))
+    assert rows["client tracking"].status == "ok" and rows["sharded pub/sub"].status == "warn"
+    rows = _rows(server_checks({**info, "evicted_keys": 500, "keyspace_misses": 1000}, TUNED))
+    assert rows["evictions"].status == "warn"
+    rows = _rows(server_checks(info, TUNED, {"cluster_state": "fail"}))
+    assert rows["cluster"].status == "fail"
+    # CONFIG refused (a managed service): INFO's figures are used, the rest is "unknown".
+    info_only = {**info, "maxmemory": 2**30, "maxmemory_policy": "allkeys-lfu"}
+    rows = _rows(server_checks(info_only, None))
+    assert rows["maxmemory-policy"].status == "ok" and rows["slowlog"].status == "warn"
+
+
+async def test_doctor_on_a_server(any_client: RedisClient) -> None:
+    checks = await doctor(any_client)
+    assert {"maxmemory", "maxmemory-policy", "slowlog", "sharded pub/sub"} <= _rows(checks).keys()
+    if isinstance(any_client, RedisCluster):
+        assert len({c.node for c in checks}) == 3
+        assert all(c.status == "ok" for c in checks if c.name == "cluster")
+
+
+async def test_stats_counts_entries_by_state(any_client: RedisClient, namespace: str) -> None:
+    policy = Policy(ttl=60.0, soft_ttl=0.001, jitter=0.0)
+    async with Cache(any_client, namespace=namespace, policy=policy) as cache:
+        await set_many(cache, {f"k{i}": i for i in range(100)})
+        await cache.set("absent", None)
+    await any_client.set(f"{{{namespace}:k3}}:lock".encode(), b"token")  # no lease: stuck
+    await any_client.set(f"{{{namespace}:k4}}:lock".encode(), b"token", px=5000)
+    await any_client.set(f"{{{namespace}:ids}}:bloom".encode(), b"\x0f\x00")
+    result = await stats(any_client, namespace, sample=10**9, interval=0.05)
+    found = result.namespace
+    assert found is not None and not found.sampled
+    assert (found.entries, found.negative, found.soft_expired, found.locks) == (101, 1, 100, 2)
+    assert [lock.key for lock in found.stuck_locks] == ["k3"]
+    assert [(b.name, b.bits, b.set_bits, b.fill_ratio) for b in found.blooms] == [
+        ("ids", 16, 4, 0.25)
+    ]
+    assert result.server.keys >= 104 and result.server.interval >= 0.05
+
+
+async def test_stats_samples_a_large_keyspace(client: redis.Redis, cache: Cache) -> None:
+    await set_many(cache, {f"k{i}": i for i in range(3000)})
+    found = (await stats(client, cache.namespace, sample=500, interval=0)).namespace
+    assert found is not None and found.sampled and found.examined < 3000
+    assert 1000 < found.entries < 9000  # scaled up from the sample
+
+
+async def test_inspect_decodes_the_header(client: redis.Redis, cache: Cache) -> None:
+    await cache.set("k", {"a": [1, 2]}, ttl=30.0)
+    lock = cache.keys.value("k") + b":lock"
+    await client.set(lock, b"holder-token", px=4000)
+    seen = await inspect(client, cache.namespace, "k")
+    assert seen.exists and seen.serializer == "json" and seen.format_version == 2
+    assert seen.value == {"a": [1, 2]} and seen.value_shown and seen.negative is False
+    assert seen.expires_at is not None and seen.stored_at is not None
+    assert 29 < seen.expires_at - seen.stored_at <= 30.0
+    assert seen.ttl_left is not None and 0 < seen.ttl_left <= 30
+    assert seen.lock_holder == "holder-token"
+    assert seen.lock_lease_left is not None and 0 < seen.lock_lease_left <= 4
+    assert not (await inspect(client, cache.namespace, "missing")).exists
+    await client.hset(cache.keys.value("h"), "f", "v")
+    assert "hash" in (await inspect(client, cache.namespace, "h")).problem
+
+
+async def test_top_keys_and_clear_preview(any_cache: Cache) -> None:
+    client = any_cache._backend.client
+    # Sizes far apart: MEMORY USAGE counts allocator size classes, not bytes.
+    await set_many(any_cache, {f"k{i}": "x" * 2**i for i in range(4, 18)} | {"other": 1})
+    top = await top_keys(client, any_cache.namespace, "k*", top=3)
+    assert [k.key for k in top.keys] == ["k17", "k16", "k15"] and top.matched == 14
+    assert top.keys[0].bytes > 2**17 and top.keys[0].ttl_left is not None
+    preview = await clear_preview(client, any_cache.namespace, "k1*", examples=3)
+    assert preview.count == 8 and len(preview.examples) == 3
+    assert await any_cache.get("k10") == "x" * 1024  # nothing removed
