@@ -173,13 +173,17 @@ async def warm(
             limiter.release_on_behalf_of(token)
 
     async with anyio.create_task_group() as group:
-        async for item in _aiter(items):
-            token = object()
-            await limiter.acquire_on_behalf_of(token)
-            if failure is not None:
-                limiter.release_on_behalf_of(token)
-                break
-            group.start_soon(one, item, token)
+        try:
+            async for item in _aiter(items):
+                token = object()
+                await limiter.acquire_on_behalf_of(token)
+                if failure is not None:
+                    limiter.release_on_behalf_of(token)
+                    break
+                group.start_soon(one, item, token)
+        except Exception as exc:  # reading the items failed: stop the writes in progress
+            failure = failure or exc
+            group.cancel_scope.cancel()
     if failure is not None:
         raise failure
     return done

@@ -1,5 +1,8 @@
 """
-The ``aiocacheguard`` command line. ``aiocacheguard bench --help`` lists the options.
+The ``aiocacheguard`` command line: ``bench`` (the stampede harness) and the operator's
+commands ``doctor``, ``stats``, ``inspect``, ``keys``, ``clear`` and ``warm``, which print what
+`aiocacheguard.ops` and `aiocacheguard.bulk` return. ``aiocacheguard COMMAND --help`` lists
+the options.
 
 Only the command line builds Redis clients from URLs; the library takes ready clients.
 """
@@ -17,6 +20,7 @@ from typing import Any, NoReturn
 from .._version import __version__
 from ..testing import RedisServer, ServerError
 from .bench import STRATEGIES, BenchConfig, BenchError, RoundResult, StrategyResult
+from .operations import OPERATIONS, add_operations, run_operation
 
 __all__ = ("main",)
 
@@ -69,12 +73,15 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", type=Path, help="write every figure to this file")
     bench.add_argument("--plot", type=Path, help="write a PNG of latencies and loader calls")
     bench.add_argument("--plain", action="store_true", help="plain text even in a terminal")
+    add_operations(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``aiocacheguard`` console script; returns the exit code."""
     args = _parser().parse_args(argv)
+    if args.command in OPERATIONS:
+        return run_operation(args)
     try:
         return _bench(args)
     except (BenchError, ServerError) as exc:

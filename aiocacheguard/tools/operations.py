@@ -1,0 +1,594 @@
+"""
+The operator's commands of ``aiocacheguard``: doctor, stats, inspect, keys, clear, warm.
+
+Each builds a client from ``--redis-url`` (``redis://``, ``rediss://``, a cluster node with
+``--cluster``, or ``redis+sentinel://host:port[,host:port]/service[/db]``), calls
+`aiocacheguard.ops` or `aiocacheguard.bulk`, and prints the result: a rich table on a terminal
+(when rich is installed), aligned plain text otherwise, JSON with ``--json``. Bad input and an
+unreachable Redis give one line on stderr and a non-zero exit, never a traceback (``--debug``
+shows it); Ctrl-C stops a long scan cleanly with exit 130.
+
+Exit codes: 0 done, 1 a check failed or Redis failed, 2 bad input, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import datetime
+import json
+import re
+import sys
+import time
+import traceback
+from collections.abc import Callable, Coroutine, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any, Final, cast
+from urllib.parse import unquote, urlsplit
+
+import redis.asyncio as redis
+from redis.asyncio.cluster import RedisCluster
+
+from .. import bulk, ops
+from ..backend import RedisClient
+from ..cache import Cache
+from ..errors import CacheGuardError, ConfigurationError, InvalidKeyError
+from ..policy import Policy
+
+__all__ = ("OPERATIONS", "add_operations", "connect", "run_operation")
+
+OPERATIONS: Final = ("doctor", "stats", "inspect", "keys", "clear", "warm")
+
+#: Seconds to open a connection, and one command's budget.
+CONNECT_TIMEOUT: Final = 3.0
+COMMAND_TIMEOUT: Final = 10.0
+
+
+class UsageError(Exception):
+    """Bad input on the command line or in a file: exit 2."""
+
+
+# --------------------------------------------------------------------------------------------
+# arguments
+
+
+def add_operations(commands: Any) -> None:
+    """Add the operator's subcommands to the ``aiocacheguard`` parser's subparsers."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--redis-url",
+        required=True,
+        help="redis://, rediss://, or redis+sentinel://host:port[,host:port]/service[/db]",
+    )
+    common.add_argument("--cluster", action="store_true", help="the URL is a cluster node")
+    common.add_argument("--json", action="store_true", help="print JSON for machines")
+    common.add_argument("--plain", action="store_true", help="plain text even in a terminal")
+    common.add_argument("--debug", action="store_true", help="show tracebacks")
+    sampled = argparse.ArgumentParser(add_help=False)
+    sampled.add_argument(
+        "--sample", type=_positive, default=10_000, help="examine at most this many keys"
+    )
+
+    def add(name: str, help: str, parents: list[argparse.ArgumentParser]) -> Any:
+        return commands.add_parser(
+            name,
+            help=help,
+            description=help[0].upper() + help[1:] + ".",
+            parents=parents,
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
+
+    doctor = add("doctor", "check a server against what a cache needs", [common])
+    doctor.add_argument("--pool-size", type=_positive, help="connections one process opens")
+
+    stats = add("stats", "hit ratio, memory, evictions, ops/s; a namespace's entries", [
+        common, sampled,
+    ])  # fmt: skip
+    stats.add_argument("--namespace", help="also count this namespace's entries")
+    stats.add_argument("--interval", type=float, default=1.0, help="seconds to measure ops/s")
+
+    inspect = add("inspect", "one entry's record header, value and lock", [common])
+    inspect.add_argument("key")
+    inspect.add_argument("--namespace", required=True)
+
+    keys = add("keys", "a namespace's largest entries by MEMORY USAGE", [common, sampled])
+    keys.add_argument("pattern", nargs="?", default="*", help="glob over the user keys")
+    keys.add_argument("--namespace", required=True)
+    keys.add_argument("--top", type=_positive, default=10)
+
+    clear = add("clear", "remove a namespace's entries (a dry run without --yes)", [common])
+    clear.add_argument("pattern", nargs="?", default="*", help="glob over the user keys")
+    clear.add_argument("--namespace", required=True)
+    clear.add_argument("--locks", action="store_true", help="rebuild locks too")
+    clear.add_argument("--blooms", action="store_true", help="Bloom filters too")
+    clear.add_argument("--yes", action="store_true", help="delete (else only count)")
+
+    warm = add("warm", 'write JSON lines {"key", "value", "ttl"?} before traffic', [common])
+    warm.add_argument("file", help="a JSON-lines file, or - for stdin")
+    warm.add_argument("--namespace", required=True)
+    warm.add_argument("--ttl", type=float, default=3600.0, help="for lines without a ttl")
+    warm.add_argument("--concurrency", type=_positive, default=64)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# running
+
+
+def run_operation(args: argparse.Namespace) -> int:
+    """Run one operator command; returns the exit code."""
+    name = f"aiocacheguard {args.command}"
+    out = Output(json_mode=args.json, plain=args.plain)
+    command: Callable[[RedisClient, argparse.Namespace, Output], Coroutine[Any, Any, int]]
+    command = globals()[f"_{args.command}"]
+    try:
+        with contextlib.ExitStack() as files:
+            if args.command == "warm":  # a bad path fails before anything is connected
+                args.source = (
+                    sys.stdin
+                    if args.file == "-"
+                    else files.enter_context(Path(args.file).open(encoding="utf-8"))
+                )
+            return asyncio.run(_with_client(command, args, out))
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr)
+        return 130
+    except (UsageError, ConfigurationError, InvalidKeyError, OSError) as exc:
+        return _fail(name, exc, args, code=2)
+    except Exception as exc:
+        return _fail(name, exc, args, code=1)
+
+
+def _fail(name: str, exc: BaseException, args: argparse.Namespace, *, code: int) -> int:
+    if args.debug:
+        traceback.print_exception(exc)
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    if not isinstance(exc, CacheGuardError | UsageError | OSError):
+        message = f"{type(exc).__name__}: {message}"
+    print(f"{name}: error: {message}", file=sys.stderr)
+    return code
+
+
+async def _with_client(
+    command: Callable[[RedisClient, argparse.Namespace, Output], Coroutine[Any, Any, int]],
+    args: argparse.Namespace,
+    out: Output,
+) -> int:
+    client = connect(args.redis_url, cluster=args.cluster)
+    try:
+        return await command(client, args, out)
+    finally:
+        await client.aclose()
+
+
+def connect(url: str, *, cluster: bool = False) -> RedisClient:
+    """
+    A client for ``url``: standalone, a cluster (``cluster=True``), or the primary a Sentinel
+    names for ``redis+sentinel://host:port[,host:port]/service[/db]``.
+
+    Raises:
+        UsageError: the URL cannot be used.
+    """
+    options: dict[str, Any] = {
+        "socket_connect_timeout": CONNECT_TIMEOUT,
+        "socket_timeout": COMMAND_TIMEOUT,
+    }
+    parts = urlsplit(url)
+    if parts.scheme in ("redis+sentinel", "sentinel"):
+        if cluster:
+            raise UsageError("--cluster and a Sentinel URL do not go together")
+        return _sentinel(url, options)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise UsageError(
+            f"--redis-url {url!r}: expected redis://, rediss://, unix:// or redis+sentinel://"
+        )
+    try:
+        if cluster:
+            return RedisCluster.from_url(url, **options)
+        return redis.Redis.from_url(url, **options)
+    except ValueError as exc:
+        raise UsageError(f"--redis-url {url!r}: {exc}") from None
+
+
+def _sentinel(url: str, options: dict[str, Any]) -> redis.Redis:
+    parts = urlsplit(url)
+    hosts = parts.netloc.rpartition("@")[2]
+    path = [p for p in parts.path.split("/") if p]
+    if not hosts or not path or len(path) > 2:
+        raise UsageError(
+            f"--redis-url {url!r}: expected redis+sentinel://host:port[,host:port]/service[/db]"
+        )
+    sentinels = []
+    for host in hosts.split(","):
+        name, _, port = host.rpartition(":") if ":" in host else (host, "", "26379")
+        if not port.isdigit():
+            raise UsageError(f"--redis-url {url!r}: bad port in {host!r}")
+        sentinels.append((name or "localhost", int(port)))
+    if len(path) == 2 and not path[1].isdigit():
+        raise UsageError(f"--redis-url {url!r}: the database must be a number")
+    if parts.password is not None:
+        options["password"] = unquote(parts.password)
+    if parts.username:
+        options["username"] = unquote(parts.username)
+    sentinel = redis.Sentinel(  # type: ignore[no-untyped-call]
+        sentinels, sentinel_kwargs=dict(options), **options
+    )
+    db = int(path[1]) if len(path) == 2 else 0
+    return cast(redis.Redis, sentinel.master_for(path[0], db=db))
+
+
+# --------------------------------------------------------------------------------------------
+# output
+
+
+class Output:
+    """Tables and key/value lists as rich on a terminal, aligned text otherwise, or JSON."""
+
+    def __init__(self, *, json_mode: bool, plain: bool, stream: IO[str] | None = None) -> None:
+        self.json = json_mode
+        self.stream = stream or sys.stdout
+        self.fancy = not json_mode and not plain and self.stream.isatty() and _has_rich()
+
+    def document(self, value: Any) -> None:
+        print(json.dumps(_jsonable(value), indent=2, sort_keys=False), file=self.stream)
+
+    def line(self, text: str = "") -> None:
+        if self.fancy:
+            from rich.console import Console
+
+            Console(file=self.stream, highlight=False).print(text, markup=False)
+        else:
+            print(text, file=self.stream)
+
+    def table(self, title: str, headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+        if self.fancy:
+            from rich.console import Console
+            from rich.table import Table
+
+            table = Table(title=title, title_justify="left")
+            for header in headers:
+                table.add_column(header, overflow="fold")
+            for row in rows:
+                table.add_row(*(_styled(cell) for cell in row))
+            Console(file=self.stream).print(table)
+            return
+        if title:
+            print(title, file=self.stream)
+        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+        for row in [list(headers), *rows]:
+            cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=True)]
+            print("  ".join(cells).rstrip(), file=self.stream)
+
+    def pairs(self, title: str, rows: Sequence[tuple[str, str]]) -> None:
+        if self.fancy:
+            self.table(title, ("", ""), rows)
+            return
+        if title:
+            print(title, file=self.stream)
+        width = max((len(name) for name, _ in rows), default=0)
+        for name, value in rows:
+            indent = "\n" + " " * (width + 4)
+            print(f"  {name.ljust(width)}  {value.replace(chr(10), indent)}", file=self.stream)
+
+    @contextmanager
+    def progress(self, what: str) -> Iterator[Callable[[int], None]]:
+        """A callback showing a running count (on a rich terminal; silent otherwise)."""
+        if not self.fancy:
+            yield lambda done: None
+            return
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+        with Progress(*columns, transient=True) as bar:
+            task = bar.add_task(f"{what}: 0")
+            yield lambda done: bar.update(task, description=f"{what}: {done:,}")
+
+
+def _has_rich() -> bool:
+    try:
+        import rich  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+_STATUS_STYLE: Final = {
+    "ok": "[green]ok[/]",
+    "warn": "[yellow]warn[/]",
+    "fail": "[bold red]fail[/]",
+}
+
+
+def _styled(cell: str) -> Any:
+    from rich.text import Text
+
+    if cell in _STATUS_STYLE:
+        return Text.from_markup(_STATUS_STYLE[cell])
+    return Text(cell)
+
+
+def _jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, ops.BloomStats):
+            fields["fill_ratio"] = value.fill_ratio
+        return fields
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return value
+
+
+def _when(timestamp: float | None, now: float) -> str:
+    if timestamp is None:
+        return "-"
+    moment = datetime.datetime.fromtimestamp(timestamp, datetime.UTC)
+    delta = timestamp - now
+    relative = f"in {delta:,.1f} s" if delta >= 0 else f"{-delta:,.1f} s ago"
+    return f"{moment:%Y-%m-%d %H:%M:%S.%f}"[:-3] + f" UTC ({relative})"
+
+
+def _seconds(value: float | None, none: str = "none") -> str:
+    return none if value is None else f"{value:,.3f} s"
+
+
+def _size(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:,.0f} {unit}" if unit == "B" else f"{count:,.1f} {unit}"
+        count /= 1024
+    raise AssertionError  # pragma: no cover
+
+
+# --------------------------------------------------------------------------------------------
+# the commands
+
+
+async def _doctor(client: RedisClient, args: argparse.Namespace, out: Output) -> int:
+    checks = await ops.doctor(client, pool_size=args.pool_size, budget=COMMAND_TIMEOUT)
+    failed = any(c.status == "fail" for c in checks)
+    if out.json:
+        out.document({"ok": not failed, "checks": checks})
+    else:
+        nodes = any(c.node for c in checks)
+        headers = ["node"] * nodes + ["check", "status", "found", "set"]
+        rows = [[c.node] * nodes + [c.name, c.status, c.detail, c.fix or "-"] for c in checks]
+        out.table("aiocacheguard doctor", headers, rows)
+        counts = {s: sum(c.status == s for c in checks) for s in ("ok", "warn", "fail")}
+        out.line(f"{counts['ok']} ok, {counts['warn']} warn, {counts['fail']} fail")
+    return 1 if failed else 0
+
+
+async def _stats(client: RedisClient, args: argparse.Namespace, out: Output) -> int:
+    if not 0 <= args.interval <= 60:
+        raise UsageError(f"--interval must be from 0 to 60 seconds, not {args.interval}")
+    with out.progress("keys examined") as progress:
+        result = await ops.stats(
+            client,
+            args.namespace,
+            sample=args.sample,
+            interval=args.interval,
+            budget=COMMAND_TIMEOUT,
+            progress=progress,
+        )
+    if out.json:
+        out.document(result)
+        return 0
+    server = result.server
+    ratio = "-" if server.hit_ratio is None else f"{server.hit_ratio:.1%}"
+    out.pairs(
+        "server" + (f" ({server.nodes} primaries)" if server.nodes > 1 else ""),
+        [
+            ("hit ratio", f"{ratio} ({server.hits:,} hits, {server.misses:,} misses)"),
+            ("memory", _size(server.used_memory) + (
+                f" of {_size(server.maxmemory)}" if server.maxmemory else " (no maxmemory)"
+            )),
+            ("keys", f"{server.keys:,}"),
+            ("evicted keys", f"{server.evicted_keys:,}"),
+            ("expired keys", f"{server.expired_keys:,}"),
+            ("ops/s", f"{server.ops_per_sec:,.0f} (over {server.interval:.1f} s)"),
+        ],
+    )  # fmt: skip
+    found = result.namespace
+    if found is None:
+        return 0
+    how = (
+        f"estimated from {found.examined:,} keys examined (--sample {args.sample:,})"
+        if found.sampled
+        else f"all {found.examined:,} keys examined"
+    )
+    out.pairs(
+        f"namespace {found.namespace} ({how})",
+        [
+            ("entries", f"{found.entries:,}"),
+            ("negative", f"{found.negative:,}"),
+            ("soft-expired", f"{found.soft_expired:,}"),
+            ("past TTL (stale-if-error)", f"{found.expired:,}"),
+            ("foreign", f"{found.foreign:,}"),
+            ("locks held", f"{found.locks:,}"),
+        ],
+    )
+    if found.stuck_locks:
+        out.table(
+            "stuck locks (no lease, or a lease far beyond any lock_ttl)",
+            ["key", "lease left"],
+            [[lock.key, _seconds(lock.lease_left, "none (never expires)")]
+             for lock in found.stuck_locks],
+        )  # fmt: skip
+    if found.blooms:
+        out.table(
+            "Bloom filters",
+            ["name", "bits", "set", "fill"],
+            [[b.name, f"{b.bits:,}", f"{b.set_bits:,}", f"{b.fill_ratio:.1%}"]
+             for b in found.blooms],
+        )  # fmt: skip
+    return 0
+
+
+async def _inspect(client: RedisClient, args: argparse.Namespace, out: Output) -> int:
+    seen = await ops.inspect(client, args.namespace, args.key, budget=COMMAND_TIMEOUT)
+    if out.json:
+        out.document(seen)
+        return 0 if seen.exists else 1
+    now = time.time()
+    rows = [("redis key", seen.redis_key)]
+    if not seen.exists:
+        rows.append(("value", "not cached"))
+    elif seen.serializer is None:
+        rows += [("type", seen.redis_type), ("size", _size(seen.size)), ("problem", seen.problem)]
+    else:
+        if seen.value_shown:
+            value = json.dumps(seen.value, indent=2, ensure_ascii=False, default=repr)
+        elif seen.negative:
+            value = "absent (a cached negative result)"
+        else:
+            value = seen.problem or f"not shown ({seen.serializer} is never decoded here)"
+        rows += [
+            ("serializer", f"{seen.serializer} (record format {seen.format_version})"),
+            ("negative", "yes" if seen.negative else "no"),
+            ("written at", _when(seen.stored_at, now)),
+            ("soft expiry", _when(seen.soft_expires_at, now)),
+            ("hard expiry", _when(seen.expires_at, now)),
+            ("TTL left", _seconds(seen.ttl_left, "none (never expires)")),
+            ("compute time", _seconds(seen.compute_time)),
+            ("size", _size(seen.size)),
+            ("value", value),
+        ]
+    holder = "none" if seen.lock_holder is None else (
+        f"{seen.lock_holder} (lease left {_seconds(seen.lock_lease_left, 'none')})"
+    )  # fmt: skip
+    rows.append(("lock", holder))
+    out.pairs(f"{args.namespace}: {args.key}", rows)
+    return 0 if seen.exists else 1
+
+
+async def _keys(client: RedisClient, args: argparse.Namespace, out: Output) -> int:
+    with out.progress("entries measured") as progress:
+        top = await ops.top_keys(
+            client,
+            args.namespace,
+            args.pattern,
+            top=args.top,
+            sample=args.sample,
+            budget=COMMAND_TIMEOUT,
+            progress=progress,
+        )
+    if out.json:
+        out.document(top)
+        return 0
+    how = f"the first {top.matched:,} (--sample)" if top.sampled else f"all {top.matched:,}"
+    out.table(
+        f"largest of {how} entries matching {args.pattern!r}",
+        ["key", "memory", "TTL left"],
+        [[k.key, _size(k.bytes), _seconds(k.ttl_left)] for k in top.keys],
+    )
+    return 0
+
+
+async def _clear(client: RedisClient, args: argparse.Namespace, out: Output) -> int:
+    kinds = ", ".join(["values", *["locks"] * args.locks, *["Bloom filters"] * args.blooms])
+    what = f"{kinds} of namespace {args.namespace} matching {args.pattern!r}"
+    if not args.yes:
+        with out.progress("keys found") as progress:
+            preview = await ops.clear_preview(
+                client,
+                args.namespace,
+                args.pattern,
+                locks=args.locks,
+                blooms=args.blooms,
+                budget=COMMAND_TIMEOUT,
+                progress=progress,
+            )
+        if out.json:
+            out.document({"dry_run": True, **_jsonable(preview)})
+            return 0
+        out.line(f"dry run: {preview.count:,} keys would be removed ({what})")
+        for example in preview.examples:
+            out.line(f"  {example}")
+        if preview.count:
+            out.line("run again with --yes to remove them")
+        return 0
+    cache = Cache(
+        client, namespace=args.namespace, policy=Policy(ttl=60.0), command_timeout=COMMAND_TIMEOUT
+    )
+    removed = 0
+    try:
+        with out.progress("keys removed") as progress:
+
+            def removing(done: int) -> None:
+                nonlocal removed
+                removed = done
+                progress(done)
+
+            removed = await bulk.clear(
+                cache, args.pattern, locks=args.locks, blooms=args.blooms, progress=removing
+            )
+    except BaseException:
+        print(f"{removed:,} keys were removed before this stopped", file=sys.stderr)
+        raise
+    finally:
+        await cache.aclose()
+    if out.json:
+        out.document({"dry_run": False, "removed": removed})
+    else:
+        out.line(f"removed {removed:,} keys ({what})")
+    return 0
+
+
+async def _warm(client: RedisClient, args: argparse.Namespace, out: Output) -> int:
+    if args.ttl <= 0:
+        raise UsageError(f"--ttl must be positive, not {args.ttl}")
+    cache = Cache(
+        client,
+        namespace=args.namespace,
+        policy=Policy(ttl=args.ttl, jitter=0.0),
+        command_timeout=COMMAND_TIMEOUT,
+    )
+    try:
+        with out.progress("keys written") as progress:
+            written = await bulk.warm(
+                cache, _lines(args.source), concurrency=args.concurrency, progress=progress
+            )
+    finally:
+        await cache.aclose()
+    if out.json:
+        out.document({"written": written})
+    else:
+        out.line(f"warmed {written:,} keys in namespace {args.namespace}")
+    return 0
+
+
+_BLANK = re.compile(r"\s*")
+
+
+def _lines(source: IO[str]) -> Iterator[tuple[str, Any, float | None]]:
+    for number, line in enumerate(source, 1):
+        if _BLANK.fullmatch(line):
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"line {number}: not JSON ({exc.msg})") from None
+        if not isinstance(item, dict) or "key" not in item or "value" not in item:
+            raise UsageError(f'line {number}: expected {{"key": ..., "value": ..., "ttl"?: ...}}')
+        key, ttl = item["key"], item.get("ttl")
+        if not isinstance(key, str):
+            raise UsageError(f"line {number}: the key must be a string")
+        if ttl is not None and (
+            isinstance(ttl, bool) or not isinstance(ttl, int | float) or ttl <= 0
+        ):
+            raise UsageError(f"line {number}: ttl must be a positive number of seconds")
+        yield key, item["value"], None if ttl is None else float(ttl)
