@@ -12,10 +12,12 @@ import hashlib
 import inspect
 import json
 import string
+import sys
+import typing
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from types import TracebackType
-from typing import Any, Concatenate, Generic, ParamSpec, Self, TypeVar, overload
+from types import SimpleNamespace, TracebackType
+from typing import Any, Concatenate, Final, Generic, ParamSpec, Self, TypeVar, overload
 
 from .cache import Cache
 from .errors import CacheNotBoundError, ConfigurationError, InvalidKeyError
@@ -31,6 +33,9 @@ S = TypeVar("S")
 #: Default keys whose argument part is longer than this are hashed (SHA-256), so any
 #: arguments make a key within the Cache's limit.
 _MAX_PLAIN_ARGS = 200
+
+#: `Cached.returns` before its annotation could be resolved (it names something defined later).
+_UNRESOLVED: Final[Any] = object()
 
 
 def cached(
@@ -59,7 +64,8 @@ def cached(
 
     Returns:
         A decorator giving a `Cached` wrapper with ``.invalidate(...)``, ``.refresh(...)`` and
-        ``.cache_key(...)`` taking the function's own arguments.
+        ``.cache_key(...)`` taking the function's own arguments, and ``.returns``, its
+        declared return type.
 
     Raises:
         ConfigurationError: ``cache`` is neither a `Cache` nor a `CacheRef`, ``ttl`` is out
@@ -95,7 +101,11 @@ def cached(
             Policy(ttl=ttl)  # checks it now; the ref's Cache gives the other fields later
 
     def decorate(fn: Callable[P, Awaitable[T]]) -> Cached[P, T]:
-        return Cached(fn, cache=cache, policy=policy, key=key, ttl=ttl)
+        # The scope applying the decorator: the return annotation may name a class local to it
+        # (a function's, a class body's), which the function's globals do not hold.
+        frame = sys._getframe(1)
+        scope = None if frame.f_locals is frame.f_globals else dict(frame.f_locals)
+        return Cached(fn, cache=cache, policy=policy, key=key, ttl=ttl, _scope=scope)
 
     return decorate
 
@@ -257,6 +267,7 @@ class Cached(Generic[P, T]):
         policy: Policy | None,
         key: str | None,
         ttl: float | None = None,
+        _scope: dict[str, Any] | None = None,
         _bound: object = None,
         _has_instance: bool = False,
     ) -> None:
@@ -281,6 +292,27 @@ class Cached(Generic[P, T]):
         if key is not None:
             _check_template(key, self._signature, self._prefix)
         functools.update_wrapper(self, fn)
+        try:
+            self._returns = _declared_return(fn, _scope)
+            self._scope = None
+        except ConfigurationError:  # names something defined later: resolved at first use
+            self._returns = _UNRESOLVED
+            self._scope = _scope
+
+    @property
+    def returns(self) -> Any:
+        """
+        The declared return type of the function, which cached hits are to be decoded into;
+        `typing.Any` when it has none. Resolved when decorated (in the function's module and the
+        scope it is decorated in), or at first use if it names something defined later.
+
+        Raises:
+            ConfigurationError: the annotation names something neither defines.
+        """
+        if self._returns is _UNRESOLVED:
+            self._returns = _declared_return(self.__wrapped__, self._scope)
+            self._scope = None
+        return self._returns
 
     @property
     def cache(self) -> Cache:
@@ -401,6 +433,24 @@ class Cached(Generic[P, T]):
         if self._has_instance:
             return functools.partial(fn, self._bound, *args, **kwargs)
         return functools.partial(fn, *args, **kwargs)
+
+
+def _declared_return(fn: Callable[..., object], scope: dict[str, Any] | None) -> Any:
+    """The return annotation of ``fn`` evaluated (strings included), or `typing.Any`."""
+    annotation = inspect.get_annotations(fn).get("return", Any)
+    # Only the return annotation: a parameter's that does not resolve must not matter here.
+    holder = SimpleNamespace(__annotations__={"return": annotation})
+    try:
+        return typing.get_type_hints(
+            holder, globalns=getattr(fn, "__globals__", {}), localns=scope
+        )["return"]
+    except Exception as exc:  # NameError mostly; any annotation that does not evaluate
+        raise ConfigurationError(
+            "returns",
+            annotation,
+            f"a return annotation of {fn.__module__}.{fn.__qualname__} naming types defined "
+            f"where the function is ({type(exc).__name__}: {exc})",
+        ) from None
 
 
 def _check_template(template: str, signature: inspect.Signature, where: str) -> None:
