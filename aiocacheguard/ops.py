@@ -515,7 +515,7 @@ async def _namespace_stats(
                     blooms.append(await _bloom(client, namespace, key, budget))
             if progress is not None:
                 progress(examined_total + examined)
-            if examined >= share:
+            if examined >= share and examined < size:  # else this was all of it
                 complete = False
                 break
         examined_total += examined

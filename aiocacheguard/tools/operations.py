@@ -537,7 +537,8 @@ async def _clear(client: RedisClient, args: argparse.Namespace, out: Output) -> 
                 cache, args.pattern, locks=args.locks, blooms=args.blooms, progress=removing
             )
     except BaseException:
-        print(f"{removed:,} keys were removed before this stopped", file=sys.stderr)
+        if removed:  # said, so an interrupted or failed clear is not taken for a no-op
+            print(f"{removed:,} keys were removed before this stopped", file=sys.stderr)
         raise
     finally:
         await cache.aclose()

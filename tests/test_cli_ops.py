@@ -1,0 +1,278 @@
+"""
+The operator's commands end to end (`aiocacheguard doctor|stats|inspect|keys|clear|warm`), on
+a real standalone server and a real cluster. Most run ``main()`` in this process (fast); one
+test runs the console entry point to prove the output of a real process.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from aiocacheguard.testing import RedisClusterServer, RedisServer
+from aiocacheguard.tools.cli import main
+
+from .helpers import started
+
+
+@pytest.fixture(scope="module")
+def own_server() -> Iterator[RedisServer]:
+    """A server of this module's own: the tests CONFIG SET it and count all its keys."""
+    yield from started(RedisServer())
+
+
+@pytest.fixture
+def server_url(own_server: RedisServer) -> Iterator[str]:
+    with redis.Redis(port=own_server.port) as client:
+        client.flushall()  # our own server: nothing of anyone else's on it
+        yield own_server.url
+        client.config_set("maxmemory", 0)
+        client.config_set("maxmemory-policy", "noeviction")
+
+
+def run(
+    capsys: pytest.CaptureFixture[str], *args: str, stdin: str | None = None
+) -> tuple[int, str, str]:
+    if stdin is not None:
+        import io
+
+        sys.stdin = io.StringIO(stdin)
+    try:
+        code = main(list(args))
+    finally:
+        sys.stdin = sys.__stdin__
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def warm_file(tmp_path: Path, count: int, prefix: str = "user:") -> Path:
+    path = tmp_path / "items.jsonl"
+    with path.open("w") as file:
+        for i in range(count):
+            file.write(json.dumps({"key": f"{prefix}{i}", "value": {"id": i}}) + "\n")
+    return path
+
+
+def test_doctor_fails_a_default_server_and_passes_a_tuned_one(
+    capsys: pytest.CaptureFixture[str], server_url: str, own_server: RedisServer
+) -> None:
+    code, out, _ = run(capsys, "doctor", "--redis-url", server_url)
+    assert code == 1
+    assert "maxmemory-policy allkeys-lru" in out and "fail" in out
+    with redis.Redis(port=own_server.port) as client:
+        client.config_set("maxmemory", 64 * 2**20)
+        client.config_set("maxmemory-policy", "allkeys-lru")
+    code, out, _ = run(capsys, "doctor", "--redis-url", server_url, "--json")
+    document = json.loads(out)
+    assert code == 0 and document["ok"] is True
+    rows = {c["name"]: c for c in document["checks"]}
+    assert rows["maxmemory-policy"]["status"] == "ok"
+    assert rows["latency-monitor"] == {
+        "name": "latency-monitor",
+        "status": "warn",
+        "detail": "off: LATENCY DOCTOR has nothing to report",
+        "fix": "latency-monitor-threshold 100",
+        "node": "",
+    }
+
+
+def test_doctor_on_a_cluster_checks_every_primary(
+    capsys: pytest.CaptureFixture[str], redis_cluster: RedisClusterServer
+) -> None:
+    code, out, _ = run(capsys, "doctor", "--redis-url", redis_cluster.url, "--cluster", "--json")
+    document = json.loads(out)
+    assert code == 1 and not document["ok"]  # the throwaway cluster has no maxmemory
+    nodes = {c["node"] for c in document["checks"]}
+    assert len(nodes) == 3
+    assert [c["status"] for c in document["checks"] if c["name"] == "cluster"] == ["ok"] * 3
+
+
+def test_warm_then_stats_counts_them(
+    capsys: pytest.CaptureFixture[str], server_url: str, tmp_path: Path
+) -> None:
+    path = warm_file(tmp_path, 10_000)
+    code, out, err = run(
+        capsys, "warm", str(path), "--redis-url", server_url, "--namespace", "shop"
+    )
+    assert (code, err) == (0, "") and "warmed 10,000 keys" in out
+    code, out, _ = run(
+        capsys, "stats", "--redis-url", server_url, "--namespace", "shop", "--interval", "0"
+    )
+    assert code == 0 and "all 10,000 keys examined" in out
+    assert any(line.split() == ["entries", "10,000"] for line in out.splitlines())
+    code, out, _ = run(
+        capsys, "stats", "--redis-url", server_url, "--namespace", "shop", "--interval", "0",
+        "--sample", "1000", "--json",
+    )  # fmt: skip
+    found = json.loads(out)["namespace"]
+    assert found["sampled"] is True and found["examined"] < 10_000
+    assert 5_000 < found["entries"] < 20_000
+
+
+def test_warm_on_a_cluster_then_stats_and_clear(
+    capsys: pytest.CaptureFixture[str], redis_cluster: RedisClusterServer, tmp_path: Path
+) -> None:
+    namespace = f"cli-{uuid.uuid4().hex[:8]}"
+    common = ("--redis-url", redis_cluster.url, "--cluster", "--namespace", namespace)
+    path = warm_file(tmp_path, 2_000)
+    code, out, _ = run(capsys, "warm", str(path), *common)
+    assert code == 0 and "warmed 2,000 keys" in out
+    code, out, _ = run(capsys, "stats", *common, "--interval", "0", "--sample", "10000000")
+    assert code == 0 and any(line.split() == ["entries", "2,000"] for line in out.splitlines())
+    code, out, _ = run(capsys, "clear", "user:1*", *common)
+    assert code == 0 and "dry run: 1,111 keys would be removed" in out
+    code, out, _ = run(capsys, "clear", *common, "--yes", "--json")
+    assert code == 0 and json.loads(out) == {"dry_run": False, "removed": 2_000}
+
+
+def test_warm_reads_stdin_and_keeps_a_line_ttl(
+    capsys: pytest.CaptureFixture[str], server_url: str
+) -> None:
+    lines = '{"key": "a", "value": 1, "ttl": 5}\n\n{"key": "b", "value": [1, 2]}\n'
+    code, out, _ = run(
+        capsys, "warm", "-", "--redis-url", server_url, "--namespace", "shop", stdin=lines
+    )
+    assert code == 0 and "warmed 2 keys" in out
+    code, out, _ = run(capsys, "inspect", "a", "--redis-url", server_url, "--namespace", "shop",
+                       "--json")  # fmt: skip
+    seen = json.loads(out)
+    assert seen["value"] == 1 and 0 < seen["ttl_left"] <= 5
+
+
+def test_clear_is_a_dry_run_without_yes(
+    capsys: pytest.CaptureFixture[str], server_url: str, tmp_path: Path
+) -> None:
+    run(capsys, "warm", str(warm_file(tmp_path, 300)), "--redis-url", server_url,
+        "--namespace", "shop")  # fmt: skip
+    run(capsys, "warm", str(warm_file(tmp_path, 50)), "--redis-url", server_url,
+        "--namespace", "other")  # fmt: skip
+    with redis.Redis.from_url(server_url) as client:
+        client.set(b"{shop:user:1}:lock", b"token", px=60_000)
+        assert client.dbsize() == 351
+        code, out, _ = run(capsys, "clear", "--redis-url", server_url, "--namespace", "shop")
+        assert code == 0 and "dry run: 300 keys would be removed" in out
+        assert "{shop:user:" in out and "--yes" in out
+        assert client.dbsize() == 351  # nothing removed
+        code, out, _ = run(
+            capsys, "clear", "--redis-url", server_url, "--namespace", "shop", "--yes"
+        )
+        assert code == 0 and "removed 300 keys" in out
+        assert client.dbsize() == 51  # the other namespace, and the lock (not asked for)
+        assert client.exists(b"{shop:user:1}:lock")
+        code, out, _ = run(capsys, "clear", "--redis-url", server_url, "--namespace", "shop",
+                           "--locks", "--yes")  # fmt: skip
+        assert "removed 1 keys" in out and client.dbsize() == 50
+
+
+def test_inspect_shows_the_header_fields(
+    capsys: pytest.CaptureFixture[str], server_url: str
+) -> None:
+    lines = '{"key": "user:7", "value": {"name": "ada"}, "ttl": 30}\n'
+    run(capsys, "warm", "-", "--redis-url", server_url, "--namespace", "shop", stdin=lines)
+    with redis.Redis.from_url(server_url) as client:
+        client.set(b"{shop:user:7}:lock", b"holder-1", px=9000)
+    code, out, _ = run(capsys, "inspect", "user:7", "--redis-url", server_url, "--namespace",
+                       "shop", "--plain")  # fmt: skip
+    assert code == 0
+    fields = {line.split("  ")[1].strip() for line in out.splitlines()[1:] if line.startswith("  ")}
+    assert {"serializer", "negative", "written at", "soft expiry", "hard expiry", "TTL left",
+            "compute time", "size", "value", "lock"} <= fields  # fmt: skip
+    assert "json (record format 2)" in out and '"name": "ada"' in out
+    assert "holder-1 (lease left" in out
+    code, out, _ = run(capsys, "inspect", "nope", "--redis-url", server_url, "--namespace", "x")
+    assert code == 1 and "not cached" in out
+
+
+def test_keys_top(capsys: pytest.CaptureFixture[str], server_url: str) -> None:
+    lines = "".join(json.dumps({"key": f"k{i}", "value": "x" * 2**i}) + "\n" for i in range(4, 16))
+    run(capsys, "warm", "-", "--redis-url", server_url, "--namespace", "shop", stdin=lines)
+    code, out, _ = run(capsys, "keys", "--top", "2", "--redis-url", server_url, "--namespace",
+                       "shop", "--json")  # fmt: skip
+    top = json.loads(out)
+    assert code == 0 and [k["key"] for k in top["keys"]] == ["k15", "k14"]
+    assert top["matched"] == 12 and top["sampled"] is False
+
+
+@pytest.fixture(scope="module")
+def dead_url() -> Iterator[str]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
+        yield f"redis://127.0.0.1:{sock.getsockname()[1]}/0"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["doctor"],
+        ["stats", "--namespace", "shop"],
+        ["inspect", "k", "--namespace", "shop"],
+        ["keys", "--namespace", "shop"],
+        ["clear", "--namespace", "shop"],
+        ["clear", "--namespace", "shop", "--yes"],
+        ["warm", "-", "--namespace", "shop"],
+        ["stats", "--cluster"],
+    ],
+)
+def test_a_dead_url_is_one_line_and_nonzero(
+    capsys: pytest.CaptureFixture[str], dead_url: str, args: list[str]
+) -> None:
+    code, out, err = run(capsys, *args, "--redis-url", dead_url, stdin='{"key": "a", "value": 1}')
+    assert code == 1 and out == ""
+    assert len(err.strip().splitlines()) == 1
+    assert err.startswith(f"aiocacheguard {args[0]}: error: ") and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["doctor", "--redis-url", "http://x"], "expected redis://"),
+        (["stats", "--redis-url", "redis+sentinel://h:1"], "redis+sentinel://host:port"),
+        (["stats", "--redis-url", "redis+sentinel://h:1/s", "--cluster"], "do not go together"),
+        (["inspect", "k", "--redis-url", "redis://h", "--namespace", "a:b"], "namespace='a:b'"),
+        (["keys", "[z-a]", "--redis-url", "redis://h", "--namespace", "ns"], "pattern="),
+        (["warm", "/no/such/file", "--redis-url", "redis://h", "--namespace", "ns"], "No such"),
+        (["stats", "--redis-url", "redis://h", "--interval", "-1"], "--interval must be"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(
+    capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    code, out, err = run(capsys, *args)
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and message in err, err
+
+
+def test_a_bad_warm_line_names_its_number(
+    capsys: pytest.CaptureFixture[str], server_url: str
+) -> None:
+    lines = '{"key": "a", "value": 1}\n{"key": 5, "value": 1}\n'
+    code, _, err = run(
+        capsys, "warm", "-", "--redis-url", server_url, "--namespace", "shop", stdin=lines
+    )
+    assert code == 2 and err.strip() == (
+        "aiocacheguard warm: error: line 2: the key must be a string"
+    )
+
+
+def test_the_console_command_end_to_end(server_url: str) -> None:
+    """A real process: plain text when piped, and one line on a dead URL."""
+    command = [sys.executable, "-m", "aiocacheguard"]
+    result = subprocess.run(
+        [*command, "stats", "--redis-url", server_url, "--interval", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0 and result.stdout.startswith("server\n"), result.stderr
+    result = subprocess.run(
+        [*command, "doctor", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0 and "(default: None)" in result.stdout
