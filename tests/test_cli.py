@@ -94,6 +94,9 @@ def test_existing_server_by_url(redis_server: RedisServer) -> None:
         (["--rounds", "0"], "--rounds must be from 1 to 100"),
         (["--strategy", "magic"], "invalid choice: 'magic'"),
         (["-n", "many"], "invalid int value"),
+        # Checked before the run, not after minutes of benchmarking.
+        (["--json", "/no-such-dir/run.json"], "--json /no-such-dir/run.json: no directory"),
+        (["--plot", "."], "--plot .: is a directory"),
     ],
 )
 def test_bad_input_is_one_line_and_nonzero(args: list[str], message: str) -> None:
@@ -114,6 +117,14 @@ def test_unreachable_redis_url() -> None:
     assert result.returncode == 1
     assert result.stderr.startswith("aiocacheguard bench: error: cannot reach Redis")
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_help_shows_defaults_and_one_line_per_strategy() -> None:
+    result = bench("--help")
+    assert result.returncode == 0
+    assert "(default: 10000)" in result.stdout and "(default: None)" not in result.stdout
+    lines = result.stdout.split("strategies:\n")[1].splitlines()
+    assert [line.split()[0] for line in lines if line.strip()] == list(STRATEGIES)
 
 
 def test_console_script_is_installed() -> None:

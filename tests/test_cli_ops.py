@@ -273,6 +273,7 @@ def test_the_console_command_end_to_end(server_url: str) -> None:
     )
     assert result.returncode == 0 and result.stdout.startswith("server\n"), result.stderr
     result = subprocess.run(
-        [*command, "doctor", "--help"], capture_output=True, text=True, timeout=60
+        [*command, "stats", "--help"], capture_output=True, text=True, timeout=60
     )
-    assert result.returncode == 0 and "(default: None)" in result.stdout
+    assert result.returncode == 0 and "(default: 10000)" in result.stdout
+    assert "(default: None)" not in result.stdout

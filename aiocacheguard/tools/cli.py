@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -20,7 +21,7 @@ from typing import Any, NoReturn
 from .._version import __version__
 from ..testing import RedisServer, ServerError
 from .bench import STRATEGIES, BenchConfig, BenchError, RoundResult, StrategyResult
-from .operations import OPERATIONS, add_operations, run_operation
+from .operations import OPERATIONS, DefaultsHelp, add_operations, run_operation
 
 __all__ = ("main",)
 
@@ -44,6 +45,18 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+#: One line per strategy for ``bench --help`` (the module docstring of bench.py says more).
+STRATEGY_LINES = {
+    "ideal": "no Redis: one in-memory task per process, the floor to read the others against",
+    "naive": "GET; on a miss, load and SET (what most code does)",
+    "seed-mutex": "SET NX lock; the others retry GET 3 x 10 ms, then give up empty",
+    "singleflight": "aiocacheguard with Policy(lock=False): one load per process",
+    "guard": "aiocacheguard's default: single-flight + rebuild lock + pub/sub: one load in all",
+    "soft-ttl": "past its soft TTL: the stale value served while one refresh runs",
+    "xfetch": "expiring a quarter load after the release: XFetch refreshes it early",
+}
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="aiocacheguard", description="aiocacheguard tools")
     parser.add_argument("--version", action="version", version=f"aiocacheguard {__version__}")
@@ -57,19 +70,25 @@ def _parser() -> argparse.ArgumentParser:
             "latency and Redis commands. Without --redis-url a throwaway redis-server is "
             "started and stopped."
         ),
+        formatter_class=DefaultsHelp,
+        epilog="strategies:\n"
+        + "\n".join(f"  {name:<13} {STRATEGY_LINES.get(name, '')}" for name in STRATEGIES),
     )
-    bench.add_argument("--redis-url", help="use this Redis (keys are namespaced; never flushed)")
+    bench.add_argument(
+        "--redis-url", help="use this Redis (keys are namespaced; never flushed); default: a "
+        "throwaway redis-server"
+    )  # fmt: skip
     bench.add_argument("--coroutines", "-n", type=int, default=10_000, help="per process")
-    bench.add_argument("--processes", "-p", type=int, default=1)
+    bench.add_argument("--processes", "-p", type=int, default=1, help="worker processes")
     bench.add_argument("--loader-ms", type=float, default=50.0, help="the loader's latency")
     bench.add_argument("--rounds", type=int, default=1, help="repeat; medians are reported")
     bench.add_argument(
         "--strategy",
         action="append",
         choices=STRATEGIES,
-        help="run only these (repeatable); default all",
+        help="run only these (repeatable); default: all",
     )
-    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--seed", type=int, default=0, help="of every random choice")
     bench.add_argument("--json", type=Path, help="write every figure to this file")
     bench.add_argument("--plot", type=Path, help="write a PNG of latencies and loader calls")
     bench.add_argument("--plain", action="store_true", help="plain text even in a terminal")
@@ -92,7 +111,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def _check_output(option: str, path: Path | None) -> None:
+    """Fail now, not after minutes of benchmarking, if ``path`` cannot be written."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise BenchError(f"{option} {path}: is a directory")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise BenchError(f"{option} {path}: no directory {parent}")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise BenchError(f"{option} {path}: not writable")
+
+
 def _bench(args: argparse.Namespace) -> int:
+    _check_output("--json", args.json)
+    _check_output("--plot", args.plot)
     if args.plot is not None:
         try:
             import matplotlib  # noqa: F401
@@ -216,6 +250,7 @@ def _plot(results: Sequence[StrategyResult], config: BenchConfig, path: Path) ->
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     figure, (latency, loads) = plt.subplots(1, 2, figsize=(12, 4.5))
     for result in results:
@@ -224,15 +259,20 @@ def _plot(results: Sequence[StrategyResult], config: BenchConfig, path: Path) ->
             fractions = [(i + 1) / len(values) for i in range(len(values))]
             latency.plot(values, fractions, label=result.strategy)
     latency.set_xscale("symlog", linthresh=1.0)
+    # Plain numbers at each decade (1, 10, 100 ms), not 10^x, so the axis reads at a glance.
+    latency.xaxis.set_major_locator(ticker.SymmetricalLogLocator(base=10, linthresh=1.0))
+    latency.xaxis.set_major_formatter(ticker.FuncFormatter(lambda x, _: f"{x:,g}"))
     latency.set_xlabel("caller latency, ms (log)")
     latency.set_ylabel("fraction of callers served by then")
     latency.set_title("caller latency (CDF)")
-    latency.legend(loc="lower right")
+    # Beside the axes, not on them: the curves meet in the lower right.
+    latency.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     names = [r.strategy for r in results]
     calls = [r.median("loader_calls") for r in results]
     bars = loads.bar(names, [max(c, 0.8) for c in calls])
     loads.bar_label(bars, labels=[f"{c:,.0f}" for c in calls])
     loads.set_yscale("log")
+    loads.yaxis.set_major_formatter(ticker.FuncFormatter(lambda y, _: f"{y:,g}"))
     loads.set_ylabel("loader calls (log)")
     loads.set_title("loader calls per strategy")
     loads.tick_params(axis="x", rotation=30)
@@ -241,5 +281,5 @@ def _plot(results: Sequence[StrategyResult], config: BenchConfig, path: Path) ->
         f"loader {config.loader_ms:g} ms, seed {config.seed}"
     )
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    figure.savefig(path, dpi=100, bbox_inches="tight")  # the legend sits outside the axes
     plt.close(figure)

@@ -38,13 +38,22 @@ from ..cache import Cache
 from ..errors import CacheGuardError, ConfigurationError, InvalidKeyError
 from ..policy import Policy
 
-__all__ = ("OPERATIONS", "add_operations", "connect", "run_operation")
+__all__ = ("OPERATIONS", "DefaultsHelp", "add_operations", "connect", "run_operation")
 
 OPERATIONS: Final = ("doctor", "stats", "inspect", "keys", "clear", "warm")
 
 #: Seconds to open a connection, and one command's budget.
 CONNECT_TIMEOUT: Final = 3.0
 COMMAND_TIMEOUT: Final = 10.0
+
+
+class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """``--help`` shows each option's default (when it has one) and keeps the epilog's lines."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or action.help is None:
+            return action.help
+        return super()._get_help_string(action)
 
 
 class UsageError(Exception):
@@ -78,7 +87,7 @@ def add_operations(commands: Any) -> None:
             help=help,
             description=help[0].upper() + help[1:] + ".",
             parents=parents,
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            formatter_class=DefaultsHelp,
         )
 
     doctor = add("doctor", "check a server against what a cache needs", [common])
