@@ -61,6 +61,7 @@ from .errors import (
     SerializationError,
 )
 from .guards.bloom import BloomFilter
+from .guards.breaker import Breaker
 from .metrics import Event, Hook, Statistics
 from .policy import Policy
 from .serializers import JsonSerializer, MsgpackSerializer, PickleSerializer
@@ -70,6 +71,7 @@ __all__ = (
     "BackendTimeout",
     "BackendUnavailable",
     "BloomFilter",
+    "Breaker",
     "Cache",
     "CacheClosedError",
     "CacheGuardError",

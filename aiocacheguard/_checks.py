@@ -12,7 +12,7 @@ import math
 
 from .errors import ConfigurationError
 
-__all__ = ("check_int", "check_number", "check_seconds")
+__all__ = ("check_instance", "check_int", "check_number", "check_seconds")
 
 
 def check_int(field: str, value: object, *, minimum: int, maximum: int | None = None) -> None:
@@ -85,3 +85,10 @@ def check_number(
 def check_seconds(field: str, value: object, *, maximum: float = 365 * 24 * 3600.0) -> None:
     """``value`` is a finite number of seconds in ``(0, maximum]`` (not a bool)."""
     check_number(field, value, above=0, at_most=maximum, accepted=f"seconds in (0, {maximum:g}]")
+
+
+def check_instance(field: str, value: object, kind: type, *, optional: bool = False) -> None:
+    """``value`` is a ``kind`` (or None, if ``optional``)."""
+    if not (isinstance(value, kind) or (optional and value is None)):
+        accepted = f"an aiocacheguard.{kind.__name__}" + (" or None" if optional else "")
+        raise ConfigurationError(field, value, accepted)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final, Generic, TypeVar, cast
 
@@ -33,6 +34,7 @@ from redis.asyncio.cluster import RedisCluster
 from ._checks import check_int
 from ._types import LuaScript, ScriptArg, Subscriber
 from .errors import BackendError, BackendTimeout, BackendUnavailable, ConfigurationError
+from .guards.breaker import Breaker, BreakerState, CircuitBreaker
 
 __all__ = ("FOREIGN", "RedisBackend", "RedisClient", "to_backend_error")
 
@@ -60,6 +62,9 @@ MAX_BATCHES = 4
 FOREIGN: Final = b""
 
 _REDIS_ERRORS = (redis_errors.RedisError, OSError)
+
+#: Refused writes less than this many seconds apart are one episode: one warning.
+REFUSAL_EPISODE: Final = 60.0
 
 
 def to_backend_error(exc: BaseException) -> BackendError:
@@ -150,11 +155,16 @@ class _Batcher(Generic[ItemT, ResultT]):
             if self._epoch > epoch and self._failure is not None:
                 self._fail(batch, self._failure, count=False)
                 return
+            refused = self._backend.refused()
+            if refused is not None:  # the circuit breaker is open: no I/O, no budget spent
+                self._fail(batch, refused, count=False)
+                return
             if deadline is None:
                 deadline = asyncio.get_running_loop().time() + self._backend.command_timeout
             results = await self._flush_within(batch, deadline)
         if results is None:
             return
+        self._backend.record(None)
         for queued, result in zip(batch, results, strict=True):
             if queued.future.done():
                 continue
@@ -195,6 +205,7 @@ class _Batcher(Generic[ItemT, ResultT]):
     ) -> None:
         if count:
             self._backend.errors += 1
+            self._backend.record(error)
             self._epoch += 1
             self._failure = error
         for queued in batch:
@@ -233,6 +244,7 @@ class RedisBackend:
         *,
         command_timeout: float,
         max_in_flight: int | None = None,
+        breaker: CircuitBreaker | None = None,
     ) -> None:
         if not isinstance(client, redis.Redis | RedisCluster):
             raise ConfigurationError(
@@ -253,6 +265,7 @@ class RedisBackend:
         else:
             check_int("max_in_flight", max_in_flight, minimum=1)
         self.client = client
+        self.breaker = breaker
         self.command_timeout = command_timeout
         self.max_in_flight = max_in_flight
         self.slots = asyncio.Semaphore(max_in_flight)
@@ -267,16 +280,89 @@ class RedisBackend:
         self._pubsub: _PubSub | None = None
         #: Commands that failed or ran out of time, for `Statistics.redis_errors`.
         self.errors = 0
+        #: Writes Redis refused (OOM under noeviction, READONLY): `Statistics.writes_refused`.
+        self.writes_refused = 0
+        self._last_refusal = -REFUSAL_EPISODE  # monotonic time of the last refused write
+
+    @classmethod
+    def of(
+        cls,
+        client: RedisClient,
+        command_timeout: float,
+        max_in_flight: int | None,
+        breaker: Breaker | None,
+        on_transition: Callable[[BreakerState, BreakerState], None] | None = None,
+    ) -> RedisBackend:
+        """A backend with a circuit breaker of its own (a replica's failures say nothing of
+        its primary's, so each client gets one)."""
+        circuit = None
+        if breaker is not None:
+            circuit = CircuitBreaker(breaker, on_transition=on_transition)
+        return cls(
+            client, command_timeout=command_timeout, max_in_flight=max_in_flight, breaker=circuit
+        )
+
+    def counters(self) -> dict[str, int]:
+        """This backend's share of a Cache's statistics."""
+        breaker = self.breaker
+        return {
+            "redis_errors": self.errors,
+            "writes_refused": self.writes_refused,
+            "breaker_opened": breaker.opened if breaker else 0,
+            "short_circuited": breaker.short_circuited if breaker else 0,
+        }
+
+    def refused(self) -> BackendUnavailable | None:
+        """The error to fail with at once while the circuit breaker refuses calls, else None."""
+        breaker = self.breaker
+        if breaker is None or breaker.allow():
+            return None
+        return BackendUnavailable(
+            "Redis is treated as unreachable: the circuit breaker is open after repeated "
+            f"failures; it lets a call through again {breaker.config.open_for:g}s after opening"
+        )
+
+    def record(self, error: BackendError | None) -> None:
+        """Tell the breaker how a call it let through ended."""
+        if self.breaker is not None:
+            self.breaker.record(not isinstance(error, BackendUnavailable | BackendTimeout))
+
+    def _note(self, exc: BaseException) -> None:
+        """
+        Count writes Redis refused; one warning per episode (a refusal after a quiet minute
+        starts a new one), not one per write.
+        """
+        if not isinstance(exc, redis_errors.OutOfMemoryError | redis_errors.ReadOnlyError):
+            return
+        self.writes_refused += 1
+        now = time.monotonic()
+        if now - self._last_refusal >= REFUSAL_EPISODE:
+            logger.warning(
+                "Redis refuses writes (%s: %s): values are served but not cached until it "
+                "accepts them again (%d refused so far)",
+                type(exc).__name__,
+                exc,
+                self.writes_refused,
+            )
+        self._last_refusal = now
 
     async def _direct(self, command: Callable[[], Awaitable[T]]) -> T:
-        """One command in the caller's task, under its budget."""
+        """One command in the caller's task, under its budget (none while the breaker is open)."""
+        refused = self.refused()
+        if refused is not None:
+            raise refused
         async with self.slots:
             try:
                 async with asyncio.timeout(self.command_timeout):
-                    return await command()
+                    result = await command()
             except (*_REDIS_ERRORS, TimeoutError) as exc:
                 self.errors += 1
-                raise to_backend_error(exc) from exc
+                error = to_backend_error(exc)
+                self.record(error)
+                self._note(exc)
+                raise error from exc
+        self.record(None)
+        return result
 
     async def get(self, key: bytes) -> bytes | None:
         """
@@ -349,7 +435,10 @@ class RedisBackend:
             again = await self._evalsha([calls[i] for i in missing])
             for i, result in zip(missing, again, strict=True):
                 results[i] = result
-        self.errors += sum(isinstance(r, BaseException) for r in results)
+        for result in results:
+            if isinstance(result, BaseException):
+                self.errors += 1
+                self._note(result)
         return results
 
     async def _evalsha(self, calls: list[_ScriptCall]) -> list[Any]:
@@ -428,6 +517,9 @@ class _PubSub:
 
     async def subscribe(self, channel: bytes) -> None:
         loop = asyncio.get_running_loop()
+        breaker = self._backend.breaker
+        if breaker is not None and not breaker.closed:  # Redis is down or on probation
+            raise BackendUnavailable("Redis is treated as unreachable: circuit breaker open")
         confirmed = self._confirmations.get(channel)
         if confirmed is None:
             confirmed = self._confirmations[channel] = loop.create_future()

@@ -11,18 +11,19 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any, Final, Self, TypeVar, cast
 
-from ._checks import check_int, check_seconds
+from ._checks import check_instance, check_int, check_seconds
 from ._types import Key, Serializer
 from .backend import RedisBackend, RedisClient
 from .codec import RecordCodec
 from .errors import BackendError, CacheClosedError, ConfigurationError
 from .guards.bloom import BloomFilter
-from .guards.lock import store, unlink
+from .guards.breaker import Breaker, BreakerState
+from .guards.lock import unlink
 from .guards.notify import FillNotifier
 from .guards.singleflight import SingleFlight
 from .keys import KeySpace
 from .loading import LoaderRunner
-from .metrics import Counters, Emitter, Hook, Statistics
+from .metrics import Counters, Emitter, EventKind, Hook, Statistics
 from .policy import Policy
 from .reading import Reader
 from .rebuild import Rebuilder
@@ -42,6 +43,11 @@ DEFAULT_COMMAND_TIMEOUT: Final = 1.0
 _UNREACHABLE: Final[Any] = object()
 #: A flight started before anything was read: it reads first.
 _UNREAD: Final[Any] = object()
+_BREAKER_EVENTS: Final[dict[BreakerState, EventKind]] = {
+    BreakerState.OPEN: "breaker_opened",
+    BreakerState.HALF_OPEN: "breaker_half_open",
+    BreakerState.CLOSED: "breaker_closed",
+}
 
 
 class Cache:
@@ -66,6 +72,10 @@ class Cache:
         rng: Source of randomness for jitter and XFetch (seed it for reproducible runs).
         bloom: A `BloomFilter` guarding every miss of this Cache. The Cache binds it to its
             client and namespace, and adds the key of every value it writes.
+        breaker: The `Breaker` in front of Redis (on by default; None switches it off): once
+            Redis is found unreachable, calls skip it without spending a budget.
+        replica: A client of a replica (e.g. Sentinel ``slave_for``), read when the primary
+            fails. max_concurrent_loads: At most this many loader calls at once (a bulkhead).
 
     Raises:
         ConfigurationError: an argument is out of range; the message says what is accepted.
@@ -102,9 +112,11 @@ class Cache:
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         bloom: BloomFilter | None = None,
+        breaker: Breaker | None = Breaker(),  # noqa: B008 - frozen, so one shared default is safe
+        replica: RedisClient | None = None,
+        max_concurrent_loads: int | None = None,
     ) -> None:
-        if not isinstance(policy, Policy):
-            raise ConfigurationError("policy", policy, "an aiocacheguard.Policy")
+        check_instance("policy", policy, Policy)
         serializer = JsonSerializer() if serializer is None else serializer
         if not isinstance(serializer, Serializer) or not 0 <= serializer.tag <= 255:
             raise ConfigurationError(
@@ -112,41 +124,32 @@ class Cache:
             )
         check_seconds("command_timeout", command_timeout, maximum=60.0)
         check_int("max_refreshes", max_refreshes, minimum=1)
-        if bloom is not None and not isinstance(bloom, BloomFilter):
-            raise ConfigurationError("bloom", bloom, "an aiocacheguard.BloomFilter or None")
+        if max_concurrent_loads is not None:
+            check_int("max_concurrent_loads", max_concurrent_loads, minimum=1)
+        check_instance("breaker", breaker, Breaker, optional=True)
+        check_instance("bloom", bloom, BloomFilter, optional=True)
         self.keys = KeySpace(namespace)
         self.policy = policy
         self.serializer = serializer
         self.bloom = bloom
-        self._backend = RedisBackend(
-            client, command_timeout=float(command_timeout), max_in_flight=max_in_flight
-        )
+        self._emit = emit = Emitter(hook)
+        budget, moved = float(command_timeout), self._moved
+        self._backend = RedisBackend.of(client, budget, max_in_flight, breaker, moved)
+        self.breaker = self._backend.breaker
+        self._replica = None if replica is None else RedisBackend.of(replica, budget, None, breaker)
         self._counters = counters = Counters()
         self._codec = RecordCodec(serializer, clock=clock, rng=rng or random.Random())
-        self._reads = Reader(self._backend, self._codec, counters)
+        self._reads = Reader(self._backend, self._codec, counters, replica=self._replica)
         self._loads: SingleFlight[bytes, Any] = SingleFlight(name="load")
-        self._emit = emit = Emitter(hook)
-        self._load = LoaderRunner(counters, emit)
+        self._load = LoaderRunner(counters, emit, max_concurrent=max_concurrent_loads)
         self._notifier = FillNotifier()
         self._notifier.bind(self._backend.subscriber(self._notifier.deliver))
-        self._rebuilder = Rebuilder(
-            runner=self._backend,
-            notifier=self._notifier,
-            codec=self._codec,
-            counters=counters,
-            run_loader=self._load,
-            emit=emit,
-        )
-        on_fill = None
+        self._rebuilder = Rebuilder(self._backend, self._notifier, self._codec, self._load)
         if bloom is not None:
             bloom.bind(self._backend, namespace=self.keys.namespace)
-            on_fill = self._add_to_filter
-        self._on_fill = on_fill
+        self._on_fill = on_fill = None if bloom is None else bloom.filled
         self._refreshes = Refreshes(
-            rebuilder=self._rebuilder,
-            counters=counters,
-            emit=emit,
-            rng=self._codec.rng,
+            self._rebuilder,
             clock=clock,
             max_concurrent=max_refreshes,
             written=self._detach,
@@ -156,7 +159,7 @@ class Cache:
 
     def __repr__(self) -> str:
         state = "closed" if self._closing else "open"
-        return f"<Cache namespace={self.keys.namespace!r} {self.policy!r} {state}>"
+        return f"<Cache namespace={self.namespace!r} {self.policy!r} {state}>"
 
     @property
     def namespace(self) -> str:
@@ -187,6 +190,8 @@ class Cache:
         await self._rebuilder.aclose()  # releases of locks the cancelled flights may hold
         await self._notifier.aclose()
         await self._backend.aclose()
+        if self._replica is not None:
+            await self._replica.aclose()
 
     def _check_open(self) -> None:
         if self._closing is not None:
@@ -195,9 +200,9 @@ class Cache:
     def statistics(self) -> Statistics:
         """A frozen snapshot of the counters (see `Statistics`)."""
         return self._counters.snapshot(
-            redis_errors=self._backend.errors,
             decode_errors=self._codec.decode_errors,
             notify_fallbacks=self._notifier.fallbacks,
+            **self._backend.counters(),
             **(self.bloom.counters() if self.bloom else {}),
         )
 
@@ -239,15 +244,8 @@ class Cache:
         self._check_open()
         rkey = self.keys.value(key)
         policy = self.policy.for_write(ttl=ttl, negative=value is None)
-        record, redis_ttl = cast(
-            tuple[bytes, float], self._codec.encode(value, policy, compute_time=0.0)
-        )
-        write = store(self._backend, rkey, record, redis_ttl)
         try:
-            if self._on_fill is not None and value is not None:
-                await asyncio.gather(write, self._on_fill(rkey, value))  # as a fill does
-            else:
-                await write
+            await self._rebuilder.write(rkey, value, policy, on_fill=self._on_fill)
         finally:
             self._detach(rkey)
 
@@ -367,8 +365,9 @@ class Cache:
             served, entry = await self._read_for(rkey, loader, policy)
             if served:
                 return entry
-        # Redis unreachable: load without it; the flight still guards the loader here.
+        # Redis unreachable (or its breaker open): load without it, still one load per key here.
         if entry is _UNREACHABLE:
+            self._counters.unwritten_loads += 1
             return await self._load(rkey, loader, policy)
         # A miss the Bloom filter rules out: the key exists nowhere.
         bloom = self.bloom
@@ -380,6 +379,7 @@ class Cache:
                 rkey, loader, policy, expired=entry, on_fill=self._on_fill
             )
         except BackendError:
+            self._counters.unwritten_loads += 1
             return await self._load(rkey, loader, policy)  # Redis failed mid-way
         except Exception as exc:
             # Stale-if-error: the previous value, within the policy's grace.
@@ -389,9 +389,8 @@ class Cache:
             self._emit("stale_served", rkey, exc)
             return entry.result()
 
-    async def _add_to_filter(self, rkey: bytes, value: Any) -> None:
-        assert self.bloom is not None
-        await self.bloom.add_quietly(self.keys.user_key(rkey))
+    def _moved(self, old: BreakerState, new: BreakerState) -> None:
+        self._emit(_BREAKER_EVENTS[new], b"")
 
     def _detach(self, rkey: bytes) -> None:
         """After a write, later callers must not join a read or flight that began before it."""

@@ -8,6 +8,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import anyio
+
 from .errors import ConfigurationError, LoadTimeout
 from .metrics import Counters, Emitter
 from .policy import Policy
@@ -20,18 +22,44 @@ class LoaderRunner:
     Calls loaders for a Cache: counts each call and failure, bounds it by the policy's
     ``load_timeout`` (cancelling it then, and raising `LoadTimeout`), and reports a
     ``"loaded"`` event with its duration. The loader's own exceptions pass through untouched.
+    With ``max_concurrent``, a bulkhead keeps the database from more loads at once across
+    keys; a call that finds no slot within the policy's ``wait_timeout`` raises `LoadTimeout`.
     """
 
-    __slots__ = ("_counters", "_emit")
+    __slots__ = ("counters", "emit", "limiter")
 
-    def __init__(self, counters: Counters, emit: Emitter) -> None:
-        self._counters = counters
-        self._emit = emit
+    def __init__(
+        self, counters: Counters, emit: Emitter, *, max_concurrent: int | None = None
+    ) -> None:
+        #: The Cache's statistics and event hook, which the loads report to.
+        self.counters = counters
+        self.emit = emit
+        #: The bulkhead: at most this many loader calls at once (anyio's CapacityLimiter, whose
+        #: ``statistics()`` says how many run and how many wait), or None for no bound.
+        self.limiter = None if max_concurrent is None else anyio.CapacityLimiter(max_concurrent)
 
     async def __call__(
         self, rkey: bytes, loader: Callable[[], Awaitable[Any]], policy: Policy, /
     ) -> Any:
-        counters = self._counters
+        limiter = self.limiter
+        if limiter is None:
+            return await self._call(rkey, loader, policy)
+        try:
+            with anyio.fail_after(policy.wait_timeout):
+                await limiter.acquire()
+        except TimeoutError:
+            self.counters.bulkhead_timeouts += 1
+            raise LoadTimeout(
+                f"no loader slot came free within wait_timeout={policy.wait_timeout}s: "
+                f"max_concurrent_loads={int(limiter.total_tokens)} loaders were running"
+            ) from None
+        try:
+            return await self._call(rkey, loader, policy)
+        finally:
+            limiter.release()
+
+    async def _call(self, rkey: bytes, loader: Callable[[], Awaitable[Any]], policy: Policy) -> Any:
+        counters = self.counters
         counters.loader_calls += 1
         started = time.monotonic()
         error: BaseException | None = None
@@ -59,4 +87,4 @@ class LoaderRunner:
             error = exc
             raise
         finally:
-            self._emit("loaded", rkey, error, duration=time.monotonic() - started)
+            self.emit("loaded", rkey, error, duration=time.monotonic() - started)

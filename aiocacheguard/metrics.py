@@ -19,7 +19,15 @@ __all__ = (
 logger = logging.getLogger("aiocacheguard")
 
 EventKind: TypeAlias = Literal[
-    "loaded", "stale_served", "refresh_failed", "refreshed", "takeover", "lock_lost"
+    "loaded",
+    "stale_served",
+    "refresh_failed",
+    "refreshed",
+    "takeover",
+    "lock_lost",
+    "breaker_opened",
+    "breaker_half_open",
+    "breaker_closed",
 ]
 
 
@@ -34,7 +42,9 @@ class Event:
             (``Policy.stale_if_error``); ``"refresh_failed"``: a background refresh failed,
             the stale value stays; ``"refreshed"``: a refresh wrote a new value;
             ``"takeover"``: this process took a rebuild lock whose holder's lease had run
-            out; ``"lock_lost"``: a fill was refused because the lock had passed on.
+            out; ``"lock_lost"``: a fill was refused because the lock had passed on;
+            ``"breaker_opened"``, ``"breaker_half_open"``, ``"breaker_closed"``: the circuit
+            breaker in front of Redis changed state (``key`` is ``b""``).
         key: The Redis key of the entry.
         error: The loader's exception, where there is one.
         duration: Seconds the loader ran, for ``"loaded"``.
@@ -114,6 +124,14 @@ class Statistics:
         redis_errors: Redis commands that failed or ran out of time.
         notify_fallbacks: Waits for another process's fill that had no pub/sub subscription
             (refused, or the connection failed) and re-checked at the holder's lease instead.
+        breaker_opened: Times the circuit breaker opened (Redis unreachable).
+        short_circuited: Redis calls refused at once because the breaker was open.
+        writes_refused: Writes Redis answered with an error (OOM under noeviction, READONLY
+            after a failover); the loaded value was still served.
+        unwritten_loads: Loads whose value could not be written to Redis (unreachable).
+        replica_reads: Reads served by the replica because the primary failed.
+        bulkhead_timeouts: Loads that found ``max_concurrent_loads`` loaders running for
+            ``wait_timeout`` and raised `LoadTimeout` (or served the stale value).
         bloom_add_errors: Bloom filter additions that failed; the filter keeps the keys in
             memory, answers "maybe" for them and adds them with its next successful write.
     """
@@ -139,6 +157,12 @@ class Statistics:
     soft_expired_served: int = 0
     notify_fallbacks: int = 0
     bloom_add_errors: int = 0
+    breaker_opened: int = 0
+    short_circuited: int = 0
+    writes_refused: int = 0
+    unwritten_loads: int = 0
+    replica_reads: int = 0
+    bulkhead_timeouts: int = 0
 
 
 class StatisticsSource(Protocol):
@@ -176,6 +200,12 @@ class Counters:
     soft_expired_served: int
     notify_fallbacks: int
     bloom_add_errors: int
+    breaker_opened: int
+    short_circuited: int
+    writes_refused: int
+    unwritten_loads: int
+    replica_reads: int
+    bulkhead_timeouts: int
 
     def __init__(self) -> None:
         for name in self.__slots__:

@@ -6,6 +6,7 @@ from functools import partial
 
 from .backend import RedisBackend
 from .codec import Entry, RecordCodec
+from .errors import BackendError
 from .guards.singleflight import SharedCall
 from .metrics import Counters
 
@@ -16,13 +17,22 @@ class Reader:
     """
     Reads the entries of one Cache. Concurrent reads of a key share the first caller's read,
     run in that caller's own task (no task is created for a read nobody shares); statistics
-    count each Redis read once, however many callers it served.
+    count each Redis read once, however many callers it served. With a ``replica``, a read
+    the primary fails (or its circuit breaker refuses) is made on the replica.
     """
 
-    __slots__ = ("_backend", "_codec", "_counters", "_reads")
+    __slots__ = ("_backend", "_codec", "_counters", "_reads", "_replica")
 
-    def __init__(self, backend: RedisBackend, codec: RecordCodec, counters: Counters) -> None:
+    def __init__(
+        self,
+        backend: RedisBackend,
+        codec: RecordCodec,
+        counters: Counters,
+        *,
+        replica: RedisBackend | None = None,
+    ) -> None:
         self._backend = backend
+        self._replica = replica
         self._codec = codec
         self._counters = counters
         self._reads: SharedCall[bytes, Entry | None] = SharedCall()
@@ -45,7 +55,13 @@ class Reader:
         self._reads.forget(rkey)
 
     async def _fetch(self, rkey: bytes) -> Entry | None:
-        data = await self._backend.get(rkey)
+        try:
+            data = await self._backend.get(rkey)
+        except BackendError:
+            if self._replica is None:
+                raise
+            data = await self._replica.get(rkey)  # the primary failed: its replica may answer
+            self._counters.replica_reads += 1
         entry = None if data is None else self._codec.decode(data)
         counters = self._counters
         if entry is None:

@@ -37,15 +37,15 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 from ._types import ScriptRunner
 from .codec import Entry, RecordCodec
 from .errors import BackendError, LockTimeout
-from .guards.lock import Acquire, Attempt, Outcome, RebuildLock
+from .guards.lock import Acquire, Attempt, Outcome, RebuildLock, store
 from .guards.notify import FillNotifier
 from .keys import KeySpace
-from .metrics import Counters, EventKind
+from .loading import LoaderRunner
 from .policy import Policy
 
 __all__ = ("Rebuilder",)
@@ -55,16 +55,6 @@ __all__ = ("Rebuilder",)
 LEASE_SLACK: Final = 0.01
 
 Loader = Callable[[], Awaitable[Any]]
-
-
-class LoaderRunner(Protocol):
-    """Calls a loader under its policy's budget, counting and reporting it (the Cache's)."""
-
-    def __call__(self, rkey: bytes, loader: Loader, policy: Policy, /) -> Awaitable[Any]: ...
-
-
-class EventSink(Protocol):
-    def __call__(self, kind: EventKind, rkey: bytes, /) -> None: ...
 
 
 #: Called beside each fill with the key and value written (the Cache adds it to its Bloom
@@ -80,27 +70,23 @@ class Rebuilder:
         runner: Runs the lock's scripts (the Cache's backend).
         notifier: Fill notifications.
         codec: Encodes the loaded value; decodes what Redis or a fill message holds.
-        counters: The Cache's statistics.
-        run_loader: Calls a loader (budget, statistics, events).
-        emit: Reports ``takeover`` and ``lock_lost`` events.
+        run_loader: Calls a loader (budget, bulkhead); its statistics and event hook are the
+            protocol's too (``takeover``, ``lock_lost``).
     """
 
     def __init__(
         self,
-        *,
         runner: ScriptRunner,
         notifier: FillNotifier,
         codec: RecordCodec,
-        counters: Counters,
         run_loader: LoaderRunner,
-        emit: EventSink,
     ) -> None:
         self._runner = runner
         self._notifier = notifier
-        self._codec = codec
-        self._counters = counters
+        self.codec = self._codec = codec
+        self.counters = self._counters = run_loader.counters
+        self.emit = self._emit = run_loader.emit
         self._run_loader = run_loader
-        self._emit = emit
         self._releases: set[asyncio.Task[Any]] = set()
 
     async def load(
@@ -148,6 +134,25 @@ class Rebuilder:
             rkey, loader, policy, Acquire.STALE, replacing.header, on_fill, wait=False
         )
         return (replacing.result(), False) if value is _BUSY else (value, loaded)
+
+    async def write(
+        self, rkey: bytes, value: Any, policy: Policy, *, on_fill: OnFill | None = None
+    ) -> None:
+        """
+        An explicit write (``Cache.set``): stored whoever holds the lock, so the rebuild in
+        progress anywhere is superseded (its fill refused) and its waiters read this value.
+
+        Raises:
+            SerializationError: the value cannot be encoded (before any I/O).
+            BackendError: Redis failed.
+        """
+        encoded = self._codec.encode(value, policy, compute_time=0.0)
+        assert encoded is not None, "an explicit write always stores (Policy.for_write)"
+        written = store(self._runner, rkey, *encoded)
+        if on_fill is not None and value is not None:
+            await asyncio.gather(written, on_fill(rkey, value))  # as a fill does
+        else:
+            await written
 
     async def _rebuild(
         self,

@@ -29,10 +29,8 @@ class Refreshes:
     close, backed off after a failure).
 
     Args:
-        rebuilder: Runs each refresh (lock, load, fenced fill).
-        counters: The Cache's statistics.
-        emit: Reports ``refreshed`` and ``refresh_failed``.
-        rng: XFetch's draws.
+        rebuilder: Runs each refresh (lock, load, fenced fill); its statistics, events and
+            random draws (XFetch) are the refreshes' too.
         clock: Times the backoff after a failed refresh.
         max_concurrent: Background refreshes at once.
         written: Called with the key after a refresh, so later reads see the new value.
@@ -41,20 +39,17 @@ class Refreshes:
 
     def __init__(
         self,
-        *,
         rebuilder: Rebuilder,
-        counters: Counters,
-        emit: Emitter,
-        rng: random.Random,
+        *,
         clock: Callable[[], float],
         max_concurrent: int,
         written: Callable[[bytes], None],
         on_fill: OnFill | None,
     ) -> None:
         self._rebuilder = rebuilder
-        self._counters = counters
-        self._emit = emit
-        self._rng = rng
+        self._counters: Counters = rebuilder.counters
+        self._emit: Emitter = rebuilder.emit
+        self._rng: random.Random = rebuilder.codec.rng
         self._refresher: Refresher[bytes] = Refresher(max_concurrent=max_concurrent, clock=clock)
         self._written = written
         self._on_fill = on_fill

@@ -45,7 +45,7 @@ import mmh3
 from .._checks import check_int, check_number
 from .._types import Key, LuaScript, ScriptRunner
 from ..errors import BackendError, ConfigurationError
-from ..keys import hash_tag
+from ..keys import KeySpace, hash_tag
 
 __all__ = ("ADD", "CONTAINS", "BloomFilter")
 
@@ -164,6 +164,7 @@ class BloomFilter:
     __slots__ = (
         "_building_key",
         "_key",
+        "_keys",
         "_runner",
         "add_errors",
         "bits",
@@ -199,6 +200,7 @@ class BloomFilter:
         self._runner: ScriptRunner | None = None
         self._key = b""
         self._building_key = b""
+        self._keys: KeySpace | None = None
         #: Items whose add failed, sent again with the next add (see the guarantees).
         self.pending: set[bytes] = set()
         #: For the Cache's statistics: `may_contain` answers "absent", checks that failed
@@ -221,6 +223,7 @@ class BloomFilter:
             self._runner = runner
             self._key = hash_tag(namespace.encode(), self.name.encode()) + b":bloom"
             self._building_key = self._key + b":rebuild"
+            self._keys = KeySpace(namespace)
 
     @property
     def key(self) -> bytes:
@@ -321,6 +324,11 @@ class BloomFilter:
         elif answer == 0:
             self.rejected += 1
         return answer != 0
+
+    async def filled(self, value_key: bytes, value: object) -> None:
+        """A Cache wrote ``value`` at ``value_key``: add its user key, quietly (`add_quietly`)."""
+        if value is not None and self._keys is not None:
+            await self.add_quietly(self._keys.user_key(value_key))
 
     async def add_quietly(self, item: Key) -> None:
         """`add` for the Cache's fills: a failure is counted and kept pending, not raised."""

@@ -1,0 +1,214 @@
+"""
+A circuit breaker in front of Redis: when Redis is unreachable, stop paying a budget per call.
+
+The model is resilience4j's: **closed** (calls go to Redis; outcomes enter a count-based
+sliding window), **open** (calls are refused at once, without I/O, for ``open_for`` seconds),
+**half-open** (up to ``half_open_probes`` calls go through; if they all succeed the breaker
+closes, if one fails it opens again). It opens when the failure rate over the window reaches
+``failure_rate`` (once ``minimum_calls`` outcomes are in), or after ``consecutive_failures``
+failures in a row, so a single caller calling one after another does not wait for a window
+to fill.
+
+Only the failures that say Redis cannot be reached count: refused or reset connections and
+spent budgets. Error replies (a full Redis refusing writes under ``noeviction``, READONLY
+after a failover, a script error) come from a Redis that answers: they do not open it.
+
+Why our own: no package fits (purgatory counts consecutive failures only and pins redis < 6;
+aiobreaker is unmaintained; pybreaker is for threads; circuitbreaker is untyped), and the
+whole machine is a few counters read on every command, which must cost nothing.
+
+Guarantees:
+    - While open, `CircuitBreaker.allow` is False without any I/O or await, so a call that
+      would have spent a budget fails in microseconds.
+    - Half-open admits at most ``half_open_probes`` calls at once; the others are refused as
+      if open, so a Redis coming back meets a bounded trickle, not the whole backlog.
+    - Every transition is reported once, through the ``on_transition`` callback.
+
+Limitations:
+    - Per process (per Cache): each process finds out on its own that Redis is down or back.
+    - Latency that stays under the command budget is not a failure: a slow but answering
+      Redis keeps the breaker closed.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .._checks import check_int, check_number, check_seconds
+
+__all__ = ("Breaker", "BreakerState", "CircuitBreaker")
+
+logger = logging.getLogger("aiocacheguard")
+
+
+class BreakerState(enum.Enum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Breaker:
+    """
+    How a Cache's circuit breaker decides (``Cache(..., breaker=Breaker(...))``; on by
+    default, ``breaker=None`` switches it off).
+
+    Args:
+        failure_rate: Opens when at least this share of the last ``window`` calls failed.
+        window: Calls in the sliding window.
+        minimum_calls: Outcomes needed before the rate is judged.
+        consecutive_failures: Opens after this many failures in a row, whatever the rate.
+        open_for: Seconds refused before probing Redis again (half-open).
+        half_open_probes: Calls let through while half-open; all must succeed to close.
+
+    Example:
+        >>> Breaker(open_for=1.0)
+        Breaker(failure_rate=0.5, window=50, minimum_calls=10, consecutive_failures=5, ...)
+    """
+
+    failure_rate: float = 0.5
+    window: int = 50
+    minimum_calls: int = 10
+    consecutive_failures: int = 5
+    open_for: float = 2.0
+    half_open_probes: int = 3
+
+    def __post_init__(self) -> None:
+        check_number("failure_rate", self.failure_rate, above=0.0, at_most=1.0)
+        check_int("window", self.window, minimum=1, maximum=10_000)
+        check_int("minimum_calls", self.minimum_calls, minimum=1, maximum=self.window)
+        check_int("consecutive_failures", self.consecutive_failures, minimum=1)
+        check_seconds("open_for", self.open_for, maximum=3600.0)
+        check_int("half_open_probes", self.half_open_probes, minimum=1, maximum=1000)
+
+
+class CircuitBreaker:
+    """
+    The state of one breaker. ``on_transition(old, new)`` is called on every change.
+
+    Example:
+        >>> breaker = CircuitBreaker(Breaker(consecutive_failures=2), clock=lambda: 0.0)
+        >>> breaker.record(False); breaker.record(False)
+        >>> breaker.state, breaker.allow()
+        (<BreakerState.OPEN: 'open'>, False)
+    """
+
+    __slots__ = (
+        "_clock",
+        "_failures",
+        "_in_a_row",
+        "_on_transition",
+        "_opened_at",
+        "_outcomes",
+        "_probes",
+        "config",
+        "opened",
+        "short_circuited",
+        "state",
+    )
+
+    def __init__(
+        self,
+        config: Breaker,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        on_transition: Callable[[BreakerState, BreakerState], None] | None = None,
+    ) -> None:
+        self.config = config
+        self._clock = clock
+        self._on_transition = on_transition
+        self.state = BreakerState.CLOSED
+        self._outcomes: collections.deque[bool] = collections.deque(maxlen=config.window)
+        self._failures = 0  # failures in the window
+        self._in_a_row = 0
+        self._opened_at = 0.0
+        self._probes = 0  # half-open calls admitted and not yet recorded
+        #: Times the breaker opened; calls refused while it was open.
+        self.opened = 0
+        self.short_circuited = 0
+
+    def allow(self) -> bool:
+        """Whether a call may go to Redis now (it must then `record` its outcome)."""
+        state = self.state
+        if state is BreakerState.CLOSED:
+            return True
+        if state is BreakerState.OPEN:
+            if self._clock() - self._opened_at < self.config.open_for:
+                self.short_circuited += 1
+                return False
+            self._move(BreakerState.HALF_OPEN)
+        if self._probes >= self.config.half_open_probes:
+            if self._clock() - self._opened_at < 2 * self.config.open_for:
+                self.short_circuited += 1
+                return False
+            # Probes admitted a whole period ago never reported (their callers went away):
+            # admit new ones rather than stay half-open for ever.
+            self._opened_at = self._clock() - self.config.open_for
+            self._probes = 0
+        self._probes += 1
+        return True
+
+    @property
+    def closed(self) -> bool:
+        return self.state is BreakerState.CLOSED
+
+    def record(self, success: bool) -> None:
+        """The outcome of a call that `allow` let through."""
+        state = self.state
+        if state is BreakerState.HALF_OPEN:
+            self._probes = max(0, self._probes - 1)
+            if not success:
+                self._open()
+            elif self._probes == 0:
+                self._close()
+            return
+        if state is BreakerState.OPEN:
+            return  # a call admitted before the breaker opened: its news is old
+        outcomes = self._outcomes
+        if len(outcomes) == outcomes.maxlen and not outcomes[0]:
+            self._failures -= 1
+        outcomes.append(success)
+        if success:
+            self._in_a_row = 0
+            return
+        self._failures += 1
+        self._in_a_row += 1
+        config = self.config
+        if self._in_a_row >= config.consecutive_failures or (
+            len(outcomes) >= config.minimum_calls
+            and self._failures >= config.failure_rate * len(outcomes)
+        ):
+            self._open()
+
+    def _open(self) -> None:
+        self._opened_at = self._clock()
+        self._probes = 0
+        self.opened += 1
+        self._move(BreakerState.OPEN)
+
+    def _close(self) -> None:
+        self._outcomes.clear()
+        self._failures = self._in_a_row = 0
+        self._move(BreakerState.CLOSED)
+
+    def _move(self, new: BreakerState) -> None:
+        old, self.state = self.state, new
+        if old is new:
+            return
+        logger.warning(
+            "circuit breaker in front of Redis: %s -> %s%s",
+            old.value,
+            new.value,
+            {
+                BreakerState.OPEN: f" (calls skip Redis for {self.config.open_for:g}s)",
+                BreakerState.HALF_OPEN: " (probing Redis)",
+                BreakerState.CLOSED: " (Redis answers again)",
+            }[new],
+        )
+        if self._on_transition is not None:
+            self._on_transition(old, new)

@@ -1,0 +1,350 @@
+"""
+Redis down or slow: the circuit breaker, the fallback chain (replica, then the loader behind a
+bulkhead) and writes while Redis refuses them, through a real fault proxy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from aiocacheguard import (
+    BackendUnavailable,
+    Breaker,
+    Cache,
+    ConfigurationError,
+    LoadTimeout,
+    Policy,
+)
+from aiocacheguard.guards.breaker import BreakerState, CircuitBreaker
+from aiocacheguard.testing import FaultProxy, RedisServer
+
+from .helpers import GatedLoader, wait_until
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def state_of(breaker: CircuitBreaker) -> BreakerState:
+    """Read afresh (a plain attribute read would be narrowed by the type checker)."""
+    return breaker.state
+
+
+# -- the state machine -----------------------------------------------------------------
+
+
+def test_consecutive_failures_open_it_and_it_refuses_without_io() -> None:
+    clock = Clock()
+    moves: list[tuple[BreakerState, BreakerState]] = []
+    breaker = CircuitBreaker(
+        Breaker(consecutive_failures=3, open_for=2.0),
+        clock=clock,
+        on_transition=lambda old, new: moves.append((old, new)),
+    )
+    for _ in range(2):
+        assert breaker.allow()
+        breaker.record(False)
+    assert state_of(breaker) is BreakerState.CLOSED
+    breaker.record(False)
+    assert state_of(breaker) is BreakerState.OPEN and breaker.opened == 1
+    assert not breaker.allow() and breaker.short_circuited == 1
+    assert moves == [(BreakerState.CLOSED, BreakerState.OPEN)]
+
+
+def test_failure_rate_over_the_window_opens_it() -> None:
+    breaker = CircuitBreaker(
+        Breaker(failure_rate=0.5, window=10, minimum_calls=10, consecutive_failures=100),
+        clock=Clock(),
+    )
+    for i in range(9):
+        breaker.record(i % 2 == 0)  # 4 failures of 9: not enough calls yet
+    assert state_of(breaker) is BreakerState.CLOSED
+    breaker.record(False)  # 5 of 10
+    assert state_of(breaker) is BreakerState.OPEN
+
+
+def test_half_open_admits_bounded_probes_and_closes_when_they_succeed() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(
+        Breaker(consecutive_failures=1, open_for=2.0, half_open_probes=2), clock=clock
+    )
+    breaker.record(False)
+    clock.now = 1.9
+    assert not breaker.allow()
+    clock.now = 2.0
+    assert breaker.allow() and state_of(breaker) is BreakerState.HALF_OPEN
+    assert breaker.allow()
+    assert not breaker.allow()  # the third caller is refused while two probe
+    breaker.record(True)
+    assert state_of(breaker) is BreakerState.HALF_OPEN
+    breaker.record(True)
+    assert state_of(breaker) is BreakerState.CLOSED
+
+
+def test_a_failed_probe_opens_it_again() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(Breaker(consecutive_failures=1, open_for=1.0), clock=clock)
+    breaker.record(False)
+    clock.now = 1.0
+    assert breaker.allow()
+    breaker.record(False)
+    assert state_of(breaker) is BreakerState.OPEN and breaker.opened == 2
+    clock.now = 1.5
+    assert not breaker.allow()
+
+
+def test_probes_that_never_report_do_not_keep_it_half_open() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(
+        Breaker(consecutive_failures=1, open_for=1.0, half_open_probes=1), clock=clock
+    )
+    breaker.record(False)
+    clock.now = 1.0
+    assert breaker.allow()  # its caller goes away without recording
+    assert not breaker.allow()
+    clock.now = 2.0
+    assert breaker.allow()
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"failure_rate": 0},
+        {"failure_rate": 1.5},
+        {"window": 0},
+        {"minimum_calls": 100, "window": 10},
+        {"consecutive_failures": True},
+        {"open_for": 0},
+        {"half_open_probes": 0},
+    ],
+)
+def test_bad_breaker_settings_are_named(kwargs: dict[str, object]) -> None:
+    with pytest.raises(ConfigurationError, match=next(iter(kwargs))):
+        Breaker(**kwargs)  # type: ignore[arg-type]
+
+
+# -- through a sick Redis ----------------------------------------------------------------
+
+
+@pytest.fixture
+async def proxy(redis_server: RedisServer) -> AsyncIterator[FaultProxy]:
+    async with FaultProxy(redis_server.port) as proxy:
+        yield proxy
+
+
+def through(proxy: FaultProxy) -> redis.Redis:
+    # redis-py's own retries off: one command, one budget (see the README).
+    return redis.Redis(port=proxy.port, retry=Retry(NoBackoff(), 0))
+
+
+async def count_calls(calls: list[int], value: object) -> object:
+    calls.append(1)
+    return value
+
+
+@pytest.mark.parametrize("fault", ["blackhole", "refuse"])
+async def test_a_sequential_caller_stops_paying_the_budget(
+    proxy: FaultProxy, namespace: str, fault: str
+) -> None:
+    client = through(proxy)
+    policy = Policy(ttl=30.0)
+    async with Cache(client, namespace=namespace, policy=policy, command_timeout=0.2) as cache:
+        await cache.set("warm", 1)  # connections open and scripts known
+        proxy.blackhole() if fault == "blackhole" else proxy.refuse()
+        calls: list[int] = []
+        started = time.monotonic()
+        for i in range(300):
+            value = await cache.get_or_load(f"k{i}", functools.partial(count_calls, calls, i))
+            assert value == i
+        elapsed = time.monotonic() - started
+        assert len(calls) == 300  # every caller served by its loader
+        assert elapsed < 3.0, elapsed  # without the breaker: 300 x 0.2 s = 60 s
+        stats = cache.statistics()
+        assert stats.breaker_opened >= 1 and stats.short_circuited > 250
+        assert stats.unwritten_loads == 300
+        assert cache.breaker is not None and state_of(cache.breaker) is not BreakerState.CLOSED
+        # While open, writes fail at once rather than being dropped silently.
+        began = time.monotonic()
+        with pytest.raises(BackendUnavailable, match="circuit breaker"):
+            await cache.set("k", 1)
+        with pytest.raises(BackendUnavailable):
+            await cache.delete("k")
+        assert time.monotonic() - began < 0.05
+    await client.aclose()
+
+
+async def test_redis_back_is_read_again_after_half_open(
+    proxy: FaultProxy, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, "aiocacheguard")
+    client = through(proxy)
+    config = Breaker(open_for=0.5)
+    async with Cache(
+        client, namespace=namespace, policy=Policy(ttl=30.0), command_timeout=0.2, breaker=config
+    ) as cache:
+        await cache.set("k", "cached")
+        proxy.refuse()
+        calls: list[int] = []
+        for _ in range(10):
+            assert await cache.get_or_load("k", functools.partial(count_calls, calls, "db")) == "db"
+        breaker = cache.breaker
+        assert breaker is not None
+        assert state_of(breaker) is BreakerState.OPEN
+        await proxy.unrefuse()
+        # Within a few seconds the breaker probes, closes, and reads come from Redis again.
+        async with asyncio.timeout(5):
+            while await cache.get_or_load("k", functools.partial(count_calls, calls, "db")) != (
+                "cached"
+            ):
+                await asyncio.sleep(0.05)
+        assert state_of(breaker) is BreakerState.CLOSED
+        assert len(calls) <= 10 + 0.5 / 0.05 + 5  # no burst of loads on the way back
+        text = caplog.text
+        assert text.count("closed -> open") == 1 and "half_open -> closed" in text
+    await client.aclose()
+
+
+async def test_an_outage_makes_one_load_per_key(proxy: FaultProxy, namespace: str) -> None:
+    client = through(proxy)
+    async with Cache(
+        client, namespace=namespace, policy=Policy(ttl=30.0), command_timeout=0.2
+    ) as cache:
+        await cache.set("warm", 1)
+        proxy.refuse()
+        loaders = {k: GatedLoader(f"v{k}") for k in range(10)}
+        callers = [
+            asyncio.create_task(cache.get_or_load(f"k{i % 10}", loaders[i % 10]))
+            for i in range(1000)
+        ]
+        for loader in loaders.values():
+            await asyncio.wait_for(loader.started.wait(), 5)
+            loader.release.set()
+        results = await asyncio.gather(*callers)
+        assert results == [f"v{i % 10}" for i in range(1000)]
+        assert sum(loader.calls for loader in loaders.values()) == 10
+    await client.aclose()
+
+
+async def test_many_misses_with_redis_stopped_wait_one_budget_at_most(
+    proxy: FaultProxy, namespace: str
+) -> None:
+    client = through(proxy)
+    async with Cache(
+        client, namespace=namespace, policy=Policy(ttl=30.0), command_timeout=0.2
+    ) as cache:
+        await cache.set("warm", 1)
+        proxy.refuse()
+        latencies: list[float] = []
+
+        async def caller(i: int) -> None:
+            began = time.monotonic()
+
+            async def load() -> int:
+                await asyncio.sleep(0.05)
+                return i
+
+            assert await cache.get_or_load(f"k{i}", load) == i
+            latencies.append(time.monotonic() - began)
+
+        await asyncio.gather(*(caller(i) for i in range(5000)))
+        latencies.sort()
+        # Loader 0.05 s plus one budget (0.2 s), with room for a busy 2-core machine; before
+        # the breaker and the fail-fast queue: p50 10 s, max 20 s.
+        assert latencies[int(0.99 * len(latencies))] < 0.05 + 0.2 + 1.0
+    await client.aclose()
+
+
+async def test_the_bulkhead_bounds_loads_across_keys(proxy: FaultProxy, namespace: str) -> None:
+    client = through(proxy)
+    policy = Policy(ttl=30.0, wait_timeout=0.3)
+    async with Cache(
+        client, namespace=namespace, policy=policy, command_timeout=0.2, max_concurrent_loads=3
+    ) as cache:
+        await cache.set("warm", 1)
+        proxy.refuse()
+        running = peak = 0
+        release = asyncio.Event()
+
+        async def load(i: int) -> int:
+            nonlocal running, peak
+            running += 1
+            peak = max(peak, running)
+            try:
+                await release.wait()
+            finally:
+                running -= 1
+            return i
+
+        callers = [
+            asyncio.create_task(cache.get_or_load(f"k{i}", functools.partial(load, i)))
+            for i in range(20)
+        ]
+        # Three run (until released); the others find no slot within wait_timeout.
+        await wait_until(lambda: cache.statistics().bulkhead_timeouts == 17)
+        release.set()
+        results = await asyncio.gather(*callers, return_exceptions=True)
+        timeouts = [r for r in results if isinstance(r, LoadTimeout)]
+        assert len(timeouts) == 17 and peak == 3
+        assert sorted(r for r in results if isinstance(r, int)) == [0, 1, 2]
+    await client.aclose()
+
+
+async def test_a_replica_serves_reads_while_the_primary_is_down(
+    proxy: FaultProxy, namespace: str, redis_server: RedisServer
+) -> None:
+    with RedisServer() as replica_server:
+        replica = redis.Redis(port=replica_server.port)
+        # The replica holds what the primary held (written directly: replication itself is
+        # Redis's business, tested by the Sentinel suite).
+        async with Cache(replica, namespace=namespace, policy=Policy(ttl=60.0)) as seed:
+            await seed.set("k", "from the replica")
+        primary = through(proxy)
+        async with Cache(
+            primary,
+            namespace=namespace,
+            policy=Policy(ttl=60.0),
+            command_timeout=0.2,
+            replica=replica,
+        ) as cache:
+            proxy.refuse()
+            calls: list[int] = []
+            for _ in range(20):
+                got = await cache.get_or_load("k", functools.partial(count_calls, calls, "db"))
+                assert got == "from the replica"
+            assert calls == [] and cache.statistics().replica_reads == 20
+        await primary.aclose()
+        await replica.aclose()
+
+
+async def test_a_full_redis_still_serves_loads_and_says_so_once(
+    namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, "aiocacheguard")
+    with RedisServer() as server:
+        client = redis.Redis(port=server.port)
+        async with Cache(client, namespace=namespace, policy=Policy(ttl=30.0)) as cache:
+            await cache.set("warm", 1)
+            await client.config_set("maxmemory-policy", "noeviction")
+            await client.config_set("maxmemory", 1)  # every write is now refused: OOM
+            calls: list[int] = []
+            for i in range(20):
+                got = await cache.get_or_load(f"k{i}", functools.partial(count_calls, calls, i))
+                assert got == i
+            stats = cache.statistics()
+            assert len(calls) == 20 and stats.writes_refused >= 20
+            assert stats.breaker_opened == 0  # Redis answers: reads are not cut off
+            assert caplog.text.count("Redis refuses writes") == 1
+        await client.aclose()
