@@ -7,9 +7,11 @@ test runs the console entry point to prove the output of a real process.
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -277,3 +279,27 @@ def test_the_console_command_end_to_end(server_url: str) -> None:
     )
     assert result.returncode == 0 and "(default: 10000)" in result.stdout
     assert "(default: None)" not in result.stdout
+
+
+def test_ctrl_c_stops_cleanly(server_url: str) -> None:
+    """SIGINT in the middle of a command: exit 130 and one line, no traceback."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "aiocacheguard", "stats", "--redis-url", server_url,
+         "--interval", "30"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        with redis.Redis.from_url(server_url) as client:
+            deadline = time.monotonic() + 20
+            # Its first INFO answered: it is in its measuring interval, its handlers set.
+            while not any(c["cmd"] == "info" for c in client.client_list()):
+                assert time.monotonic() < deadline, "the command never connected"
+                time.sleep(0.02)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=20)
+    finally:
+        process.kill()
+    assert process.returncode == 130 and out == ""
+    assert err == "aiocacheguard stats: interrupted\n"

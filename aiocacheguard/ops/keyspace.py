@@ -1,23 +1,6 @@
 """
-The operator's API behind the ``aiocacheguard`` command: `doctor`, `stats`, `inspect`,
-`top_keys` and `clear_preview`. Each takes a ready ``redis.asyncio`` client (standalone,
-Sentinel ``master_for`` or cluster) and returns frozen dataclasses; nothing is printed here.
-
-Walks of the keyspace use SCAN, never KEYS, and stop after ``sample`` keys on large
-keyspaces: the figures are then scaled up by the share of the keyspace examined, and the
-result says so (``sampled``, ``examined``), as redis-cli ``--memkeys`` and RedisInsight do.
-On a cluster every primary is asked, each for its share of the sample.
-
-Guarantees:
-    - Read-only: no function here writes to Redis.
-    - Every command has a budget (``budget`` seconds); a Redis failure raises `BackendError`.
-
-Limitations:
-    - A lock's age cannot be known: its value is a random token and renewals reset its
-      lease. `stats` reports the lease left, and calls a lock stuck when it has no lease or
-      more than ``stuck_lease`` seconds of it.
-    - Sampled figures are estimates; a namespace much smaller than the keyspace may not be
-      seen by a sample at all. Pass a larger ``sample`` to count exactly.
+Walks of one namespace's keys: `stats` (with the server's counters), `top_keys` and
+`clear_preview`; and `inspect`, one entry read closely.
 """
 
 from __future__ import annotations
@@ -27,28 +10,21 @@ import heapq
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
-from typing import Any, Final, Literal
+from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 
-from .backend import RedisClient
-from .bulk import (
-    COMMAND_TIMEOUT,
-    SCAN_COUNT,
-    NamespaceKeys,
-    Node,
-    budgeted,
-    is_cluster,
-    nodes_of,
-    scan_node,
-)
-from .keys import KeySpace
-from .record import HEADER_SIZE, Record, RecordError
+from ..backend import RedisClient
+from ..bulk import COMMAND_TIMEOUT, SCAN_COUNT, NamespaceKeys, Node, budgeted, nodes_of, scan_node
+from ..keys import KeySpace
+from ..record import HEADER_SIZE, Record, RecordError
+from ._common import SERIALIZERS
+from ._common import pipelined as _pipelined
+from ._common import text as _text
 
 __all__ = (
     "BloomStats",
-    "Check",
     "ClearPreview",
     "Inspection",
     "KeySize",
@@ -58,295 +34,10 @@ __all__ = (
     "Stats",
     "TopKeys",
     "clear_preview",
-    "doctor",
     "inspect",
     "stats",
     "top_keys",
 )
-
-Status = Literal["ok", "warn", "fail"]
-
-#: Serializer tags of the built-in serializers (`aiocacheguard.serializers`), by name.
-SERIALIZERS: Final = {1: "json", 2: "msgpack", 3: "pickle", 4: "msgspec-json", 5: "msgspec-msgpack"}
-#: Commands per pipeline when many keys are looked at.
-PIPELINE: Final = 500
-
-
-# --------------------------------------------------------------------------------------------
-# doctor
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Check:
-    """One row of `doctor`: what was checked, what was found, and the line to set if not ok."""
-
-    name: str
-    status: Status
-    detail: str
-    fix: str = ""
-    node: str = ""
-
-
-async def doctor(
-    client: RedisClient, *, pool_size: int | None = None, budget: float = COMMAND_TIMEOUT
-) -> list[Check]:
-    """
-    Check each primary against what a cache needs; one `Check` per finding.
-
-    Args:
-        pool_size: Connections one process may open (default: the client's pool limit), to
-            compare with ``maxclients``.
-
-    Raises:
-        BackendError: Redis is unreachable, refused a command or ran past ``budget``.
-    """
-    if pool_size is None:
-        limit = getattr(getattr(client, "connection_pool", None), "max_connections", None)
-        pool_size = limit if isinstance(limit, int) and 0 < limit < 2**31 else None
-    checks: list[Check] = []
-    nodes = await nodes_of(client, budget)
-    for node in nodes:
-        info = await budgeted(node.run("INFO"), budget)
-        config = await _config(node, budget)
-        cluster_info = None
-        if str(info.get("cluster_enabled", "0")) == "1":
-            cluster_info = _parse_fields(await budgeted(node.run("CLUSTER", "INFO"), budget))
-        label = node.name if len(nodes) > 1 else ""
-        checks += [
-            replace(check, node=label)
-            for check in server_checks(info, config, cluster_info, pool_size=pool_size)
-        ]
-    return checks
-
-
-async def _config(node: Node, budget: float) -> dict[str, str] | None:
-    """CONFIG GET *, or None where CONFIG is refused (managed services often rename it)."""
-    try:
-        raw = await budgeted(node.run("CONFIG", "GET", "*"), budget)
-    except Exception as exc:
-        if "unknown command" in str(exc).lower() or "noperm" in str(exc).lower():
-            return None
-        raise
-    if isinstance(raw, list):  # RESP2 without a response callback: a flat list
-        raw = dict(zip(raw[::2], raw[1::2], strict=True))
-    return {_text(k): _text(v) for k, v in raw.items()}
-
-
-def _text(value: Any) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
-
-
-def _parse_fields(raw: Any) -> dict[str, str]:
-    if isinstance(raw, Mapping):
-        return {_text(k): _text(v) for k, v in raw.items()}
-    fields = {}
-    for line in _text(raw).splitlines():
-        name, _, value = line.partition(":")
-        if value:
-            fields[name.strip()] = value.strip()
-    return fields
-
-
-def _version(text: str) -> tuple[int, ...]:
-    parts = []
-    for part in text.split("."):
-        digits = "".join(c for c in part if c.isdigit())
-        parts.append(int(digits or 0))
-    return tuple(parts)
-
-
-def _mib(size: float) -> str:
-    return f"{size / 2**20:,.1f} MiB"
-
-
-def server_checks(
-    info: Mapping[str, Any],
-    config: Mapping[str, str] | None,
-    cluster_info: Mapping[str, str] | None = None,
-    *,
-    pool_size: int | None = None,
-) -> list[Check]:
-    """
-    The checks of one server from its INFO and CONFIG GET (None: CONFIG refused) and, on a
-    cluster, CLUSTER INFO. Pure: no I/O, so every rule is tested without a server.
-    """
-    conf = dict(config or {})
-    got = conf.get
-    checks = []
-
-    def add(name: str, status: Status, detail: str, fix: str = "") -> None:
-        checks.append(Check(name=name, status=status, detail=detail, fix=fix))
-
-    # Memory: a cache must be allowed to evict, and must evict keys without a TTL too.
-    maxmemory = int(got("maxmemory") or info.get("maxmemory", 0) or 0)
-    policy = got("maxmemory-policy") or str(info.get("maxmemory_policy", "unknown"))
-    used = float(info.get("used_memory", 0) or 0)
-    if maxmemory == 0:
-        add(
-            "maxmemory",
-            "fail",
-            f"no limit ({_mib(used)} used): Redis grows until the machine swaps or kills it",
-            "maxmemory 4gb (about 3/4 of the memory the machine can give Redis)",
-        )
-    else:
-        share = used / maxmemory
-        add(
-            "maxmemory",
-            "warn" if share > 0.95 and policy == "noeviction" else "ok",
-            f"{_mib(maxmemory)} ({share:.0%} used)",
-        )
-    if policy.startswith("allkeys-"):
-        add("maxmemory-policy", "ok", policy)
-    elif policy.startswith("volatile-"):
-        add(
-            "maxmemory-policy",
-            "warn",
-            f"{policy}: keys without a TTL are never evicted (noeviction for them)",
-            "maxmemory-policy allkeys-lru",
-        )
-    else:
-        add(
-            "maxmemory-policy",
-            "fail",
-            f"{policy}: writes fail with OOM once maxmemory is reached",
-            "maxmemory-policy allkeys-lru",
-        )
-
-    # Persistence: a pure cache rebuilds from its database; saving costs fork()s and disk.
-    if config is None:
-        add("persistence", "warn", "unknown (CONFIG refused)")
-    else:
-        saving = (got("save") or "").strip()
-        aof = got("appendonly") == "yes"
-        if saving or aof:
-            what = " and ".join(
-                x
-                for x in (f"RDB snapshots ({saving})" if saving else "", "AOF" if aof else "")
-                if x
-            )
-            add(
-                "persistence",
-                "warn",
-                f"{what} on: a pure cache needs none (ignore if this Redis holds other data)",
-                'save "" and appendonly no',
-            )
-        else:
-            add("persistence", "ok", "off (a pure cache)")
-
-    # Observability: latency monitor and slowlog, so a slow command can be found afterwards.
-    threshold = got("latency-monitor-threshold")
-    if threshold is None:
-        add("latency-monitor", "warn", "unknown (CONFIG refused)")
-    elif int(threshold) == 0:
-        add(
-            "latency-monitor",
-            "warn",
-            "off: LATENCY DOCTOR has nothing to report",
-            "latency-monitor-threshold 100",
-        )
-    else:
-        add("latency-monitor", "ok", f"records events over {threshold} ms")
-    slower, length = got("slowlog-log-slower-than"), got("slowlog-max-len")
-    if slower is None or length is None:
-        add("slowlog", "warn", "unknown (CONFIG refused)")
-    elif int(slower) < 0 or int(length) == 0:
-        add("slowlog", "warn", "off", "slowlog-log-slower-than 10000 and slowlog-max-len 128")
-    else:
-        add("slowlog", "ok", f"commands over {int(slower) / 1000:g} ms, last {length} kept")
-    lazy = got("lazyfree-lazy-eviction")
-    if lazy is None:
-        add("lazyfree-lazy-eviction", "warn", "unknown (CONFIG refused)")
-    elif lazy == "yes":
-        add("lazyfree-lazy-eviction", "ok", "evictions free memory in the background")
-    else:
-        add(
-            "lazyfree-lazy-eviction",
-            "warn",
-            "no: evicting a large value blocks the server",
-            "lazyfree-lazy-eviction yes",
-        )
-
-    # Connections: every process opens up to its pool size.
-    maxclients = int(got("maxclients") or info.get("maxclients", 0) or 0)
-    connected = int(info.get("connected_clients", 0) or 0)
-    if maxclients == 0:
-        add("maxclients", "warn", f"unknown; {connected} connected")
-    else:
-        detail = f"{connected} of {maxclients} connected"
-        if pool_size:
-            detail += f"; one process may open {pool_size} (room for {maxclients // pool_size})"
-        if connected > 0.8 * maxclients:
-            add("maxclients", "fail", detail, f"maxclients {max(10_000, 2 * maxclients)}")
-        elif pool_size and maxclients < 4 * pool_size:
-            add("maxclients", "warn", detail, f"maxclients {max(10_000, 8 * pool_size)}")
-        else:
-            add("maxclients", "ok", detail)
-
-    # Cluster health.
-    if cluster_info is not None:
-        state = cluster_info.get("cluster_state", "?")
-        assigned = cluster_info.get("cluster_slots_assigned", "?")
-        if state == "ok" and assigned == "16384":
-            add("cluster", "ok", f"state ok, {assigned} slots assigned")
-        else:
-            add(
-                "cluster",
-                "fail",
-                f"state {state}, {assigned} of 16384 slots assigned",
-                "CLUSTER INFO / redis-cli --cluster check",
-            )
-
-    # Fragmentation: only meaningful once the dataset is not tiny.
-    ratio = float(info.get("mem_fragmentation_ratio", 0) or 0)
-    if used < 100 * 2**20:
-        add("fragmentation", "ok", f"ratio {ratio:.2f} (not meaningful under 100 MiB used)")
-    elif ratio > 1.5:
-        add("fragmentation", "warn", f"ratio {ratio:.2f}", "activedefrag yes")
-    elif 0 < ratio < 1.0:
-        add("fragmentation", "warn", f"ratio {ratio:.2f}: part of Redis is swapped out")
-    else:
-        add("fragmentation", "ok", f"ratio {ratio:.2f}")
-
-    # Evictions: a few are what maxmemory is for; many mean the cache is too small.
-    evicted = int(info.get("evicted_keys", 0) or 0)
-    misses = int(info.get("keyspace_misses", 0) or 0)
-    uptime = max(1, int(info.get("uptime_in_seconds", 1) or 1))
-    if evicted == 0:
-        add("evictions", "ok", "none since start")
-    else:
-        detail = f"{evicted:,} since start ({evicted / uptime:,.2f}/s)"
-        if misses and evicted > 0.1 * misses:
-            add(
-                "evictions",
-                "warn",
-                detail + f", {evicted / misses:.0%} of the misses: the cache is too small",
-                "maxmemory <larger>",
-            )
-        else:
-            add("evictions", "ok", detail)
-
-    # What the library uses of the server.
-    version_text = str(info.get("redis_version", "0"))
-    version = _version(version_text)
-    if version >= (6,):
-        add("client tracking", "ok", f"Redis {version_text}: L1 invalidation available")
-    else:
-        add("client tracking", "warn", f"Redis {version_text}: the L1 needs 6.0+", "upgrade")
-    if version >= (7,):
-        add("sharded pub/sub", "ok", f"Redis {version_text}")
-    else:
-        add(
-            "sharded pub/sub",
-            "warn",
-            f"Redis {version_text}: fill notices are broadcast to every cluster node (7.0+ "
-            "shards them)",
-            "upgrade",
-        )
-    return checks
-
-
-# --------------------------------------------------------------------------------------------
-# stats
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -564,23 +255,6 @@ async def _bloom(client: RedisClient, namespace: str, key: bytes, budget: float)
     return BloomStats(name=_text(name), bits=int(size) * 8, set_bits=int(ones))
 
 
-async def _pipelined(
-    client: RedisClient, commands: list[tuple[Any, ...]], *, budget: float = COMMAND_TIMEOUT
-) -> list[Any]:
-    """Replies of keyed commands, `PIPELINE` at a time (per slot on a cluster); errors in place."""
-    replies: list[Any] = []
-    for start in range(0, len(commands), PIPELINE):
-        pipe = client.pipeline() if is_cluster(client) else client.pipeline(transaction=False)
-        for command in commands[start : start + PIPELINE]:
-            pipe.execute_command(*command)
-        replies += await budgeted(pipe.execute(raise_on_error=False), budget)
-    return replies
-
-
-# --------------------------------------------------------------------------------------------
-# inspect
-
-
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Inspection:
     """One entry as stored: its record header, value, TTL and rebuild lock."""
@@ -667,10 +341,6 @@ async def inspect(
         value=value,
         value_shown=shown,
     )
-
-
-# --------------------------------------------------------------------------------------------
-# keys --top, clear's dry run
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
