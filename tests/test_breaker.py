@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as redis
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import MasterNotFoundError, Sentinel
 from redis.backoff import NoBackoff
 
 from aiocacheguard import (
@@ -25,7 +26,7 @@ from aiocacheguard import (
     Policy,
 )
 from aiocacheguard.guards.breaker import BreakerState, CircuitBreaker
-from aiocacheguard.testing import FaultProxy, RedisServer
+from aiocacheguard.testing import FaultProxy, RedisSentinelServer, RedisServer
 
 from .helpers import GatedLoader, wait_until
 
@@ -155,11 +156,14 @@ async def count_calls(calls: list[int], value: object) -> object:
     return value
 
 
+@pytest.mark.parametrize("retries", ["none", "redis-py default"])
 @pytest.mark.parametrize("fault", ["blackhole", "refuse"])
 async def test_a_sequential_caller_stops_paying_the_budget(
-    proxy: FaultProxy, namespace: str, fault: str
+    proxy: FaultProxy, namespace: str, fault: str, retries: str
 ) -> None:
-    client = through(proxy)
+    # With redis-py's retries each failing call spends the whole budget, but only until the
+    # breaker opens.
+    client = through(proxy) if retries == "none" else redis.Redis(port=proxy.port)
     policy = Policy(ttl=30.0)
     async with Cache(client, namespace=namespace, policy=policy, command_timeout=0.2) as cache:
         await cache.set("warm", 1)  # connections open and scripts known
@@ -348,3 +352,54 @@ async def test_a_full_redis_still_serves_loads_and_says_so_once(
             assert stats.breaker_opened == 0  # Redis answers: reads are not cut off
             assert caplog.text.count("Redis refuses writes") == 1
         await client.aclose()
+
+
+async def test_sentinel_replica_serves_while_the_primary_fails_over(namespace: str) -> None:
+    """The primary stops mid-traffic: keys the replica holds are served from it, not loaded."""
+    with RedisSentinelServer() as deployment:
+        sentinel = Sentinel(deployment.sentinels, socket_timeout=0.5)  # type: ignore[no-untyped-call]
+        primary = sentinel.master_for(deployment.service, socket_timeout=0.5)
+        replica = sentinel.slave_for(deployment.service, socket_timeout=0.5)
+        calls: list[int] = []
+        policy = Policy(ttl=120.0)
+        async with Cache(
+            primary, namespace=namespace, policy=policy, command_timeout=0.5, replica=replica
+        ) as cache:
+            for i in range(20):
+                await cache.set(f"k{i}", i)
+            await primary.execute_command("WAIT", 1, 400)
+            old = deployment.primary
+            assert old is not None
+            old.stop()
+            deadline = time.monotonic() + 30
+            rounds = 0
+            while True:
+                got = [
+                    await cache.get_or_load(f"k{i}", functools.partial(count_calls, calls, -1))
+                    for i in range(20)
+                ]
+                rounds += 1
+                try:
+                    address = await sentinel.discover_master(deployment.service)
+                except MasterNotFoundError:
+                    address = ("", old.port)
+                if address[1] != old.port:
+                    break  # failed over: the replica is the primary now
+                assert got == list(range(20)), got  # every key from the replica, none loaded
+                assert time.monotonic() < deadline, "no failover within 30 s"
+                await asyncio.sleep(0.1)
+            assert rounds > 1 and calls == []
+            assert cache.statistics().replica_reads >= 20
+            # Writes resume on the promoted primary once the breaker lets calls through.
+            async with asyncio.timeout(15):
+                while True:
+                    try:
+                        await cache.set("after", "written")
+                        break
+                    except BackendUnavailable:
+                        await asyncio.sleep(0.2)
+            assert await cache.get("after") == "written"
+        await primary.aclose()
+        await replica.aclose()
+        for sentinel_client in sentinel.sentinels:
+            await sentinel_client.aclose()
