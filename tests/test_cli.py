@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import redis
 
 from aiocacheguard.testing import RedisServer
 from aiocacheguard.tools.bench import STRATEGIES
@@ -83,6 +84,19 @@ def test_existing_server_by_url(redis_server: RedisServer) -> None:
     lines = result.stdout.splitlines()
     assert any(line.startswith("guard ") for line in lines)
     assert not any(line.startswith("xfetch") for line in lines)
+    with redis.Redis(port=redis_server.port) as client:
+        assert client.keys("*bench-*") == []  # the run's keys left with it
+
+
+def test_topology_cluster_one_load_across_processes(tmp_path: Path) -> None:
+    out_json = tmp_path / "run.json"
+    result = bench("--topology", "cluster", "-n", "50", "-p", "2", "--loader-ms", "10",
+                   "--strategy", "guard", "--json", str(out_json))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    document = json.loads(out_json.read_text())
+    assert document["config"]["topology"] == "cluster"
+    (guard,) = document["results"]
+    assert guard["median"]["loader_calls"] == 1 and guard["median"]["served"] == 100
 
 
 @pytest.mark.parametrize(
@@ -97,6 +111,7 @@ def test_existing_server_by_url(redis_server: RedisServer) -> None:
         # Checked before the run, not after minutes of benchmarking.
         (["--json", "/no-such-dir/run.json"], "--json /no-such-dir/run.json: no directory"),
         (["--plot", "."], "--plot .: is a directory"),
+        (["--topology", "cluster", "--redis-url", "redis://h"], "--topology starts a throwaway"),
     ],
 )
 def test_bad_input_is_one_line_and_nonzero(args: list[str], message: str) -> None:

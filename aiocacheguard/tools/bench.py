@@ -29,6 +29,7 @@ the stampede rather than redis-py's pool limit (a default pool raises past 100 c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import multiprocessing
 import os
@@ -69,6 +70,8 @@ class BenchConfig:
     strategies: tuple[str, ...] = STRATEGIES
     seed: int = 0
     redis_url: str = ""
+    #: ``redis_url`` is a node of a Redis Cluster (a Sentinel URL says so by its scheme).
+    cluster: bool = False
     #: More strategies, name -> "module:function" (see benchmarks/peers.py): an async function
     #: ``(job, load) -> (get, close)`` importable in the worker processes.
     extra: dict[str, str] = field(default_factory=dict)
@@ -131,16 +134,43 @@ class StrategyResult:
         return {name: self.median(name) for name in names}
 
 
-def environment(redis_url: str) -> dict[str, Any]:
+def control_client(url: str, *, cluster: bool = False, timeout: float = 10.0) -> Any:
+    """A synchronous client of the deployment (standalone, cluster, or Sentinel's primary)."""
+    from .operations import is_sentinel_url, parse_sentinel_url
+
+    options: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": 2}
+    if is_sentinel_url(url):
+        sentinels, service, db, auth = parse_sentinel_url(url)
+        sentinel = redis.Sentinel(  # type: ignore[no-untyped-call]
+            sentinels, sentinel_kwargs={**options, **auth}, **options
+        )
+        return sentinel.master_for(service, db=db, **auth)  # type: ignore[no-untyped-call]
+    if cluster:
+        return redis.RedisCluster.from_url(url, **options)
+    return redis.Redis.from_url(url, **options)
+
+
+def topology(config: BenchConfig) -> str:
+    """standalone, cluster or sentinel: the deployment the run went against."""
+    from .operations import is_sentinel_url
+
+    if config.cluster:
+        return "cluster"
+    return "sentinel" if is_sentinel_url(config.redis_url) else "standalone"
+
+
+def environment(redis_url: str, *, cluster: bool = False) -> dict[str, Any]:
     """Versions and machine, for the record of a run."""
     import redis as redis_py
 
     info: dict[str, Any] = {}
     try:
-        client = redis.Redis.from_url(redis_url, socket_timeout=2)
+        client = control_client(redis_url, cluster=cluster, timeout=2)
         info = client.info("server")
+        if "redis_version" not in info:  # a cluster client answering per node
+            info = next((v for v in info.values() if isinstance(v, dict)), {})
         client.close()
-    except redis.RedisError:
+    except (redis.RedisError, ValueError, OSError):
         pass
     return {
         "aiocacheguard": __version__,
@@ -152,16 +182,19 @@ def environment(redis_url: str) -> dict[str, Any]:
     }
 
 
-def check_redis(url: str) -> None:
+def check_redis(url: str, *, cluster: bool = False) -> None:
     """Raise `BenchError` with a one-line reason unless ``url`` answers PING within 2 s."""
+    from .operations import UsageError
+
     try:
-        client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+        client = control_client(url, cluster=cluster, timeout=2)
         try:
             client.ping()
         finally:
             client.close()
-    except (redis.RedisError, ValueError, OSError) as exc:
-        raise BenchError(f"cannot reach Redis at {url}: {exc}") from None
+    except (redis.RedisError, ValueError, OSError, UsageError) as exc:
+        message = " ".join(str(exc).split())
+        raise BenchError(f"cannot reach Redis at {url}: {message}") from None
 
 
 def run_bench(
@@ -170,7 +203,7 @@ def run_bench(
     on_round: Callable[[str, int, RoundResult], None] | None = None,
 ) -> list[StrategyResult]:
     """Run every strategy ``config.rounds`` times; ``on_round`` sees each result as it lands."""
-    check_redis(config.redis_url)
+    check_redis(config.redis_url, cluster=config.cluster)
     rng = random.Random(config.seed)
     run_id = uuid.UUID(int=rng.getrandbits(128)).hex[:8]
     results = []
@@ -186,20 +219,33 @@ def run_bench(
     return results
 
 
-def _commands(client: redis.Redis) -> int:
-    stats = client.info("commandstats")
+def _commands(client: Any, cluster: bool) -> int:
+    if cluster:
+        replies = client.info("commandstats", target_nodes=redis.RedisCluster.PRIMARIES)
+        per_node = list(replies.values())
+    else:
+        per_node = [client.info("commandstats")]
     return sum(
         int(v.get("calls", 0))
+        for stats in per_node
         for k, v in stats.items()
-        if isinstance(v, dict) and k not in ("cmdstat_info",)
+        if isinstance(v, dict) and k not in ("cmdstat_info", "cmdstat_cluster")
     )
+
+
+def _remove_keys(control: Any, namespace: str) -> None:
+    """The round's keys leave the user's Redis with the round (on a cluster, every primary)."""
+    with contextlib.suppress(redis.RedisError, OSError):
+        keys = list(control.scan_iter(match=f"*{namespace}*", count=1000))
+        for start in range(0, len(keys), 500):
+            control.delete(*keys[start : start + 500])
 
 
 def _run_round(
     config: BenchConfig, strategy: str, number: int, namespace: str, seed: int
 ) -> RoundResult:
     ctx = multiprocessing.get_context("spawn")
-    control = redis.Redis.from_url(config.redis_url, socket_timeout=10)
+    control = control_client(config.redis_url, cluster=config.cluster)
     key = "hot"
     workers = []
     try:
@@ -207,6 +253,7 @@ def _run_round(
             parent_end, child_end = ctx.Pipe()
             job = {
                 "url": config.redis_url,
+                "cluster": config.cluster,
                 "strategy": strategy,
                 "namespace": namespace,
                 "key": key,
@@ -224,7 +271,7 @@ def _run_round(
                 raise BenchError(f"worker {process.pid} did not get ready")
         start_at = time.time() + 0.25
         _seed_key(control, strategy, namespace, key, start_at, config.loader_ms / 1000)
-        before = _commands(control)
+        before = _commands(control, config.cluster)
         for _, conn in workers:
             conn.send(start_at)
         reports = []
@@ -235,7 +282,7 @@ def _run_round(
             if "crash" in report:
                 raise BenchError(f"worker {process.pid} failed: {report['crash']}")
             reports.append(report)
-        commands = _commands(control) - before
+        commands = _commands(control, config.cluster) - before
     finally:
         for process, conn in workers:
             conn.close()
@@ -243,6 +290,7 @@ def _run_round(
             if process.is_alive():
                 process.kill()
                 process.join()
+        _remove_keys(control, namespace)
         control.close()
     latencies: list[float] = sorted(x for r in reports for x in r["latencies"])
     error_kinds: dict[str, int] = {}
@@ -272,7 +320,7 @@ def _run_round(
 
 
 def _seed_key(
-    control: redis.Redis, strategy: str, namespace: str, key: str, start_at: float, loader_s: float
+    control: Any, strategy: str, namespace: str, key: str, start_at: float, loader_s: float
 ) -> None:
     """Put the key in the state the strategy is about: missing, soft-expired or expiring."""
     value_key = KeySpace(namespace).value(key)
@@ -290,7 +338,8 @@ def _seed_key(
         )  # fmt: skip
         control.set(value_key, record.encode(), px=1_000_000)
     else:
-        control.delete(value_key, f"{namespace}:{key}")
+        for stale in (value_key, f"{namespace}:{key}"):  # one slot each, on a cluster
+            control.delete(stale)
 
 
 def _worker_entry(job: dict[str, Any], conn: Any) -> None:
@@ -382,8 +431,14 @@ async def _strategy(
 
         return ideal, close_nothing
     if strategy in ("naive", "seed-mutex"):
-        pool = aioredis.BlockingConnectionPool.from_url(job["url"], max_connections=_RAW_POOL)
-        raw = aioredis.Redis(connection_pool=pool)
+        from .operations import connect, is_sentinel_url
+
+        pool: aioredis.BlockingConnectionPool | None = None
+        if job.get("cluster") or is_sentinel_url(job["url"]):
+            raw: Any = _Bounded(connect(job["url"], cluster=job.get("cluster", False)))
+        else:
+            pool = aioredis.BlockingConnectionPool.from_url(job["url"], max_connections=_RAW_POOL)
+            raw = aioredis.Redis(connection_pool=pool)
         data_key, lock_key = f"{namespace}:{key}", f"{namespace}:{key}:lock"
 
         async def naive() -> Any:
@@ -414,7 +469,8 @@ async def _strategy(
 
         async def close_raw() -> None:
             await raw.aclose()
-            await pool.aclose()
+            if pool is not None:
+                await pool.aclose()
 
         return (naive if strategy == "naive" else seed_mutex), close_raw
 
@@ -424,7 +480,9 @@ async def _strategy(
         "soft-ttl": Policy(ttl=1000.0, soft_ttl=1.0),
         "xfetch": Policy(ttl=60.0, early_beta=1.0),
     }
-    client = aioredis.Redis.from_url(job["url"])
+    from .operations import connect
+
+    client = connect(job["url"], cluster=job.get("cluster", False))
     cache = Cache(
         client, namespace=namespace, policy=policies[strategy], rng=random.Random(job["seed"])
     )
@@ -445,6 +503,28 @@ async def _strategy(
     return guarded, close_cache
 
 
+class _Bounded:
+    """
+    A cluster or Sentinel client whose commands wait for one of `_RAW_POOL` slots, as the
+    standalone raw strategies' blocking pool does (those clients' pools raise instead).
+    """
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+        self._slots = asyncio.Semaphore(_RAW_POOL)
+
+    def __getattr__(self, name: str) -> Any:
+        command = getattr(self._client, name)
+        if name in ("aclose",) or not callable(command):
+            return command
+
+        async def bounded(*args: Any, **kwargs: Any) -> Any:
+            async with self._slots:
+                return await command(*args, **kwargs)
+
+        return bounded
+
+
 def results_json(
     config: BenchConfig, results: Sequence[StrategyResult], *, started: float
 ) -> dict[str, Any]:
@@ -461,9 +541,10 @@ def results_json(
             "strategies": list(config.strategies),
             "extra_strategies": dict(config.extra),
             "redis_url": config.redis_url,
+            "topology": topology(config),
         },
         "seed": config.seed,
-        "versions": environment(config.redis_url),
+        "versions": environment(config.redis_url, cluster=config.cluster),
         "argv": sys.argv,
         "results": [
             {

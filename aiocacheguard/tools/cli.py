@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .._version import __version__
-from ..testing import RedisServer, ServerError
-from .bench import STRATEGIES, BenchConfig, BenchError, RoundResult, StrategyResult
+from ..testing import RedisClusterServer, RedisSentinelServer, RedisServer, ServerError
+from .bench import STRATEGIES, BenchConfig, BenchError, RoundResult, StrategyResult, topology
 from .operations import OPERATIONS, DefaultsHelp, add_operations, run_operation
 
 __all__ = ("main",)
@@ -78,6 +78,13 @@ def _parser() -> argparse.ArgumentParser:
         "--redis-url", help="use this Redis (keys are namespaced; never flushed); default: a "
         "throwaway redis-server"
     )  # fmt: skip
+    bench.add_argument(
+        "--topology",
+        choices=("standalone", "cluster", "sentinel"),
+        help="the throwaway deployment to start (3 primaries for a cluster; a primary, a "
+        "replica and a sentinel for sentinel); default: standalone",
+    )
+    bench.add_argument("--cluster", action="store_true", help="--redis-url is a cluster node")
     bench.add_argument("--coroutines", "-n", type=int, default=10_000, help="per process")
     bench.add_argument("--processes", "-p", type=int, default=1, help="worker processes")
     bench.add_argument("--loader-ms", type=float, default=50.0, help="the loader's latency")
@@ -143,10 +150,28 @@ def _bench(args: argparse.Namespace) -> int:
         "strategies": strategies,
         "seed": args.seed,
         "redis_url": args.redis_url or "redis://placeholder",
+        "cluster": args.cluster,
     }
     BenchConfig(**config_args)  # validate before starting anything
     if args.redis_url:
+        if args.topology is not None:
+            raise BenchError(
+                "--topology starts a throwaway deployment; with --redis-url say --cluster, "
+                "or give a redis+sentinel:// URL"
+            )
         return _run(BenchConfig(**config_args), args)
+    if args.cluster:
+        raise BenchError("--cluster needs --redis-url; for a throwaway one: --topology cluster")
+    topology = args.topology or "standalone"
+    if topology == "cluster":
+        with RedisClusterServer() as cluster:
+            config_args.update(redis_url=cluster.url, cluster=True)
+            return _run(BenchConfig(**config_args), args)
+    if topology == "sentinel":
+        with RedisSentinelServer() as deployment:
+            host, port = deployment.sentinels[0]
+            config_args["redis_url"] = f"redis+sentinel://{host}:{port}/{deployment.service}"
+            return _run(BenchConfig(**config_args), args)
     with RedisServer() as server:
         config_args["redis_url"] = server.url
         return _run(BenchConfig(**config_args), args)
@@ -160,7 +185,7 @@ def _run(config: BenchConfig, args: argparse.Namespace) -> int:
     header = (
         f"aiocacheguard bench: {config.coroutines:,} coroutines x {config.processes} "
         f"process(es), loader {config.loader_ms:g} ms, {config.rounds} round(s), "
-        f"seed {config.seed}, {config.redis_url}"
+        f"seed {config.seed}, {topology(config)} {config.redis_url}"
     )
     print(header, flush=True)
     total = len(config.strategies) * config.rounds

@@ -38,7 +38,16 @@ from ..cache import Cache
 from ..errors import CacheGuardError, ConfigurationError, InvalidKeyError
 from ..policy import Policy
 
-__all__ = ("OPERATIONS", "DefaultsHelp", "add_operations", "connect", "run_operation")
+__all__ = (
+    "OPERATIONS",
+    "DefaultsHelp",
+    "UsageError",
+    "add_operations",
+    "connect",
+    "is_sentinel_url",
+    "parse_sentinel_url",
+    "run_operation",
+)
 
 OPERATIONS: Final = ("doctor", "stats", "inspect", "keys", "clear", "warm")
 
@@ -195,7 +204,7 @@ def connect(url: str, *, cluster: bool = False) -> RedisClient:
         "socket_timeout": COMMAND_TIMEOUT,
     }
     parts = urlsplit(url)
-    if parts.scheme in ("redis+sentinel", "sentinel"):
+    if is_sentinel_url(url):
         if cluster:
             raise UsageError("--cluster and a Sentinel URL do not go together")
         return _sentinel(url, options)
@@ -211,7 +220,18 @@ def connect(url: str, *, cluster: bool = False) -> RedisClient:
         raise UsageError(f"--redis-url {url!r}: {exc}") from None
 
 
-def _sentinel(url: str, options: dict[str, Any]) -> redis.Redis:
+def is_sentinel_url(url: str) -> bool:
+    return urlsplit(url).scheme in ("redis+sentinel", "sentinel")
+
+
+def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, int, dict[str, str]]:
+    """
+    ``redis+sentinel://[user:password@]host:port[,host:port]/service[/db]`` as its sentinels,
+    service name, database and credentials (for the primary and the sentinels alike).
+
+    Raises:
+        UsageError: the URL is not of that form.
+    """
     parts = urlsplit(url)
     hosts = parts.netloc.rpartition("@")[2]
     path = [p for p in parts.path.split("/") if p]
@@ -227,15 +247,21 @@ def _sentinel(url: str, options: dict[str, Any]) -> redis.Redis:
         sentinels.append((name or "localhost", int(port)))
     if len(path) == 2 and not path[1].isdigit():
         raise UsageError(f"--redis-url {url!r}: the database must be a number")
+    auth = {}
     if parts.password is not None:
-        options["password"] = unquote(parts.password)
+        auth["password"] = unquote(parts.password)
     if parts.username:
-        options["username"] = unquote(parts.username)
+        auth["username"] = unquote(parts.username)
+    return sentinels, path[0], int(path[1]) if len(path) == 2 else 0, auth
+
+
+def _sentinel(url: str, options: dict[str, Any]) -> redis.Redis:
+    sentinels, service, db, auth = parse_sentinel_url(url)
+    options = {**options, **auth}
     sentinel = redis.Sentinel(  # type: ignore[no-untyped-call]
         sentinels, sentinel_kwargs=dict(options), **options
     )
-    db = int(path[1]) if len(path) == 2 else 0
-    return cast(redis.Redis, sentinel.master_for(path[0], db=db))
+    return cast(redis.Redis, sentinel.master_for(service, db=db))
 
 
 # --------------------------------------------------------------------------------------------
