@@ -6,6 +6,7 @@ test runs the console entry point to prove the output of a real process.
 
 from __future__ import annotations
 
+import io
 import json
 import signal
 import socket
@@ -21,6 +22,7 @@ import redis
 
 from aiocacheguard.testing import RedisClusterServer, RedisServer
 from aiocacheguard.tools.cli import main
+from aiocacheguard.tools.operations import Output
 
 from .helpers import started
 
@@ -44,8 +46,6 @@ def run(
     capsys: pytest.CaptureFixture[str], *args: str, stdin: str | None = None
 ) -> tuple[int, str, str]:
     if stdin is not None:
-        import io
-
         sys.stdin = io.StringIO(stdin)
     try:
         code = main(list(args))
@@ -303,3 +303,24 @@ def test_ctrl_c_stops_cleanly(server_url: str) -> None:
         process.kill()
     assert process.returncode == 130 and out == ""
     assert err == "aiocacheguard stats: interrupted\n"
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_rich_on_a_terminal_plain_otherwise() -> None:
+    rows = [["maxmemory", "fail", "no limit"], ["slowlog", "ok", "on"]]
+    headers = ["check", "status", "found"]
+    terminal = _Terminal()
+    Output(json_mode=False, plain=False, stream=terminal).table("doctor", headers, rows)
+    assert "┃" in terminal.getvalue() or "│" in terminal.getvalue()  # a rich table
+    assert "fail" in terminal.getvalue()
+    for stream, plain in ((_Terminal(), True), (io.StringIO(), False)):  # --plain, piped
+        Output(json_mode=False, plain=plain, stream=stream).table("doctor", headers, rows)
+        assert stream.getvalue().splitlines()[1:] == [
+            "check      status  found",
+            "maxmemory  fail    no limit",
+            "slowlog    ok      on",
+        ]

@@ -292,7 +292,7 @@ class Output:
             from rich.console import Console
             from rich.table import Table
 
-            table = Table(title=title, title_justify="left")
+            table = Table(title=title, title_justify="left", show_header=any(headers))
             for header in headers:
                 table.add_column(header, overflow="fold")
             for row in rows:
