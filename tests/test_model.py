@@ -1,7 +1,9 @@
 """
 Model-based test (Hypothesis stateful): random sequences of cache operations against a real
 Redis, compared with a plain dict model of what must be visible. Rules can't be async, so the
-machine drives its own event loop (Hypothesis issue #4107).
+machine drives its own event loop (Hypothesis issue #4107). One operation runs at a time here;
+`test_model_interleaved.py` keeps loads in flight while writes, refreshes and a second Cache
+race them.
 """
 
 from __future__ import annotations
