@@ -17,18 +17,18 @@ from .backend import RedisBackend, RedisClient
 from .codec import RecordCodec
 from .errors import BackendError, CacheClosedError, ConfigurationError
 from .guards.bloom import BloomFilter
-from .guards.breaker import Breaker, BreakerState
+from .guards.breaker import Breaker
 from .guards.lock import unlink
 from .guards.notify import FillNotifier
 from .guards.singleflight import SingleFlight
 from .keys import KeySpace
 from .loading import LoaderRunner
-from .metrics import Counters, Emitter, EventKind, Hook, Statistics
+from .metrics import Counters, Emitter, Hook, Statistics
 from .policy import Policy
 from .reading import Reader
 from .rebuild import Rebuilder
 from .refreshing import Refreshes
-from .serializers import JsonSerializer
+from .serializers import MsgspecJsonSerializer
 
 __all__ = ("Cache",)
 
@@ -39,15 +39,11 @@ T = TypeVar("T")
 DEFAULT_COMMAND_TIMEOUT: Final = 1.0
 
 
+_Loader = Callable[[], Awaitable[Any]]
 #: The read failed: Redis is unreachable (or too slow).
 _UNREACHABLE: Final[Any] = object()
 #: A flight started before anything was read: it reads first.
 _UNREAD: Final[Any] = object()
-_BREAKER_EVENTS: Final[dict[BreakerState, EventKind]] = {
-    BreakerState.OPEN: "breaker_opened",
-    BreakerState.HALF_OPEN: "breaker_half_open",
-    BreakerState.CLOSED: "breaker_closed",
-}
 
 
 class Cache:
@@ -60,7 +56,7 @@ class Cache:
             close it: you own it.
         namespace: Prefix of every key, so caches of different data never collide.
         policy: The default `Policy` of every entry; `get_or_load` can override it per call.
-        serializer: How values become bytes. Default `JsonSerializer`; pickle only if asked.
+        serializer: How values become bytes. Default `MsgspecJsonSerializer`; pickle if asked.
         command_timeout: Seconds one Redis command may take, queueing included, before it
             fails with `BackendTimeout`. Default 1 second.
         max_in_flight: Redis commands outstanding at once (see `RedisBackend`).
@@ -117,7 +113,7 @@ class Cache:
         max_concurrent_loads: int | None = None,
     ) -> None:
         check_instance("policy", policy, Policy)
-        serializer = JsonSerializer() if serializer is None else serializer
+        serializer = MsgspecJsonSerializer() if serializer is None else serializer
         if not isinstance(serializer, Serializer) or not 0 <= serializer.tag <= 255:
             raise ConfigurationError(
                 "serializer", serializer, "an object with dumps, loads and a tag in 0..255"
@@ -133,7 +129,7 @@ class Cache:
         self.serializer = serializer
         self.bloom = bloom
         self._emit = emit = Emitter(hook)
-        budget, moved = float(command_timeout), self._moved
+        budget, moved = float(command_timeout), emit.breaker_moved
         self._backend = RedisBackend.of(client, budget, max_in_flight, breaker, moved)
         self.breaker = self._backend.breaker
         self._replica = None if replica is None else RedisBackend.of(replica, budget, None, breaker)
@@ -206,7 +202,7 @@ class Cache:
             **(self.bloom.counters() if self.bloom else {}),
         )
 
-    async def get(self, key: Key, default: Any = None) -> Any:
+    async def get(self, key: Key, default: Any = None, *, returns: object = None) -> Any:
         """
         The cached value of ``key``, or ``default`` when nothing usable is cached.
 
@@ -224,9 +220,9 @@ class Cache:
         if rkey in self._reads:
             self._counters.coalesced += 1
         entry = await self._reads.read(rkey)
-        if entry is None or not entry.fresh(self._codec.clock()):
+        if entry is None or not entry.fresh(self._codec.clock()) or not entry.usable(returns):
             return default
-        return entry.result()
+        return entry.result(returns)
 
     async def set(self, key: Key, value: Any, *, ttl: float | None = None) -> None:
         """
@@ -266,7 +262,12 @@ class Cache:
         return removed
 
     async def get_or_load(
-        self, key: Key, loader: Callable[[], Awaitable[T]], *, policy: Policy | None = None
+        self,
+        key: Key,
+        loader: Callable[[], Awaitable[T]],
+        *,
+        policy: Policy | None = None,
+        returns: object = None,
     ) -> T:
         """
         The cached value of ``key``; on a miss, ``await loader()`` once and cache its result.
@@ -293,7 +294,10 @@ class Cache:
             key: str or bytes, at most `aiocacheguard.keys.MAX_KEY_BYTES` bytes.
             loader: An async function of no arguments, e.g. a database query.
             policy: Overrides the Cache's policy for this call (the flight's first caller's
-                policy is the one that loads).
+                policy, and ``returns``, are the ones that count).
+            returns: The type a hit is decoded into (``tuple[int, str]``, a dataclass, ...),
+                so a hit returns what the miss returned; a stored value that does not decode
+                into it is a counted miss, reloaded. ``@cached`` passes the function's.
 
         Raises:
             InvalidKeyError: the key is empty, too long or not str/bytes.
@@ -310,59 +314,58 @@ class Cache:
         # (the flight shares that read), so thousands of callers are woken once, not twice.
         if rkey in self._loads or rkey in self._reads:
             self._counters.coalesced += 1
-            return cast(T, await self._loads.run(rkey, partial(self._flight, rkey, loader, policy)))
+            flight = partial(self._flight, rkey, loader, policy, returns)
+            return cast(T, await self._loads.run(rkey, flight))
         # Read the record in this caller's task (a hit creates no task); serve it if fresh.
-        served, entry = await self._read_for(rkey, loader, policy)
+        served, entry = await self._read_for(rkey, loader, policy, returns)
         if served:
             return cast(T, entry)
         # Missing, expired or unreachable: one flight per key loads it (see `_flight`).
-        flight = partial(self._flight, rkey, loader, policy, entry)
+        flight = partial(self._flight, rkey, loader, policy, returns, entry)
         return cast(T, await self._loads.run(rkey, flight))
 
     async def refresh(
-        self, key: Key, loader: Callable[[], Awaitable[T]], *, policy: Policy | None = None
+        self,
+        key: Key,
+        loader: Callable[[], Awaitable[T]],
+        *,
+        policy: Policy | None = None,
+        returns: object = None,
     ) -> T:
         """
         Load ``key`` again now, whatever is cached, write it, and return the new value.
 
         Joins a refresh of the key already running in this process; if another process holds
-        the rebuild lock, waits for its fill and returns that instead of loading twice.
-
-        Raises:
-            The same as `get_or_load`.
+        the rebuild lock, waits for its fill and returns that instead of loading twice. Raises
+        what `get_or_load` raises.
         """
         self._check_open()
         rkey = self.keys.value(key)
         policy = self.policy.for_call(policy, loader)
-        return cast(T, await self._refreshes.run(rkey, loader, policy))
+        return cast(T, await self._refreshes.run(rkey, loader, policy, returns))
 
     async def _read_for(
-        self, rkey: bytes, loader: Callable[[], Awaitable[Any]], policy: Policy
+        self, rkey: bytes, loader: _Loader, policy: Policy, returns: object
     ) -> tuple[bool, Any]:
-        """
-        ``(True, result)`` for a fresh entry (past its soft TTL or drawn by XFetch, a
-        background refresh is asked for); else ``(False, the entry, None or _UNREACHABLE)``.
-        """
+        """``(True, result)`` of a fresh entry (refreshed where due), else ``(False, entry)``."""
+        if returns is not None:
+            self._codec.decoder(returns)  # a type the serializer cannot decode into: say so now
         try:
             entry = await self._reads.read(rkey)
         except BackendError:
             return False, _UNREACHABLE
         now = self._codec.clock()
-        if entry is None or not entry.fresh(now):
-            return False, entry
+        if entry is None or not entry.fresh(now) or not entry.usable(returns):
+            return False, entry  # an unusable one is replaced like an expired one
         self._refreshes.maybe_start(rkey, entry, loader, policy, now)
-        return True, entry.result()
+        return True, entry.result(returns)
 
     async def _flight(
-        self,
-        rkey: bytes,
-        loader: Callable[[], Awaitable[Any]],
-        policy: Policy,
-        entry: Any = _UNREAD,
+        self, rkey: bytes, loader: _Loader, policy: Policy, returns: object, entry: Any = _UNREAD
     ) -> Any:
         """One flight per key: the steps after a read that found nothing fresh."""
         if entry is _UNREAD:  # started by joiners while a read was on its way: share it
-            served, entry = await self._read_for(rkey, loader, policy)
+            served, entry = await self._read_for(rkey, loader, policy, returns)
             if served:
                 return entry
         # Redis unreachable (or its breaker open): load without it, still one load per key here.
@@ -376,21 +379,18 @@ class Cache:
         # Rebuild across processes: take the lock and load, or wait for the fill.
         try:
             return await self._rebuilder.load(
-                rkey, loader, policy, expired=entry, on_fill=self._on_fill
+                rkey, loader, policy, expired=entry, on_fill=self._on_fill, returns=returns
             )
         except BackendError:
             self._counters.unwritten_loads += 1
             return await self._load(rkey, loader, policy)  # Redis failed mid-way
         except Exception as exc:
             # Stale-if-error: the previous value, within the policy's grace.
-            if entry is None or not entry.within_stale_if_error(self._codec.clock(), policy):
+            if entry is None or not entry.stale_if_error(self._codec.clock(), policy, returns):
                 raise
             self._counters.stale_served += 1
             self._emit("stale_served", rkey, exc)
-            return entry.result()
-
-    def _moved(self, old: BreakerState, new: BreakerState) -> None:
-        self._emit(_BREAKER_EVENTS[new], b"")
+            return entry.result(returns)
 
     def _detach(self, rkey: bytes) -> None:
         """After a write, later callers must not join a read or flight that began before it."""

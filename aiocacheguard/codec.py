@@ -10,33 +10,77 @@ from collections.abc import Callable
 from typing import Any
 
 from ._types import Serializer
+from .errors import SerializationError
 from .policy import Policy
 from .record import Record, RecordError, header_of
+from .serializers import typed_decoder
 
 __all__ = ("Entry", "RecordCodec")
 
 
 class Entry:
-    """A record read from Redis, with its payload decoded once for every caller."""
+    """
+    A record read from Redis, with its payload decoded once for every caller (and once per
+    declared type, for callers that declare one).
+    """
 
-    __slots__ = ("header", "record", "value")
+    __slots__ = ("_codec", "_typed", "header", "record", "value")
 
-    def __init__(self, record: Record, value: Any, header: bytes) -> None:
+    def __init__(
+        self, record: Record, value: Any, header: bytes, codec: RecordCodec | None = None
+    ) -> None:
         self.record = record
         self.value = value
         self.header = header  # identifies this stored copy (see record.header_of)
+        self._codec = codec
+        self._typed: dict[object, Any] | None = None
 
-    def result(self) -> Any:
-        """What a caller gets: the value, or None for a negative record."""
-        return None if self.record.negative else self.value
+    def result(self, returns: object = None) -> Any:
+        """
+        What a caller gets: the value (decoded into ``returns`` where one is declared), or
+        None for a negative record.
+
+        Raises:
+            SerializationError: the payload does not decode into ``returns``.
+        """
+        if self.record.negative:
+            return None
+        decode = None if returns is None or self._codec is None else self._codec.decoder(returns)
+        if decode is None:
+            return self.value
+        typed = self._typed
+        if typed is None:
+            typed = self._typed = {}
+        elif returns in typed:
+            return typed[returns]
+        value = typed[returns] = decode(self.record.payload)
+        return value
+
+    def usable(self, returns: object) -> bool:
+        """
+        Whether `result` can give ``returns``; a stored value of another shape (a deploy that
+        changed the type) is counted and treated like a corrupt one: a miss, replaced.
+        """
+        if returns is None or self.record.negative or self._codec is None:
+            return True
+        if self._codec.decoder(returns) is None:
+            return True
+        try:
+            self.result(returns)
+        except SerializationError:
+            if self._codec is not None:
+                self._codec.decode_errors += 1
+            return False
+        return True
 
     def fresh(self, now: float) -> bool:
         """Before its hard expiry (a value past it is kept only for stale_if_error)."""
         return now < self.record.expires_at
 
-    def within_stale_if_error(self, now: float, policy: Policy) -> bool:
+    def stale_if_error(self, now: float, policy: Policy, returns: object = None) -> bool:
+        """Whether it may be served past its TTL because the loader failed (and is usable)."""
         grace = policy.stale_if_error
-        return grace is not None and now < self.record.expires_at + grace
+        return grace is not None and now < self.record.expires_at + grace and self.usable(returns)
 
 
 class RecordCodec:
@@ -49,7 +93,7 @@ class RecordCodec:
         rng: Draws the TTL jitter.
     """
 
-    __slots__ = ("clock", "decode_errors", "rng", "serializer")
+    __slots__ = ("_decoders", "clock", "decode_errors", "rng", "serializer")
 
     def __init__(
         self, serializer: Serializer, *, clock: Callable[[], float], rng: random.Random
@@ -57,8 +101,26 @@ class RecordCodec:
         self.serializer = serializer
         self.clock = clock
         self.rng = rng
-        #: Records that could not be decoded and were treated as a miss.
+        #: Records that could not be decoded (or not into a caller's declared type) and were
+        #: treated as a miss.
         self.decode_errors = 0
+        self._decoders: dict[object, Callable[[bytes], Any] | None] = {}
+
+    def decoder(self, returns: object) -> Callable[[bytes], Any] | None:
+        """
+        The serializer's decoder into ``returns``, made once per type; None where there is
+        nothing to do beyond the untyped decode (``typing.Any``, or a serializer that cannot
+        decode into a type).
+        """
+        try:
+            return self._decoders[returns]
+        except KeyError:
+            pass
+        decode = None
+        if returns is not Any and hasattr(self.serializer, "decoder"):
+            decode = typed_decoder(self.serializer, returns)
+        self._decoders[returns] = decode
+        return decode
 
     def encode(
         self, value: Any, policy: Policy, *, compute_time: float
@@ -104,4 +166,4 @@ class RecordCodec:
             # Foreign, corrupt or differently serialized bytes: a miss that the fill overwrites.
             self.decode_errors += 1
             return None
-        return Entry(record, value, header_of(data))
+        return Entry(record, value, header_of(data), self)

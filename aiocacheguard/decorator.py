@@ -415,7 +415,8 @@ class Cached(Generic[P, T]):
     async def __call__(self, *args: P.args, **kwargs: P.kwargs) -> T:
         cache, policy = self._target()
         key = self.cache_key(*args, **kwargs)
-        return await cache.get_or_load(key, self._loader(args, kwargs), policy=policy)
+        loader = self._loader(args, kwargs)
+        return await cache.get_or_load(key, loader, policy=policy, returns=self.returns)
 
     async def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> bool:
         """Delete the entry of a call with these arguments; whether one was cached."""
@@ -426,7 +427,8 @@ class Cached(Generic[P, T]):
         """Call the function again for these arguments, cache and return the new value."""
         cache, policy = self._target()
         key = self.cache_key(*args, **kwargs)
-        return await cache.refresh(key, self._loader(args, kwargs), policy=policy)
+        loader = self._loader(args, kwargs)
+        return await cache.refresh(key, loader, policy=policy, returns=self.returns)
 
     def _loader(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Callable[[], Awaitable[T]]:
         fn: Callable[..., Awaitable[T]] = self.__wrapped__

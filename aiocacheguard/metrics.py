@@ -85,6 +85,17 @@ class Emitter:
         except Exception:
             logger.exception("the Cache's event hook raised; ignored")
 
+    def breaker_moved(self, old: Any, new: Any) -> None:
+        """A circuit breaker's ``on_transition``: each change as an event (key ``b""``)."""
+        self(_BREAKER_EVENTS[new.value], b"")
+
+
+_BREAKER_EVENTS: dict[str, EventKind] = {
+    "open": "breaker_opened",
+    "half_open": "breaker_half_open",
+    "closed": "breaker_closed",
+}
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Statistics:

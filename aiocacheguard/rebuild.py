@@ -97,6 +97,7 @@ class Rebuilder:
         *,
         expired: Entry | None,
         on_fill: OnFill | None = None,
+        returns: object = None,
     ) -> Any:
         """
         A miss: the value some process loads (this one if it gets the lock). ``expired`` is a
@@ -109,7 +110,9 @@ class Rebuilder:
         """
         mode = Acquire.STALE if expired is not None else Acquire.ABSENT
         replacing = b"" if expired is None else expired.header
-        value, _ = await self._rebuild(rkey, loader, policy, mode, replacing, on_fill, wait=True)
+        value, _ = await self._rebuild(
+            rkey, loader, policy, mode, replacing, on_fill, wait=True, returns=returns
+        )
         return value
 
     async def refresh(
@@ -120,6 +123,7 @@ class Rebuilder:
         *,
         replacing: Entry | None,
         on_fill: OnFill | None = None,
+        returns: object = None,
     ) -> tuple[Any, bool]:
         """
         Load again and write, returning the value now cached and whether this call loaded it:
@@ -129,11 +133,20 @@ class Rebuilder:
         With ``replacing=None`` (a forced refresh), a refresh by another process is waited for.
         """
         if replacing is None:
-            return await self._rebuild(rkey, loader, policy, Acquire.ANY, b"", on_fill, wait=True)
+            return await self._rebuild(
+                rkey, loader, policy, Acquire.ANY, b"", on_fill, wait=True, returns=returns
+            )
         value, loaded = await self._rebuild(
-            rkey, loader, policy, Acquire.STALE, replacing.header, on_fill, wait=False
+            rkey,
+            loader,
+            policy,
+            Acquire.STALE,
+            replacing.header,
+            on_fill,
+            wait=False,
+            returns=returns,
         )
-        return (replacing.result(), False) if value is _BUSY else (value, loaded)
+        return (replacing.result(returns), False) if value is _BUSY else (value, loaded)
 
     async def write(
         self, rkey: bytes, value: Any, policy: Policy, *, on_fill: OnFill | None = None
@@ -164,6 +177,7 @@ class Rebuilder:
         on_fill: OnFill | None,
         *,
         wait: bool,
+        returns: object = None,
     ) -> tuple[Any, bool]:
         """The value, and whether this call loaded and wrote it (as the lock's holder)."""
         lock = RebuildLock(
@@ -177,16 +191,16 @@ class Rebuilder:
             mode = Acquire.CLAIM
         self._notifier.prepare()  # if this must wait, its connection is on the way
         try:
-            attempt, entry = await self._acquire(lock, mode, replacing)
+            attempt, entry = await self._acquire(lock, mode, replacing, returns)
             if attempt.outcome is Outcome.BUSY:
                 if not wait:
                     return _BUSY, False
                 self._counters.lock_waits += 1
                 # A forced refresh waits for a value other than the one it found.
                 after = attempt.value if mode is Acquire.ANY else replacing
-                attempt, entry = await self._wait_for_fill(lock, policy, after)
+                attempt, entry = await self._wait_for_fill(lock, policy, after, returns)
             if entry is not None:
-                return entry.result(), False
+                return entry.result(returns), False
             if attempt.outcome is Outcome.ACQUIRED:
                 return await self._load_as_holder(lock, loader, policy, on_fill), True
             if policy.on_wait_timeout == "raise":
@@ -206,7 +220,7 @@ class Rebuilder:
             raise
 
     async def _acquire(
-        self, lock: RebuildLock, mode: Acquire, replacing: bytes
+        self, lock: RebuildLock, mode: Acquire, replacing: bytes, returns: object
     ) -> tuple[Attempt, Entry | None]:
         """
         One lock attempt. A value found instead is returned decoded if it is usable: not
@@ -217,7 +231,7 @@ class Rebuilder:
             if attempt.outcome is not Outcome.VALUE:
                 return attempt, None
             entry = self._codec.decode(attempt.value)
-            if entry is not None and entry.fresh(self._codec.clock()):
+            if entry is not None and entry.fresh(self._codec.clock()) and entry.usable(returns):
                 return attempt, entry
             mode, replacing = Acquire.STALE, attempt.value  # take the lock over it
         return attempt, None
@@ -255,7 +269,7 @@ class Rebuilder:
         task.add_done_callback(self._releases.discard)
 
     async def _wait_for_fill(
-        self, lock: RebuildLock, policy: Policy, replacing: bytes
+        self, lock: RebuildLock, policy: Policy, replacing: bytes, returns: object
     ) -> tuple[Attempt, Entry | None]:
         """
         Wait for another process's fill (a value other than ``replacing``), re-checking on
@@ -268,7 +282,7 @@ class Rebuilder:
         async with self._notifier.listen(lock.channel) as signal:
             notified = True  # the first check, right after subscribing, is not a takeover
             while True:
-                attempt, entry = await self._acquire(lock, mode, replacing)
+                attempt, entry = await self._acquire(lock, mode, replacing, returns)
                 if entry is not None:
                     return attempt, entry
                 if attempt.outcome is Outcome.ACQUIRED:
@@ -289,6 +303,7 @@ class Rebuilder:
                         entry is not None
                         and entry.header != replacing
                         and entry.fresh(self._codec.clock())
+                        and entry.usable(returns)
                     ):
                         return Attempt(Outcome.VALUE, value=filled), entry
 

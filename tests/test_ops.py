@@ -257,7 +257,7 @@ async def test_inspect_decodes_the_header(client: redis.Redis, cache: Cache) -> 
     lock = cache.keys.value("k") + b":lock"
     await client.set(lock, b"holder-token", px=4000)
     seen = await inspect(client, cache.namespace, "k")
-    assert seen.exists and seen.serializer == "json" and seen.format_version == 2
+    assert seen.exists and seen.serializer == "msgspec-json" and seen.format_version == 2
     assert seen.value == {"a": [1, 2]} and seen.value_shown and seen.negative is False
     assert seen.expires_at is not None and seen.stored_at is not None
     assert 29 < seen.expires_at - seen.stored_at <= 30.0

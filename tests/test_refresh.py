@@ -182,7 +182,7 @@ async def write_record(
     record = Record(
         payload=b'"old"',
         negative=False,
-        serializer_tag=1,
+        serializer_tag=cache.serializer.tag,
         stored_at=now,
         expires_at=now + expires_in,
         compute_time=compute_time,
