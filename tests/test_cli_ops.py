@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from aiocacheguard.testing import RedisClusterServer, RedisServer
+from aiocacheguard.testing import RedisClusterServer, RedisSentinelServer, RedisServer
 from aiocacheguard.tools.cli import main
 from aiocacheguard.tools.operations import Output
 
@@ -201,6 +201,23 @@ def test_keys_top(capsys: pytest.CaptureFixture[str], server_url: str) -> None:
     top = json.loads(out)
     assert code == 0 and [k["key"] for k in top["keys"]] == ["k15", "k14"]
     assert top["matched"] == 12 and top["sampled"] is False
+
+
+def test_a_sentinel_url_reaches_the_primary(
+    capsys: pytest.CaptureFixture[str], redis_sentinel: RedisSentinelServer
+) -> None:
+    host, port = redis_sentinel.sentinels[0]
+    url = f"redis+sentinel://{host}:{port}/{redis_sentinel.service}"
+    lines = '{"key": "a", "value": 1}\n'
+    namespace = f"cli-{uuid.uuid4().hex[:8]}"
+    code, out, err = run(capsys, "warm", "-", "--redis-url", url, "--namespace", namespace,
+                         stdin=lines)  # fmt: skip
+    assert (code, err) == (0, "") and "warmed 1 keys" in out
+    assert redis_sentinel.primary is not None
+    with redis.Redis(port=redis_sentinel.primary.port) as primary:
+        assert primary.exists(f"{{{namespace}:a}}")
+    code, out, _ = run(capsys, "inspect", "a", "--redis-url", url, "--namespace", namespace)
+    assert code == 0 and "json (record format 2)" in out
 
 
 @pytest.fixture(scope="module")

@@ -150,6 +150,14 @@ def control_client(url: str, *, cluster: bool = False, timeout: float = 10.0) ->
     return redis.Redis.from_url(url, **options)
 
 
+def _close(client: Any) -> None:
+    """Close a `control_client`, with a Sentinel client's connections to its sentinels."""
+    client.close()
+    manager = getattr(getattr(client, "connection_pool", None), "sentinel_manager", None)
+    for sentinel in getattr(manager, "sentinels", ()):
+        sentinel.close()
+
+
 def topology(config: BenchConfig) -> str:
     """standalone, cluster or sentinel: the deployment the run went against."""
     from .operations import is_sentinel_url
@@ -169,7 +177,7 @@ def environment(redis_url: str, *, cluster: bool = False) -> dict[str, Any]:
         info = client.info("server")
         if "redis_version" not in info:  # a cluster client answering per node
             info = next((v for v in info.values() if isinstance(v, dict)), {})
-        client.close()
+        _close(client)
     except (redis.RedisError, ValueError, OSError):
         pass
     return {
@@ -191,7 +199,7 @@ def check_redis(url: str, *, cluster: bool = False) -> None:
         try:
             client.ping()
         finally:
-            client.close()
+            _close(client)
     except (redis.RedisError, ValueError, OSError, UsageError) as exc:
         message = " ".join(str(exc).split())
         raise BenchError(f"cannot reach Redis at {url}: {message}") from None
@@ -291,7 +299,7 @@ def _run_round(
                 process.kill()
                 process.join()
         _remove_keys(control, namespace)
-        control.close()
+        _close(control)
     latencies: list[float] = sorted(x for r in reports for x in r["latencies"])
     error_kinds: dict[str, int] = {}
     for report in reports:
@@ -480,7 +488,7 @@ async def _strategy(
         "soft-ttl": Policy(ttl=1000.0, soft_ttl=1.0),
         "xfetch": Policy(ttl=60.0, early_beta=1.0),
     }
-    from .operations import connect
+    from .operations import close_client, connect
 
     client = connect(job["url"], cluster=job.get("cluster", False))
     cache = Cache(
@@ -498,7 +506,7 @@ async def _strategy(
 
     async def close_cache() -> None:
         await cache.aclose(drain=True)
-        await client.aclose()
+        await close_client(client)
 
     return guarded, close_cache
 
@@ -513,9 +521,14 @@ class _Bounded:
         self._client = client
         self._slots = asyncio.Semaphore(_RAW_POOL)
 
+    async def aclose(self) -> None:
+        from .operations import close_client
+
+        await close_client(self._client)
+
     def __getattr__(self, name: str) -> Any:
         command = getattr(self._client, name)
-        if name in ("aclose",) or not callable(command):
+        if not callable(command):
             return command
 
         async def bounded(*args: Any, **kwargs: Any) -> Any:

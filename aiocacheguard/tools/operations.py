@@ -43,6 +43,7 @@ __all__ = (
     "DefaultsHelp",
     "UsageError",
     "add_operations",
+    "close_client",
     "connect",
     "is_sentinel_url",
     "parse_sentinel_url",
@@ -188,7 +189,15 @@ async def _with_client(
     try:
         return await command(client, args, out)
     finally:
-        await client.aclose()
+        await close_client(client)
+
+
+async def close_client(client: RedisClient) -> None:
+    """Close a client made by `connect`, and a Sentinel client's connections to its sentinels."""
+    await client.aclose()
+    manager = getattr(getattr(client, "connection_pool", None), "sentinel_manager", None)
+    for sentinel in getattr(manager, "sentinels", ()):
+        await sentinel.aclose()
 
 
 def connect(url: str, *, cluster: bool = False) -> RedisClient:
