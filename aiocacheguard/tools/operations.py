@@ -327,17 +327,35 @@ class Output:
             print(f"  {name.ljust(width)}  {value.replace(chr(10), indent)}", file=self.stream)
 
     @contextmanager
-    def progress(self, what: str) -> Iterator[Callable[[int], None]]:
-        """A callback showing a running count (on a rich terminal; silent otherwise)."""
+    def progress(self, what: str, total: int | None = None) -> Iterator[Callable[[int], None]]:
+        """
+        A callback showing a running count, or a bar when the ``total`` is known (on a rich
+        terminal; silent otherwise, so piped output stays parseable).
+        """
         if not self.fancy:
             yield lambda done: None
             return
-        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            SpinnerColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
-        columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+        if total is None:
+            columns: tuple[Any, ...] = (
+                SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+            )  # fmt: skip
+        else:
+            columns = (
+                TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+            )  # fmt: skip
         with Progress(*columns, transient=True) as bar:
-            task = bar.add_task(f"{what}: 0")
-            yield lambda done: bar.update(task, description=f"{what}: {done:,}")
+            task = bar.add_task(f"{what}: 0", total=total)
+            yield lambda done: bar.update(task, completed=done, description=f"{what}: {done:,}")
 
 
 def _has_rich() -> bool:
@@ -602,8 +620,12 @@ async def _warm(client: RedisClient, args: argparse.Namespace, out: Output) -> i
         policy=Policy(ttl=args.ttl, jitter=0.0),
         command_timeout=COMMAND_TIMEOUT,
     )
+    total = None
+    if out.fancy and args.source.seekable():  # a file: count its lines for a real bar
+        total = sum(1 for line in args.source if line.strip())
+        args.source.seek(0)
     try:
-        with out.progress("keys written") as progress:
+        with out.progress("keys written", total) as progress:
             written = await bulk.warm(
                 cache, _lines(args.source), concurrency=args.concurrency, progress=progress
             )
