@@ -12,7 +12,7 @@ import math
 
 from .errors import ConfigurationError
 
-__all__ = ("check_instance", "check_int", "check_number", "check_seconds")
+__all__ = ("check_instance", "check_int", "check_number", "check_seconds", "check_serializer")
 
 
 def check_int(field: str, value: object, *, minimum: int, maximum: int | None = None) -> None:
@@ -92,3 +92,13 @@ def check_instance(field: str, value: object, kind: type, *, optional: bool = Fa
     if not (isinstance(value, kind) or (optional and value is None)):
         accepted = f"an aiocacheguard.{kind.__name__}" + (" or None" if optional else "")
         raise ConfigurationError(field, value, accepted)
+
+
+def check_serializer(serializer: object) -> None:
+    """``serializer`` has ``dumps``, ``loads`` and a one-byte ``tag``."""
+    from ._types import Serializer
+
+    if not isinstance(serializer, Serializer) or not 0 <= serializer.tag <= 255:
+        raise ConfigurationError(
+            "serializer", serializer, "an object with dumps, loads and a tag in 0..255"
+        )

@@ -30,13 +30,15 @@ from typing import Any, Final, Generic, TypeVar, cast
 import redis.asyncio as redis
 import redis.exceptions as redis_errors
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from ._checks import check_int
 from ._types import LuaScript, ScriptArg, Subscriber
 from .errors import BackendError, BackendTimeout, BackendUnavailable, ConfigurationError
 from .guards.breaker import Breaker, BreakerState, CircuitBreaker
 
-__all__ = ("FOREIGN", "RedisBackend", "RedisClient", "to_backend_error")
+__all__ = ("FOREIGN", "RedisBackend", "RedisClient", "client_from_url", "to_backend_error")
 
 T = TypeVar("T")
 ItemT = TypeVar("ItemT")
@@ -219,6 +221,22 @@ class _Batcher(Generic[ItemT, ResultT]):
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def client_from_url(url: str) -> redis.Redis:
+    """
+    A client for ``url`` with redis-py's own retries off, so that one command spends one
+    budget (see `RedisBackend`).
+
+    Raises:
+        ConfigurationError: the URL is not one redis-py understands.
+    """
+    try:
+        return redis.Redis.from_url(url, retry=Retry(NoBackoff(), 0))
+    except ValueError as exc:
+        raise ConfigurationError(
+            "url", url, f"a redis://, rediss:// or unix:// URL ({exc})"
+        ) from None
 
 
 def _pool_limit(client: RedisClient) -> int | None:

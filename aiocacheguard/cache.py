@@ -1,6 +1,4 @@
-"""
-`Cache`: the facade users hold. `Cache.get_or_load` reads as DESIGN.md's steps, one guard each.
-"""
+"""`Cache`: the facade users hold. `Cache.get_or_load` reads as DESIGN.md's steps."""
 
 from __future__ import annotations
 
@@ -11,11 +9,11 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any, Final, Self, TypeVar, cast
 
-from ._checks import check_instance, check_int, check_seconds
+from ._checks import check_instance, check_int, check_seconds, check_serializer
 from ._types import Key, Serializer
-from .backend import RedisBackend, RedisClient
+from .backend import RedisBackend, RedisClient, client_from_url
 from .codec import RecordCodec
-from .errors import BackendError, CacheClosedError, ConfigurationError
+from .errors import BackendError, CacheClosedError
 from .guards.bloom import BloomFilter
 from .guards.breaker import Breaker
 from .guards.lock import unlink
@@ -40,10 +38,8 @@ DEFAULT_COMMAND_TIMEOUT: Final = 1.0
 
 
 _Loader = Callable[[], Awaitable[Any]]
-#: The read failed: Redis is unreachable (or too slow).
-_UNREACHABLE: Final[Any] = object()
-#: A flight started before anything was read: it reads first.
-_UNREAD: Final[Any] = object()
+_UNREACHABLE: Final[Any] = object()  # the read failed: Redis is unreachable (or too slow)
+_UNREAD: Final[Any] = object()  # a flight started before anything was read: it reads first
 
 
 class Cache:
@@ -114,10 +110,7 @@ class Cache:
     ) -> None:
         check_instance("policy", policy, Policy)
         serializer = MsgspecJsonSerializer() if serializer is None else serializer
-        if not isinstance(serializer, Serializer) or not 0 <= serializer.tag <= 255:
-            raise ConfigurationError(
-                "serializer", serializer, "an object with dumps, loads and a tag in 0..255"
-            )
+        check_serializer(serializer)
         check_seconds("command_timeout", command_timeout, maximum=60.0)
         check_int("max_refreshes", max_refreshes, minimum=1)
         if max_concurrent_loads is not None:
@@ -144,14 +137,24 @@ class Cache:
         if bloom is not None:
             bloom.bind(self._backend, namespace=self.keys.namespace)
         self._on_fill = on_fill = None if bloom is None else bloom.filled
-        self._refreshes = Refreshes(
-            self._rebuilder,
-            clock=clock,
-            max_concurrent=max_refreshes,
-            written=self._detach,
-            on_fill=on_fill,
-        )
+        self._refreshes = Refreshes(self._rebuilder, clock, max_refreshes, self._detach, on_fill)
         self._closing: asyncio.Task[None] | None = None
+        self._owns_client = False  # from_url: the Cache made the client, and closes it
+
+    @classmethod
+    def from_url(cls, url: str, *, namespace: str, policy: Policy, **options: Any) -> Cache:
+        """
+        A Cache on a client made from ``url`` (``redis://``, ``rediss://``, ``unix://``), with
+        redis-py's retries off (one command, one budget). The Cache owns it: `aclose` closes
+        it. ``options`` are the Cache's other keyword arguments.
+
+        Example:
+            >>> Cache.from_url("redis://localhost/0", namespace="shop", policy=Policy(ttl=30.0))
+            <Cache namespace='shop' Policy(ttl=30.0, ...) open>
+        """
+        cache = cls(client_from_url(url), namespace=namespace, policy=policy, **options)
+        cache._owns_client = True
+        return cache
 
     def __repr__(self) -> str:
         state = "closed" if self._closing else "open"
@@ -170,11 +173,10 @@ class Cache:
 
     async def aclose(self, *, drain: bool = False) -> None:
         """
-        Stop all work and wait for it; idempotent (a second call waits for the first).
-
-        Flights are cancelled (their callers get `CacheClosedError`), and the locks they may
-        hold released; background refreshes too, or with ``drain=True`` awaited first (each
-        bounded by its ``load_timeout``). No task outlives this call; the client stays open.
+        Stop all work and wait for it; idempotent (a second call waits for the first). Flights
+        are cancelled (their callers get `CacheClosedError`) and their locks released;
+        refreshes too, or with ``drain=True`` awaited. No task outlives this call; a client you
+        gave stays open (one `from_url` made is closed).
         """
         if self._closing is None:
             self._closing = asyncio.create_task(self._aclose(drain), name="aiocacheguard-close")
@@ -188,6 +190,8 @@ class Cache:
         await self._backend.aclose()
         if self._replica is not None:
             await self._replica.aclose()
+        if self._owns_client:
+            await self._backend.client.aclose()
 
     def _check_open(self) -> None:
         if self._closing is not None:
@@ -206,10 +210,10 @@ class Cache:
         """
         The cached value of ``key``, or ``default`` when nothing usable is cached.
 
-        A cached negative result (a loader's ``None``) returns ``None``, not ``default``: pass
-        a sentinel as ``default`` to tell the two apart. A value past its soft TTL is still
-        returned (no refresh is started: `get` has no loader); one past its TTL is not.
-        Concurrent gets of one key share one Redis read.
+        A cached negative result (a loader's ``None``) returns ``None``, not ``default``. A
+        value past its soft TTL is still returned (`get` has no loader to refresh it); one past
+        its TTL is not. Concurrent gets of one key share one read; ``returns`` as in
+        `get_or_load`.
 
         Raises:
             InvalidKeyError: the key is empty, too long or not str/bytes.
@@ -227,10 +231,8 @@ class Cache:
     async def set(self, key: Key, value: Any, *, ttl: float | None = None) -> None:
         """
         Store ``value`` under ``key`` with the Cache's policy; ``ttl`` replaces its TTL (no
-        jitter then, and a soft TTL kept at the same fraction of it).
-
-        ``None`` is stored as a negative result. Callers starting after this returns read the
-        new value; a rebuild of the key in progress anywhere is superseded (its fill refused).
+        jitter then, a soft TTL kept at the same fraction). ``None`` is stored as a negative
+        result. Later callers read this value; a rebuild in progress anywhere is superseded.
 
         Raises:
             ConfigurationError: ``ttl`` is out of range.
@@ -247,10 +249,8 @@ class Cache:
 
     async def delete(self, key: Key) -> bool:
         """
-        Remove ``key``; returns whether it was cached.
-
-        A rebuild of the key in progress anywhere loses its lock, so a value loaded from data
-        older than this invalidation is never written; its waiters load afresh.
+        Remove ``key``; returns whether it was cached. A rebuild of it in progress anywhere
+        loses its lock, so a value loaded from data older than this is never written.
 
         Raises:
             BackendError: Redis failed or did not answer within ``command_timeout``.

@@ -40,7 +40,6 @@ class Refreshes:
     def __init__(
         self,
         rebuilder: Rebuilder,
-        *,
         clock: Callable[[], float],
         max_concurrent: int,
         written: Callable[[bytes], None],

@@ -23,6 +23,7 @@ from aiocacheguard import (
     SerializationError,
 )
 from aiocacheguard.record import Record
+from aiocacheguard.testing import RedisServer
 
 from .helpers import GatedLoader
 
@@ -294,3 +295,25 @@ async def test_redis_down_callers_served_and_loader_single_flighted(namespace: s
             assert load.calls == 1  # still once per key per process
             assert cache.statistics().redis_errors >= 1
         await client.aclose()
+
+
+async def test_from_url_owns_and_closes_its_client(
+    redis_server: RedisServer, namespace: str
+) -> None:
+    cache = Cache.from_url(redis_server.url, namespace=namespace, policy=Policy(ttl=30.0))
+    async with cache:
+        await cache.set("k", "v")
+        assert await cache.get("k") == "v"
+        client = cache._backend.client
+        assert isinstance(client, redis.Redis)
+        retry = client.get_retry()
+        assert retry is not None and retry._retries == 0  # one command, one budget
+    # Closed with the Cache: no connection of its pool is open any more.
+    pool = client.connection_pool
+    assert pool._available_connections  # it had connected...
+    assert not any(c.is_connected for c in pool._available_connections)  # ...and is closed
+
+
+def test_from_url_refuses_a_bad_url() -> None:
+    with pytest.raises(ConfigurationError, match="url"):
+        Cache.from_url("http://example.com", namespace="x", policy=Policy(ttl=1.0))
