@@ -147,6 +147,13 @@ def test_warm_reads_stdin_and_keeps_a_line_ttl(
                        "--json")  # fmt: skip
     seen = json.loads(out)
     assert seen["value"] == 1 and 0 < seen["ttl_left"] <= 5
+    # Written with the serializer the application's Caches use, which read it as a hit.
+    code, _, _ = run(capsys, "warm", "-", "--redis-url", server_url, "--namespace", "shop",
+                     "--serializer", "json", stdin='{"key": "c", "value": [3]}')  # fmt: skip
+    assert code == 0
+    code, out, _ = run(capsys, "inspect", "c", "--redis-url", server_url, "--namespace", "shop",
+                       "--json")  # fmt: skip
+    assert json.loads(out)["serializer"] == "json"
 
 
 def test_clear_is_a_dry_run_without_yes(

@@ -33,10 +33,17 @@ import redis.asyncio as redis
 from redis.asyncio.cluster import RedisCluster
 
 from .. import bulk, ops
+from .._types import Serializer
 from ..backend import RedisClient
 from ..cache import Cache
 from ..errors import CacheGuardError, ConfigurationError, InvalidKeyError
 from ..policy import Policy
+from ..serializers import (
+    JsonSerializer,
+    MsgpackSerializer,
+    MsgspecJsonSerializer,
+    MsgspecMsgpackSerializer,
+)
 
 __all__ = (
     "OPERATIONS",
@@ -55,6 +62,16 @@ OPERATIONS: Final = ("doctor", "stats", "inspect", "keys", "clear", "warm")
 #: Seconds to open a connection, and one command's budget.
 CONNECT_TIMEOUT: Final = 3.0
 COMMAND_TIMEOUT: Final = 10.0
+
+
+#: What ``warm --serializer`` accepts: the built-in serializers (pickle never: a file of JSON
+#: lines holds nothing JSON could not).
+SERIALIZERS: Final[dict[str, Callable[[], Serializer]]] = {
+    "msgspec-json": MsgspecJsonSerializer,
+    "json": JsonSerializer,
+    "msgspec-msgpack": MsgspecMsgpackSerializer,
+    "msgpack": MsgpackSerializer,
+}
 
 
 class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -130,6 +147,12 @@ def add_operations(commands: Any) -> None:
     warm.add_argument("--namespace", required=True)
     warm.add_argument("--ttl", type=float, default=3600.0, help="for lines without a ttl")
     warm.add_argument("--concurrency", type=_positive, default=64)
+    warm.add_argument(
+        "--serializer",
+        choices=tuple(SERIALIZERS),
+        default="msgspec-json",
+        help="the one your Caches use (a record written with another reads as a miss)",
+    )
 
 
 def _positive(text: str) -> int:
@@ -618,6 +641,7 @@ async def _warm(client: RedisClient, args: argparse.Namespace, out: Output) -> i
         client,
         namespace=args.namespace,
         policy=Policy(ttl=args.ttl, jitter=0.0),
+        serializer=SERIALIZERS[args.serializer](),
         command_timeout=COMMAND_TIMEOUT,
     )
     total = None
