@@ -64,7 +64,13 @@ from .guards.bloom import BloomFilter
 from .guards.breaker import Breaker
 from .metrics import Event, Hook, Statistics
 from .policy import Policy
-from .serializers import JsonSerializer, MsgpackSerializer, PickleSerializer
+from .serializers import (
+    JsonSerializer,
+    MsgpackSerializer,
+    MsgspecJsonSerializer,
+    MsgspecMsgpackSerializer,
+    PickleSerializer,
+)
 
 __all__ = (
     "BackendError",
@@ -89,6 +95,8 @@ __all__ = (
     "LockError",
     "LockTimeout",
     "MsgpackSerializer",
+    "MsgspecJsonSerializer",
+    "MsgspecMsgpackSerializer",
     "PickleSerializer",
     "Policy",
     "SerializationError",

@@ -10,7 +10,6 @@ from collections.abc import Callable
 from typing import Any
 
 from ._types import Serializer
-from .errors import SerializationError
 from .policy import Policy
 from .record import Record, RecordError, header_of
 from .serializers import typed_decoder
@@ -18,22 +17,32 @@ from .serializers import typed_decoder
 __all__ = ("Entry", "RecordCodec")
 
 
+_UNDECODED: Any = object()
+
+
 class Entry:
     """
-    A record read from Redis, with its payload decoded once for every caller (and once per
-    declared type, for callers that declare one).
+    A record read from Redis, its payload decoded when first asked for, once for every caller
+    (and once per declared type, for callers that declare one: a typed hit never pays for the
+    untyped decode as well).
     """
 
-    __slots__ = ("_codec", "_typed", "header", "record", "value")
+    __slots__ = ("_codec", "_typed", "_value", "header", "record")
 
-    def __init__(
-        self, record: Record, value: Any, header: bytes, codec: RecordCodec | None = None
-    ) -> None:
+    def __init__(self, record: Record, header: bytes, codec: RecordCodec) -> None:
         self.record = record
-        self.value = value
         self.header = header  # identifies this stored copy (see record.header_of)
         self._codec = codec
+        self._value: Any = _UNDECODED
         self._typed: dict[object, Any] | None = None
+
+    @property
+    def value(self) -> Any:
+        """The untyped value (None for a negative record)."""
+        if self._value is _UNDECODED:
+            record = self.record
+            self._value = None if record.negative else self._codec.serializer.loads(record.payload)
+        return self._value
 
     def result(self, returns: object = None) -> Any:
         """
@@ -45,7 +54,7 @@ class Entry:
         """
         if self.record.negative:
             return None
-        decode = None if returns is None or self._codec is None else self._codec.decoder(returns)
+        decode = None if returns is None else self._codec.decoder(returns)
         if decode is None:
             return self.value
         typed = self._typed
@@ -58,18 +67,16 @@ class Entry:
 
     def usable(self, returns: object) -> bool:
         """
-        Whether `result` can give ``returns``; a stored value of another shape (a deploy that
-        changed the type) is counted and treated like a corrupt one: a miss, replaced.
+        Whether `result` can give ``returns``: a payload that does not decode (corrupt, or of
+        another shape after a deploy that changed the type) is counted and treated as a miss,
+        replaced by the next fill.
         """
-        if returns is None or self.record.negative or self._codec is None:
-            return True
-        if self._codec.decoder(returns) is None:
+        if self.record.negative:
             return True
         try:
             self.result(returns)
-        except SerializationError:
-            if self._codec is not None:
-                self._codec.decode_errors += 1
+        except Exception:  # any error of the serializer's decoder: bytes it cannot read
+            self._codec.decode_errors += 1
             return False
         return True
 
@@ -156,14 +163,16 @@ class RecordCodec:
         return record.encode(), ttl + grace
 
     def decode(self, data: bytes) -> Entry | None:
-        """The entry stored as ``data``; None (and counted) when it is foreign or corrupt."""
+        """
+        The entry stored as ``data``; None (and counted) when it is foreign or written by
+        another serializer. Its payload is decoded when first used (`Entry.usable`).
+        """
         try:
             record = Record.decode(data)
             if record.serializer_tag != self.serializer.tag:
                 raise RecordError(f"written with serializer tag {record.serializer_tag}")
-            value = None if record.negative else self.serializer.loads(record.payload)
-        except Exception:
-            # Foreign, corrupt or differently serialized bytes: a miss that the fill overwrites.
+        except RecordError:
+            # Foreign or differently serialized bytes: a miss that the fill overwrites.
             self.decode_errors += 1
             return None
-        return Entry(record, value, header_of(data), self)
+        return Entry(record, header_of(data), self)
