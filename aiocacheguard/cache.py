@@ -396,3 +396,4 @@ class Cache:
         """After a write, later callers must not join a read or flight that began before it."""
         self._reads.forget(rkey)
         self._loads.forget(rkey)
+        self._refreshes.forget(rkey)

@@ -122,5 +122,9 @@ class Refreshes:
         self._written(rkey)
         return value
 
+    def forget(self, rkey: bytes) -> None:
+        """After a write: a refresh asked for later must not join one begun before it."""
+        self._refresher.forget(rkey)
+
     async def aclose(self, *, drain: bool) -> None:
         await self._refresher.aclose(drain=drain)

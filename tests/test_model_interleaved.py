@@ -83,7 +83,7 @@ class Gated:
 #: before it and returns that refresh's pre-write value. While True, the model lets a refresh
 #: return a value its own Cache's earlier refreshes of the key were loading; set it to False
 #: once the write detaches refreshes too.
-REFRESH_JOINS_ACROSS_WRITES = True
+REFRESH_JOINS_ACROSS_WRITES = False
 
 
 class Traffic:

@@ -71,12 +71,13 @@ def xfetch_due(*, now: float, expiry: float, delta: float, beta: float, rng: ran
 class Refresher(Generic[K]):
     """Owns the background refresh tasks of one Cache."""
 
-    __slots__ = ("_clock", "_failures", "_max_concurrent", "_tasks")
+    __slots__ = ("_clock", "_detached", "_failures", "_max_concurrent", "_tasks")
 
     def __init__(self, *, max_concurrent: int, clock: Callable[[], float] = time.monotonic) -> None:
         self._max_concurrent = max_concurrent
         self._clock = clock
         self._tasks: dict[K, asyncio.Task[Any]] = {}
+        self._detached: set[asyncio.Task[Any]] = set()  # forgotten, still owned until done
         self._failures: dict[K, tuple[int, float]] = {}  # key -> (failures, retry at)
 
     def __len__(self) -> int:
@@ -103,6 +104,16 @@ class Refresher(Generic[K]):
         task = self._tasks.get(key) or self._start(key, work)
         return await asyncio.shield(task)
 
+    def forget(self, key: K) -> None:
+        """
+        Later requests for ``key`` start a refresh of their own (the one running may have read
+        data older than a write); it goes on for its callers, and `aclose` still owns it.
+        """
+        task = self._tasks.pop(key, None)
+        if task is not None and not task.done():
+            self._detached.add(task)
+            task.add_done_callback(self._detached.discard)
+
     def _start(self, key: K, work: Callable[[], Coroutine[Any, Any, Any]]) -> asyncio.Task[Any]:
         task = asyncio.create_task(work(), name="aiocacheguard-refresh")
         self._tasks[key] = task
@@ -125,7 +136,7 @@ class Refresher(Generic[K]):
 
     async def aclose(self, *, drain: bool = False) -> None:
         """Cancel the refreshes in flight (default), or wait for them with ``drain=True``."""
-        tasks = list(self._tasks.values())
+        tasks = [*self._tasks.values(), *self._detached]
         if not drain:
             for task in tasks:
                 task.cancel()
