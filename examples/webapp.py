@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 import anyio.to_thread
@@ -25,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from aiocacheguard import Cache, cached
+from aiocacheguard import Cache, CacheRef, Policy, cached
 
 
 class Database:
@@ -65,8 +65,17 @@ class Database:
         return [{"id": pid, "name": name} for pid, name in rows]
 
 
-def create_app(cache: Cache, database: Database) -> Starlette:
-    """The service, on a Cache and a Database you own (the lifespan is yours too)."""
+def create_app(
+    cache: Cache | CacheRef,
+    database: Database,
+    *,
+    lifespan: Callable[[Starlette], AbstractAsyncContextManager[None]] | None = None,
+) -> Starlette:
+    """
+    The service, on a Database you own and a Cache: one you own, or a `CacheRef` that
+    ``lifespan`` binds when the app starts (as `serve` does).
+    """
+    ref = cache if isinstance(cache, CacheRef) else None
 
     @cached(cache, key="product:{product_id}")
     async def get_product(product_id: int) -> dict[str, object] | None:
@@ -79,42 +88,39 @@ def create_app(cache: Cache, database: Database) -> Starlette:
         return JSONResponse(found)
 
     async def leaderboard(request: Request) -> JSONResponse:
-        return JSONResponse(await cache.get_or_load("leaderboard", database.top_products))
+        current = ref.cache if ref is not None else cache
+        assert isinstance(current, Cache)
+        return JSONResponse(await current.get_or_load("leaderboard", database.top_products))
 
     return Starlette(
         routes=[
             Route("/products/{product_id:int}", product),
             Route("/leaderboard", leaderboard),
-        ]
+        ],
+        lifespan=lifespan,
     )
 
 
+def serve(redis_url: str, database: Database) -> Starlette:
+    """The service with its lifespan: a Cache made when it starts, closed when it stops."""
+    ref = CacheRef()
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with Cache.from_url(redis_url, namespace="shop", policy=Policy(ttl=30.0)) as cache:
+            with ref.bind(cache):
+                yield
+
+    return create_app(ref, database, lifespan=lifespan)
+
+
 def main() -> None:  # pragma: no cover - a manual demo
-    import redis.asyncio as redis
     import uvicorn
 
-    from aiocacheguard import Policy
     from aiocacheguard.testing import RedisServer
 
     with RedisServer() as server:
-        database = Database()
-        state: dict[str, Any] = {}
-
-        @asynccontextmanager
-        async def lifespan(app: Starlette) -> AsyncIterator[None]:
-            client = redis.Redis(port=server.port)
-            async with Cache(client, namespace="shop", policy=Policy(ttl=30.0)) as cache:
-                state["app"] = create_app(cache, database)
-                yield
-            await client.aclose()
-
-        async def app(scope: Any, receive: Any, send: Any) -> None:
-            if scope["type"] == "lifespan":
-                await Starlette(lifespan=lifespan)(scope, receive, send)
-            else:
-                await state["app"](scope, receive, send)
-
-        uvicorn.run(app, host="127.0.0.1", port=8000)
+        uvicorn.run(serve(server.url, Database()), host="127.0.0.1", port=8000)
 
 
 if __name__ == "__main__":

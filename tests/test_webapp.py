@@ -10,9 +10,10 @@ import httpx
 import redis.asyncio as redis
 
 from aiocacheguard import Cache, Policy
+from aiocacheguard.testing import RedisServer
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "examples"))
-from webapp import Database, create_app
+from webapp import Database, create_app, serve
 
 
 async def test_500_requests_for_an_expired_key_cause_one_query(
@@ -53,3 +54,18 @@ async def test_absent_products_stop_reaching_the_database(
                 )
                 assert {r.status_code for r in responses} == {404}
             assert database.queries == 1 + 100  # each absent id once, then its cached None
+
+
+def test_the_served_app_runs_its_lifespan_twice(redis_server: RedisServer) -> None:
+    """serve(): the Cache is made when the app starts and closed when it stops, each time."""
+    from starlette.testclient import TestClient
+
+    database = Database()
+    app = serve(redis_server.url, database)
+    for _ in range(2):
+        with TestClient(app) as http:
+            for _ in range(3):
+                assert http.get("/leaderboard").status_code == 200
+                assert http.get("/products/7").json()["name"] == "product 7"
+    # one query per key: the second lifespan's Cache read what the first one wrote
+    assert database.queries == 2
