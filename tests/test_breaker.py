@@ -405,3 +405,27 @@ async def test_sentinel_replica_serves_while_the_primary_fails_over(namespace: s
         await replica.aclose()
         for sentinel_client in sentinel.sentinels:
             await sentinel_client.aclose()
+
+
+async def test_once_open_a_call_costs_about_the_loader_alone(
+    proxy: FaultProxy, namespace: str
+) -> None:
+    client = through(proxy)
+    async with Cache(
+        client,
+        namespace=namespace,
+        policy=Policy(ttl=30.0),
+        command_timeout=0.2,
+        breaker=Breaker(open_for=60.0),  # no probe during the measurement
+    ) as cache:
+        await cache.set("warm", 1)
+        proxy.blackhole()
+        calls: list[int] = []
+        while cache.statistics().breaker_opened == 0:  # a few budgets until it opens
+            await cache.get_or_load("k", functools.partial(count_calls, calls, 1))
+        started = time.monotonic()
+        for i in range(200):
+            assert await cache.get_or_load(f"k{i}", functools.partial(count_calls, calls, i)) == i
+        per_call = (time.monotonic() - started) / 200
+        assert per_call < 0.001, per_call  # before the breaker: 0.2 s (the budget) each
+    await client.aclose()
