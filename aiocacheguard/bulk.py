@@ -31,7 +31,7 @@ import asyncio
 import re
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, TypeGuard, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeGuard, TypeVar, cast
 
 import anyio
 
@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from .cache import Cache
 
 __all__ = (
+    "BulkOperations",
     "NamespaceKeys",
     "Node",
     "clear",
@@ -407,3 +408,42 @@ class NamespaceKeys:
                 wanted = [k for k in keys if self.kind(k) is not None]
                 if wanted:
                     yield wanted
+
+
+class BulkOperations:
+    """
+    `Cache`'s bulk methods: thin, the functions of this module do the work (and take a Cache
+    as their first argument, for code that prefers them).
+    """
+
+    __slots__ = ()
+
+    async def get_many(self, keys: Iterable[Key], default: Any = None) -> list[Any]:
+        """The cached values of ``keys`` in order (see `aiocacheguard.bulk.get_many`)."""
+        return await get_many(cast("Cache", self), keys, default)
+
+    async def set_many(self, mapping: Mapping[KeyT, Any], *, ttl: float | None = None) -> None:
+        """Store every value of ``mapping`` as `set` would (see `aiocacheguard.bulk.set_many`)."""
+        await set_many(cast("Cache", self), mapping, ttl=ttl)
+
+    async def warm(
+        self,
+        items: Iterable[WarmItem] | AsyncIterable[WarmItem],
+        *,
+        concurrency: int = 64,
+        progress: Callable[[int], None] | None = None,
+    ) -> int:
+        """Fill the cache before traffic arrives (see `aiocacheguard.bulk.warm`)."""
+        return await warm(cast("Cache", self), items, concurrency=concurrency, progress=progress)
+
+    async def clear(
+        self,
+        pattern: str = "*",
+        *,
+        locks: bool = False,
+        blooms: bool = False,
+        progress: Callable[[int], None] | None = None,
+    ) -> int:
+        """Remove the entries matching ``pattern``; how many (see `aiocacheguard.bulk.clear`)."""
+        cache = cast("Cache", self)
+        return await clear(cache, pattern, locks=locks, blooms=blooms, progress=progress)

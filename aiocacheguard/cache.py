@@ -12,6 +12,7 @@ from typing import Any, Final, Self, TypeVar, cast
 from ._checks import check_instance, check_int, check_seconds, check_serializer
 from ._types import Key, Serializer
 from .backend import RedisBackend, RedisClient, client_from_url
+from .bulk import BulkOperations
 from .codec import RecordCodec
 from .errors import BackendError, CacheClosedError
 from .guards.bloom import BloomFilter
@@ -42,7 +43,7 @@ _UNREACHABLE: Final[Any] = object()  # the read failed: Redis is unreachable (or
 _UNREAD: Final[Any] = object()  # a flight started before anything was read: it reads first
 
 
-class Cache:
+class Cache(BulkOperations):
     """
     A namespaced cache on a ``redis.asyncio`` client that guards the loader behind it.
 

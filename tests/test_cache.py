@@ -317,3 +317,21 @@ async def test_from_url_owns_and_closes_its_client(
 def test_from_url_refuses_a_bad_url() -> None:
     with pytest.raises(ConfigurationError, match="url"):
         Cache.from_url("http://example.com", namespace="x", policy=Policy(ttl=1.0))
+
+
+async def test_the_bulk_api_on_the_cache(cache: Cache) -> None:
+    """DESIGN's names: get_many, set_many, warm and clear are methods of the Cache."""
+    await cache.set_many({f"k{i}": i for i in range(300)}, ttl=60.0)
+    assert await cache.get_many([f"k{i}" for i in range(300)] + ["absent"]) == [
+        *range(300),
+        None,
+    ]
+
+    async def load() -> str:
+        return "loaded"
+
+    assert await cache.warm([("w1", "v"), ("w2", load)], concurrency=2) == 2
+    assert await cache.get_many(["w1", "w2"]) == ["v", "loaded"]
+    assert await cache.clear("k1*") == 1 + 10 + 100  # k1, k10-k19, k100-k199
+    assert await cache.clear() == 300 - 111 + 2
+    assert await cache.get_many(["k0", "w1"]) == [None, None]
