@@ -194,8 +194,8 @@ async def test_two_processes_refresh_a_soft_expired_key_once(
 ) -> None:
     now = time.time()
     stale = Record(
-        payload=b'{"by": "seed"}', negative=False, serializer_tag=MsgspecJsonSerializer.tag, stored_at=now - 100,
-        soft_expires_at=now - 50, expires_at=now + 900, compute_time=0.05,
+        payload=b'{"by": "seed"}', negative=False, serializer_tag=MsgspecJsonSerializer.tag,
+        stored_at=now - 100, soft_expires_at=now - 50, expires_at=now + 900, compute_time=0.05,
     )  # fmt: skip
     await client.set(f"{{{namespace}:hot}}", stale.encode(), px=1_000_000)
     workers.start(2, coroutines=500, loader_ms=200, policy={"soft_ttl": 10.0})
