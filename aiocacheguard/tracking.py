@@ -53,7 +53,8 @@ Redis Cluster: each primary announces only the writes it executes, to clients co
 so every primary needs its own tracking connection. redis-py's ``RedisCluster`` has no support
 for this, but does not prevent it: ``cluster.get_primaries()`` gives nodes whose
 ``connection_class`` and ``connection_kwargs`` build a connection to each, and one
-`InvalidationListener` a primary (via ``connection_factory``) would work. What redis-py does not
+`InvalidationListener` a primary (via ``connection_factory``) hears the writes of that
+primary's slots (``tests/test_tracking.py`` runs it on a 3-primary cluster). What redis-py does not
 give is a notification when the set of primaries changes (failover, resharding): a new primary
 would be untracked until the listeners were rebuilt, and invalidations for the slots it took
 over would be missed. A cluster L1 therefore needs topology polling (``CLUSTER SHARDS``) that

@@ -12,8 +12,11 @@ from typing import Any, cast
 
 import pytest
 import redis.asyncio as redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.sentinel import Sentinel
 
-from aiocacheguard.testing import RedisServer
+from aiocacheguard.testing import RedisClusterServer, RedisSentinelServer, RedisServer
 from aiocacheguard.tracking import INVALIDATION_CHANNEL, InvalidationListener
 
 from .helpers import wait_until
@@ -311,3 +314,63 @@ async def test_a_refusal_to_track_stops_the_listener_with_its_error(
         await listener.aclose()
         await limited.aclose()
         await client.acl_deluser(user)
+
+
+async def test_sentinel_the_listener_finds_the_primary_through_the_sentinels(
+    redis_sentinel: RedisSentinelServer, prefix: bytes
+) -> None:
+    sentinel = Sentinel(redis_sentinel.sentinels)  # type: ignore[no-untyped-call]
+    primary = sentinel.master_for(redis_sentinel.service)
+    recorder = Recorder()
+    try:
+        async with InvalidationListener(
+            primary, prefix, on_invalidate=recorder.on_invalidate, health_interval=0.5
+        ) as listener:
+            async with asyncio.timeout(5):
+                await listener.wait_listening()
+            key = prefix + b"k}"
+            await primary.set(key, b"v")
+            await recorder.wait_for(key)
+    finally:
+        await primary.aclose()
+        for server in sentinel.sentinels:
+            await server.aclose()
+
+
+async def test_cluster_one_listener_a_primary_sees_the_writes_of_its_slots(
+    redis_cluster: RedisClusterServer, prefix: bytes
+) -> None:
+    # What a cluster L1 would build on: redis-py's RedisCluster has no tracking support, but
+    # its primaries' connection settings open one RESP2 listener each. Keys of one hash tag
+    # live on one primary; only that primary's listener hears of them.
+    cluster = RedisCluster(host=redis_cluster.host, port=redis_cluster.startup_nodes[0][1])
+    await cluster.initialize()
+    recorders: dict[str, Recorder] = {}
+    listeners: list[InvalidationListener] = []
+    try:
+        for node in cluster.get_primaries():
+            recorder = recorders[node.name] = Recorder()
+
+            def factory(node: ClusterNode = node) -> AbstractConnection:
+                kwargs = {**node.connection_kwargs, "protocol": 2, "decode_responses": False}
+                return node.connection_class(**kwargs)
+
+            listener = InvalidationListener(
+                None, b"{", on_invalidate=recorder.on_invalidate, connection_factory=factory
+            )
+            listener.start()
+            listeners.append(listener)
+        async with asyncio.timeout(5):
+            for listener in listeners:
+                await listener.wait_listening()
+        key = prefix + b"k}"
+        await cluster.set(key, b"v")
+        home = cluster.get_node_from_key(key.decode())
+        assert home is not None
+        owner = home.name
+        await recorders[owner].wait_for(key)
+        assert all(key not in r.invalidated for name, r in recorders.items() if name != owner)
+    finally:
+        for listener in listeners:
+            await listener.aclose()
+        await cluster.aclose()
