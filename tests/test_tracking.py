@@ -16,6 +16,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.sentinel import Sentinel
 
+from aiocacheguard.guards.local import LocalCache, LocalStore
 from aiocacheguard.testing import RedisClusterServer, RedisSentinelServer, RedisServer
 from aiocacheguard.tracking import INVALIDATION_CHANNEL, InvalidationListener
 
@@ -374,3 +375,56 @@ async def test_cluster_one_listener_a_primary_sees_the_writes_of_its_slots(
         for listener in listeners:
             await listener.aclose()
         await cluster.aclose()
+
+
+async def test_with_a_store_a_write_racing_a_read_leaves_no_stale_entry(
+    client: redis.Redis, prefix: bytes
+) -> None:
+    # The two parts wired as the Cache will wire them: a read that returned the old value,
+    # overtaken by the invalidation of a write, is not kept; losing the listener bypasses.
+    store: LocalStore[bytes, bytes] = LocalStore(LocalCache())
+    store.bypass()  # until the listener is listening
+
+    def on_invalidate(keys: Sequence[bytes] | None) -> None:
+        if keys is None:
+            store.clear()
+        else:
+            for key in keys:
+                store.invalidate(key)
+
+    key = prefix + b"k}"
+
+    async def read() -> bytes:
+        value = await client.get(key)
+        assert isinstance(value, bytes)
+        return value
+
+    await client.set(key, b"old")
+    async with InvalidationListener(
+        client,
+        prefix,
+        on_invalidate=on_invalidate,
+        on_lost=store.bypass,
+        on_restored=store.resume,
+        health_interval=0.5,
+    ) as listener:
+        async with asyncio.timeout(5):
+            await listener.wait_listening()
+        token = store.begin_fill(key)
+        old = await read()  # the read...
+        seen = store.invalidations
+        await client.set(key, b"new")  # ...overtaken by another client's write
+        await wait_until(lambda: store.invalidations > seen)
+        assert old == b"old"
+        assert not store.finish_fill(key, token, old)
+        token = store.begin_fill(key)
+        assert store.finish_fill(key, token, await read())
+        assert store.get(key) == b"new"
+
+        await client.execute_command("CLIENT", "KILL", "ID", listener.client_id)  # type: ignore[no-untyped-call]
+        await wait_until(lambda: listener.restored == 2)
+        assert listener.lost == 1 and not store.bypassing
+        assert store.get(key) is None  # flushed when lost: writes may have been missed
+        token = store.begin_fill(key)
+        assert store.finish_fill(key, token, await read())
+        assert store.get(key) == b"new"
