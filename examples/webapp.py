@@ -101,13 +101,13 @@ def create_app(
     )
 
 
-def serve(redis_url: str, database: Database) -> Starlette:
+def serve(redis_url: str, database: Database, *, namespace: str = "shop") -> Starlette:
     """The service with its lifespan: a Cache made when it starts, closed when it stops."""
     ref = CacheRef()
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with Cache.from_url(redis_url, namespace="shop", policy=Policy(ttl=30.0)) as cache:
+        async with Cache.from_url(redis_url, namespace=namespace, policy=Policy(ttl=30.0)) as cache:
             with ref.bind(cache):
                 yield
 

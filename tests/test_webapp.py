@@ -56,12 +56,12 @@ async def test_absent_products_stop_reaching_the_database(
             assert database.queries == 1 + 100  # each absent id once, then its cached None
 
 
-def test_the_served_app_runs_its_lifespan_twice(redis_server: RedisServer) -> None:
+def test_the_served_app_runs_its_lifespan_twice(redis_server: RedisServer, namespace: str) -> None:
     """serve(): the Cache is made when the app starts and closed when it stops, each time."""
     from starlette.testclient import TestClient
 
     database = Database()
-    app = serve(redis_server.url, database)
+    app = serve(redis_server.url, database, namespace=namespace)
     for _ in range(2):
         with TestClient(app) as http:
             for _ in range(3):
