@@ -12,10 +12,12 @@ as MGETs and scripts as pipelines, in chunks of `MAX_BATCH` sent side by side (`
 of a kind, and ``max_in_flight`` commands in all, at once), so a default
 ``redis.asyncio.Redis()`` (whose pool raises ``MaxConnectionsError`` past 100 connections in
 redis-py 8) survives any number of callers. A batch waiting for its turn fails at once when
-one ahead of it failed, rather than spend a budget already known to be lost.
+one ahead of it could not reach Redis, rather than spend a budget already known to be lost.
 
-A batch of reads spends at most half of its reads' budget: if it runs out (one huge value in it,
-say), each read is retried alone in what is left, so one slow value fails alone.
+A batch of reads that runs out of its budget (one huge value in it, say) is not failed as a
+whole: each read is retried alone with a budget of its own, so one slow value fails alone (a
+read in such a batch may take up to two budgets). Timeouts tell the circuit breaker, which
+ends an outage's waiting once it opens.
 """
 
 from __future__ import annotations
@@ -181,17 +183,18 @@ class _Batcher(Generic[ItemT, ResultT]):
         batch[:] = [q for q in batch if not q.future.done()]  # gone while waiting for a turn
         if not batch:
             return None
-        split_at = deadline
-        if self._split and len(batch) > 1:
-            now = asyncio.get_running_loop().time()
-            split_at = now + (deadline - now) / 2
         try:
-            async with asyncio.timeout_at(split_at):
+            async with asyncio.timeout_at(deadline):
                 return await self._flush([q.item for q in batch])
         except TimeoutError:
-            if split_at < deadline:  # each read alone, in what is left of the budget
+            if self._split and len(batch) > 1:
+                # One slow value (a huge one) must not fail the reads batched with it: each
+                # is read again alone, with a budget of its own. A Redis that is down fails
+                # those too, and the breaker, told of this timeout, soon opens.
+                self._backend.errors += 1
+                self._backend.record(BackendTimeout("batch"))
                 for queued in batch:
-                    self._send([queued], deadline)
+                    self._send([queued])
                 return None
             self._fail(batch, BackendTimeout("Redis did not answer in time"))
         except _REDIS_ERRORS as exc:
@@ -208,8 +211,9 @@ class _Batcher(Generic[ItemT, ResultT]):
         if count:
             self._backend.errors += 1
             self._backend.record(error)
-            self._epoch += 1
-            self._failure = error
+            if isinstance(error, BackendUnavailable):  # Redis is unreachable: the queue too
+                self._epoch += 1
+                self._failure = error
         for queued in batch:
             if not queued.future.done():
                 queued.future.set_exception(error)
@@ -536,7 +540,7 @@ class _PubSub:
     async def subscribe(self, channel: bytes) -> None:
         loop = asyncio.get_running_loop()
         breaker = self._backend.breaker
-        if breaker is not None and not breaker.closed:  # Redis is down or on probation
+        if breaker is not None and breaker.state is BreakerState.OPEN:  # Redis is down
             raise BackendUnavailable("Redis is treated as unreachable: circuit breaker open")
         confirmed = self._confirmations.get(channel)
         if confirmed is None:

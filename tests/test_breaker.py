@@ -107,6 +107,21 @@ def test_a_failed_probe_opens_it_again() -> None:
     assert not breaker.allow()
 
 
+def test_a_probe_that_never_reports_does_not_keep_it_half_open() -> None:
+    """One caller cancelled mid-probe used to keep it half-open for good (review finding)."""
+    clock = Clock()
+    breaker = CircuitBreaker(
+        Breaker(consecutive_failures=1, open_for=1.0, half_open_probes=3), clock=clock
+    )
+    breaker.record(False)
+    clock.now = 1.0
+    assert breaker.allow()  # this probe's caller goes away: no record
+    for _ in range(3):  # one-at-a-time traffic that succeeds
+        assert breaker.allow()
+        breaker.record(True)
+    assert state_of(breaker) is BreakerState.CLOSED
+
+
 def test_probes_that_never_report_do_not_keep_it_half_open() -> None:
     clock = Clock()
     breaker = CircuitBreaker(
@@ -214,6 +229,11 @@ async def test_redis_back_is_read_again_after_half_open(
                 "cached"
             ):
                 await asyncio.sleep(0.05)
+        # The probes that succeed (three by default) close it.
+        for _ in range(3):
+            assert await cache.get_or_load("k", functools.partial(count_calls, calls, "db")) == (
+                "cached"
+            )
         assert state_of(breaker) is BreakerState.CLOSED
         assert len(calls) <= 10 + 0.5 / 0.05 + 5  # no burst of loads on the way back
         text = caplog.text

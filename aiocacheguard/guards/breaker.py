@@ -3,11 +3,11 @@ A circuit breaker in front of Redis: when Redis is unreachable, stop paying a bu
 
 The model is resilience4j's: **closed** (calls go to Redis; outcomes enter a count-based
 sliding window), **open** (calls are refused at once, without I/O, for ``open_for`` seconds),
-**half-open** (up to ``half_open_probes`` calls go through; if they all succeed the breaker
-closes, if one fails it opens again). It opens when the failure rate over the window reaches
-``failure_rate`` (once ``minimum_calls`` outcomes are in), or after ``consecutive_failures``
-failures in a row, so a single caller calling one after another does not wait for a window
-to fill.
+**half-open** (up to ``half_open_probes`` calls go through at once; once that many have
+succeeded it closes, if one fails it opens again; probes whose callers went away are replaced).
+It opens when the failure rate over the window reaches ``failure_rate`` (once
+``minimum_calls`` outcomes are in), or after ``consecutive_failures`` failures in a row, so a
+single caller calling one after another does not wait for a window to fill.
 
 Only the failures that say Redis cannot be reached count: refused or reset connections and
 spent budgets. Error replies (a full Redis refusing writes under ``noeviction``, READONLY
@@ -106,6 +106,7 @@ class CircuitBreaker:
         "_opened_at",
         "_outcomes",
         "_probes",
+        "_successes",
         "config",
         "opened",
         "short_circuited",
@@ -127,7 +128,8 @@ class CircuitBreaker:
         self._failures = 0  # failures in the window
         self._in_a_row = 0
         self._opened_at = 0.0
-        self._probes = 0  # half-open calls admitted and not yet recorded
+        self._probes = 0  # half-open calls admitted (those not yet succeeded are out)
+        self._successes = 0  # half-open calls that succeeded
         #: Times the breaker opened; calls refused while it was open.
         self.opened = 0
         self.short_circuited = 0
@@ -142,14 +144,14 @@ class CircuitBreaker:
                 self.short_circuited += 1
                 return False
             self._move(BreakerState.HALF_OPEN)
-        if self._probes >= self.config.half_open_probes:
+        if self._probes - self._successes >= self.config.half_open_probes:  # all still out
             if self._clock() - self._opened_at < 2 * self.config.open_for:
                 self.short_circuited += 1
                 return False
-            # Probes admitted a whole period ago never reported (their callers went away):
-            # admit new ones rather than stay half-open for ever.
+            # Some probes never reported (their callers went away, cancelled): admit more
+            # rather than stay half-open for ever; the successes already seen still count.
             self._opened_at = self._clock() - self.config.open_for
-            self._probes = 0
+            self._probes = self._successes
         self._probes += 1
         return True
 
@@ -161,10 +163,11 @@ class CircuitBreaker:
         """The outcome of a call that `allow` let through."""
         state = self.state
         if state is BreakerState.HALF_OPEN:
-            self._probes = max(0, self._probes - 1)
             if not success:
                 self._open()
-            elif self._probes == 0:
+                return
+            self._successes += 1
+            if self._successes >= self.config.half_open_probes:
                 self._close()
             return
         if state is BreakerState.OPEN:
@@ -187,7 +190,7 @@ class CircuitBreaker:
 
     def _open(self) -> None:
         self._opened_at = self._clock()
-        self._probes = 0
+        self._probes = self._successes = 0
         self.opened += 1
         self._move(BreakerState.OPEN)
 

@@ -98,7 +98,8 @@ class SharedCall(Generic[K, T]):
         calls = self._calls
         while (shared := calls.get(key)) is not None:
             try:
-                return await shared.join()
+                # Shielded: cancelling this joiner must not cancel the future the others await.
+                return await asyncio.shield(shared.join())
             except _Abandoned:
                 continue
         shared = calls[key] = _Shared()
