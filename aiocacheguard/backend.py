@@ -520,6 +520,7 @@ class _PubSub:
         self._confirmations: dict[bytes, asyncio.Future[None]] = {}
         self._reader: asyncio.Task[None] | None = None
         self._connecting: asyncio.Task[None] | None = None
+        self._closed = False
 
     def prepare(self) -> None:
         """
@@ -527,7 +528,7 @@ class _PubSub:
         trip to subscribe instead of a connection set-up as well (under a stampede every round
         trip of the waiting path is one more for every caller).
         """
-        if self._connecting is None:
+        if self._connecting is None and not self._closed:
             self._connecting = asyncio.create_task(
                 self._connect(), name="aiocacheguard-pubsub-connect"
             )
@@ -539,6 +540,8 @@ class _PubSub:
 
     async def subscribe(self, channel: bytes) -> None:
         loop = asyncio.get_running_loop()
+        if self._closed:
+            raise BackendUnavailable("the Cache's pub/sub connection was closed (aclose)")
         breaker = self._backend.breaker
         if breaker is not None and breaker.state is BreakerState.OPEN:  # Redis is down
             raise BackendUnavailable("Redis is treated as unreachable: circuit breaker open")
@@ -605,6 +608,7 @@ class _PubSub:
                     pending.set_result(None)
 
     async def aclose(self) -> None:
+        self._closed = True
         for task in (self._connecting, self._reader):
             if task is not None:
                 task.cancel()

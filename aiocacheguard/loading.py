@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import time
 from collections.abc import Awaitable, Callable
@@ -15,6 +16,12 @@ from .metrics import Counters, Emitter
 from .policy import Policy
 
 __all__ = ("LoaderRunner",)
+
+#: True while a loader runs behind the bulkhead: the loads it causes itself (a cached function
+#: calling another) run within its slot, instead of waiting for one it may be keeping from them.
+_IN_LOADER: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "aiocacheguard_in_loader", default=False
+)
 
 
 class LoaderRunner:
@@ -42,7 +49,7 @@ class LoaderRunner:
         self, rkey: bytes, loader: Callable[[], Awaitable[Any]], policy: Policy, /
     ) -> Any:
         limiter = self.limiter
-        if limiter is None:
+        if limiter is None or _IN_LOADER.get():  # a loader's own cached lookups: its slot
             return await self._call(rkey, loader, policy)
         try:
             with anyio.fail_after(policy.wait_timeout):
@@ -53,9 +60,11 @@ class LoaderRunner:
                 f"no loader slot came free within wait_timeout={policy.wait_timeout}s: "
                 f"max_concurrent_loads={int(limiter.total_tokens)} loaders were running"
             ) from None
+        entered = _IN_LOADER.set(True)
         try:
             return await self._call(rkey, loader, policy)
         finally:
+            _IN_LOADER.reset(entered)
             limiter.release()
 
     async def _call(self, rkey: bytes, loader: Callable[[], Awaitable[Any]], policy: Policy) -> Any:

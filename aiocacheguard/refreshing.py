@@ -50,6 +50,9 @@ class Refreshes:
         self._emit: Emitter = rebuilder.emit
         self._rng: random.Random = rebuilder.codec.rng
         self._refresher: Refresher[bytes] = Refresher(max_concurrent=max_concurrent, clock=clock)
+        # Forced refreshes apart: one must not join a background refresh, which gives up
+        # (returning the stale value it meant to replace) when another process is refreshing.
+        self._forced: Refresher[bytes] = Refresher(max_concurrent=max_concurrent, clock=clock)
         self._written = written
         self._on_fill = on_fill
         self._failures = 0  # in a row, Cache-wide: one warning per episode
@@ -79,7 +82,7 @@ class Refreshes:
 
     async def run(self, rkey: bytes, loader: Loader, policy: Policy, returns: object = None) -> Any:
         """Refresh now whatever is cached, joining a refresh of the key already running."""
-        return await self._refresher.run(
+        return await self._forced.run(
             rkey, lambda: self._refresh(rkey, loader, policy, None, returns)
         )
 
@@ -125,6 +128,8 @@ class Refreshes:
     def forget(self, rkey: bytes) -> None:
         """After a write: a refresh asked for later must not join one begun before it."""
         self._refresher.forget(rkey)
+        self._forced.forget(rkey)
 
     async def aclose(self, *, drain: bool) -> None:
         await self._refresher.aclose(drain=drain)
+        await self._forced.aclose(drain=drain)

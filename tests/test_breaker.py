@@ -449,3 +449,22 @@ async def test_once_open_a_call_costs_about_the_loader_alone(
         per_call = (time.monotonic() - started) / 200
         assert per_call < 0.001, per_call  # before the breaker: 0.2 s (the budget) each
     await client.aclose()
+
+
+async def test_a_loader_calling_another_cached_loader_does_not_wait_for_its_own_slot(
+    client: redis.Redis, namespace: str
+) -> None:
+    """With max_concurrent_loads=1, a nested load used to wait out wait_timeout (review)."""
+    policy = Policy(ttl=30.0, wait_timeout=1.0)
+    async with Cache(client, namespace=namespace, policy=policy, max_concurrent_loads=1) as cache:
+
+        async def inner() -> int:
+            return 1
+
+        async def outer() -> int:
+            return await cache.get_or_load("inner", inner) + 1
+
+        began = time.monotonic()
+        assert await cache.get_or_load("outer", outer) == 2
+        assert time.monotonic() - began < 0.5
+        assert cache.statistics().bulkhead_timeouts == 0

@@ -15,6 +15,7 @@ from aiocacheguard import (
     BackendTimeout,
     BackendUnavailable,
     Cache,
+    CacheClosedError,
     ConfigurationError,
     InvalidKeyError,
     MsgpackSerializer,
@@ -23,7 +24,7 @@ from aiocacheguard import (
     SerializationError,
 )
 from aiocacheguard.record import Record
-from aiocacheguard.testing import RedisServer
+from aiocacheguard.testing import FaultProxy, RedisServer
 
 from .helpers import GatedLoader
 
@@ -335,3 +336,26 @@ async def test_the_bulk_api_on_the_cache(cache: Cache) -> None:
     assert await cache.clear("k1*") == 1 + 10 + 100  # k1, k10-k19, k100-k199
     assert await cache.clear() == 300 - 111 + 2
     assert await cache.get_many(["k0", "w1"]) == [None, None]
+
+
+async def test_a_call_whose_read_outlives_aclose_starts_nothing(
+    redis_server: RedisServer, namespace: str
+) -> None:
+    """A read on the wire when aclose() ran used to start a flight (and a lock) after it."""
+    async with FaultProxy(redis_server.port) as proxy:
+        client = redis.Redis(port=proxy.port)
+        cache = Cache(client, namespace=namespace, policy=Policy(ttl=30.0))
+        await cache.get("warm-up")
+        proxy.hold()
+        loader = GatedLoader("v")
+        caller = asyncio.create_task(cache.get_or_load("k", loader))
+        await proxy.wait_held(1)
+        await cache.aclose()
+        proxy.unhold()
+        with pytest.raises(CacheClosedError):
+            await caller
+        assert loader.calls == 0
+        assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("aiocacheguard-")]
+        with pytest.raises(CacheClosedError):
+            await cache.refresh("k", loader)
+        await client.aclose()

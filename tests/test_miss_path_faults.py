@@ -189,3 +189,37 @@ async def test_a_failing_subscribe_is_said_once(
         await backend.aclose()
         await limited.aclose()
         await acl(client, "DELUSER", user)
+
+
+async def test_cancelling_one_reader_of_a_shared_read_leaves_the_others_served(
+    proxy: FaultProxy, client: redis.Redis, namespace: str
+) -> None:
+    """The joiners of one read shared a future: cancelling one cancelled it for all."""
+    async with Cache(client, namespace=namespace, policy=Policy(ttl=30.0)) as writer:
+        await writer.set("k", "v")
+    through = redis.Redis(port=proxy.port)
+    async with Cache(through, namespace=namespace, policy=Policy(ttl=30.0)) as cache:
+        await cache.get("warm-up")  # the connection is open
+        proxy.hold()
+        first = asyncio.create_task(cache.get("k"))
+        await proxy.wait_held(1)  # its GET is on the wire
+        joiners = [asyncio.create_task(cache.get("k")) for _ in range(3)]
+        await asyncio.sleep(0)  # they join the read
+        joiners[0].cancel()
+        proxy.unhold()
+        assert await first == "v"
+        assert await asyncio.gather(*joiners[1:]) == ["v", "v"]
+        with pytest.raises(asyncio.CancelledError):
+            await joiners[0]
+
+        async def never() -> str:
+            raise AssertionError("a hit")
+
+        proxy.hold()
+        loads = [asyncio.create_task(cache.get_or_load("k", never)) for _ in range(3)]
+        await proxy.wait_held(1)
+        await asyncio.sleep(0)
+        loads[1].cancel()
+        proxy.unhold()
+        assert await loads[0] == "v" and await loads[2] == "v"
+    await through.aclose()

@@ -37,6 +37,8 @@ import time
 from collections.abc import Callable, Coroutine, Hashable
 from typing import Any, Final, Generic, TypeVar
 
+from ..errors import CacheClosedError
+
 __all__ = ("Refresher", "xfetch_due")
 
 K = TypeVar("K", bound=Hashable)
@@ -71,13 +73,14 @@ def xfetch_due(*, now: float, expiry: float, delta: float, beta: float, rng: ran
 class Refresher(Generic[K]):
     """Owns the background refresh tasks of one Cache."""
 
-    __slots__ = ("_clock", "_detached", "_failures", "_max_concurrent", "_tasks")
+    __slots__ = ("_clock", "_closed", "_detached", "_failures", "_max_concurrent", "_tasks")
 
     def __init__(self, *, max_concurrent: int, clock: Callable[[], float] = time.monotonic) -> None:
         self._max_concurrent = max_concurrent
         self._clock = clock
         self._tasks: dict[K, asyncio.Task[Any]] = {}
         self._detached: set[asyncio.Task[Any]] = set()  # forgotten, still owned until done
+        self._closed = False
         self._failures: dict[K, tuple[int, float]] = {}  # key -> (failures, retry at)
 
     def __len__(self) -> int:
@@ -91,7 +94,7 @@ class Refresher(Generic[K]):
         Start ``work()`` in the background unless ``key`` is already refreshing or the bound is
         reached. Returns whether it started. ``work`` must handle its own errors.
         """
-        if key in self._tasks or len(self._tasks) >= self._max_concurrent:
+        if self._closed or key in self._tasks or len(self._tasks) >= self._max_concurrent:
             return False
         failed = self._failures.get(key)
         if failed is not None and self._clock() < failed[1]:
@@ -100,9 +103,22 @@ class Refresher(Generic[K]):
         return True
 
     async def run(self, key: K, work: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
-        """Join the refresh of ``key`` in progress, or start one (ignoring the bound); await it."""
+        """
+        Join the refresh of ``key`` in progress, or start one (ignoring the bound); await it.
+
+        Raises:
+            CacheClosedError: `aclose` ran before or during the call.
+        """
+        if self._closed:
+            raise CacheClosedError("this Cache was closed with aclose(); create a new one")
         task = self._tasks.get(key) or self._start(key, work)
-        return await asyncio.shield(task)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if task.cancelled() and not (current is not None and current.cancelling()):
+                raise CacheClosedError("the cache was closed while this call waited") from None
+            raise
 
     def forget(self, key: K) -> None:
         """
@@ -136,6 +152,7 @@ class Refresher(Generic[K]):
 
     async def aclose(self, *, drain: bool = False) -> None:
         """Cancel the refreshes in flight (default), or wait for them with ``drain=True``."""
+        self._closed = True
         tasks = [*self._tasks.values(), *self._detached]
         if not drain:
             for task in tasks:

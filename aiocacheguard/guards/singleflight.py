@@ -152,12 +152,13 @@ class SingleFlight(Generic[K, T]):
         [42]
     """
 
-    __slots__ = ("_flights", "_name", "_tasks")
+    __slots__ = ("_closed", "_flights", "_name", "_tasks")
 
     def __init__(self, *, name: str) -> None:
         self._name = name
         self._flights: dict[K, _Flight[T]] = {}
         self._tasks: set[asyncio.Task[T]] = set()  # detached flights included
+        self._closed = False
 
     def __len__(self) -> int:
         return len(self._flights)
@@ -175,6 +176,8 @@ class SingleFlight(Generic[K, T]):
         """
         flight = self._flights.get(key)
         if flight is None:
+            if self._closed:  # a caller whose read was on its way when aclose() ran
+                raise CacheClosedError("the cache was closed while this call waited")
             task = asyncio.create_task(work(), name=f"aiocacheguard-{self._name}")
             flight = _Flight(task)
             self._flights[key] = flight
@@ -226,6 +229,7 @@ class SingleFlight(Generic[K, T]):
 
     async def aclose(self) -> None:
         """Cancel every flight and wait until all have finished."""
+        self._closed = True
         tasks = list(self._tasks)
         self._flights.clear()
         for task in tasks:
