@@ -382,9 +382,6 @@ class Cache(BulkOperations):
             return await self._rebuilder.load(
                 rkey, loader, policy, expired=entry, on_fill=self._on_fill, returns=returns
             )
-        except BackendError:
-            self._counters.unwritten_loads += 1
-            return await self._load(rkey, loader, policy)  # Redis failed mid-way
         except Exception as exc:
             # Stale-if-error: the previous value, within the policy's grace.
             if entry is None or not entry.stale_if_error(self._codec.clock(), policy, returns):

@@ -103,9 +103,11 @@ class Rebuilder:
         A miss: the value some process loads (this one if it gets the lock). ``expired`` is a
         copy past its TTL that the lock may be taken over, unless it was replaced.
 
+        If Redis fails on the way, the value is loaded without it (counted in
+        ``unwritten_loads``).
+
         Raises:
             LockTimeout: waiting ran out and ``policy.on_wait_timeout == "raise"``.
-            BackendError: Redis failed (the caller decides what to do without it).
             Exception: whatever the loader raised.
         """
         mode = Acquire.STALE if expired is not None else Acquire.ABSENT
@@ -191,14 +193,25 @@ class Rebuilder:
             mode = Acquire.CLAIM
         self._notifier.prepare()  # if this must wait, its connection is on the way
         try:
-            attempt, entry = await self._acquire(lock, mode, replacing, returns)
-            if attempt.outcome is Outcome.BUSY:
+            try:
+                attempt, entry = await self._acquire(lock, mode, replacing, returns)
+                if attempt.outcome is Outcome.BUSY:
+                    if not wait:
+                        return _BUSY, False
+                    self._counters.lock_waits += 1
+                    # A forced refresh waits for a value other than the one it found.
+                    after = attempt.value if mode is Acquire.ANY else replacing
+                    attempt, entry = await self._wait_for_fill(lock, policy, after, returns)
+            except BackendError:
                 if not wait:
-                    return _BUSY, False
-                self._counters.lock_waits += 1
-                # A forced refresh waits for a value other than the one it found.
-                after = attempt.value if mode is Acquire.ANY else replacing
-                attempt, entry = await self._wait_for_fill(lock, policy, after, returns)
+                    raise  # a background refresh that could not write anyway: give up
+                # Redis failed mid-way: load without it (the flight still guards the loader
+                # in this process). The loader's own errors are not caught here: a loader
+                # raising a BackendError of its own is not taken for Redis failing.
+                if lock.may_hold:
+                    self._release_later(lock)
+                self._counters.unwritten_loads += 1
+                return await self._run_loader(rkey, loader, policy), False
             if entry is not None:
                 return entry.result(returns), False
             if attempt.outcome is Outcome.ACQUIRED:

@@ -20,6 +20,7 @@ import redis.asyncio as redis
 
 from aiocacheguard import (
     BackendTimeout,
+    BackendUnavailable,
     BloomFilter,
     Cache,
     LoadTimeout,
@@ -323,3 +324,18 @@ async def test_forced_refresh_served_by_another_process_is_not_counted_as_a_refr
         assert other.calls == 0  # b refreshed nothing...
         assert events.count("refreshed") == 0  # ...so it must not say it did
         assert b.statistics().refreshes == 0
+
+
+async def test_a_loader_raising_a_backend_error_is_called_once(cache: Cache) -> None:
+    """A loader reading another Cache may raise BackendError: it is the loader's error, not
+    Redis failing under this one, so it is not called a second time (review finding)."""
+    calls = 0
+
+    async def load() -> str:
+        nonlocal calls
+        calls += 1
+        raise BackendUnavailable("the other cache's Redis is down")
+
+    with pytest.raises(BackendUnavailable, match="other cache"):
+        await cache.get_or_load("k", load)
+    assert calls == 1 and cache.statistics().unwritten_loads == 0
