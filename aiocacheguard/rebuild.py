@@ -37,7 +37,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from ._types import ScriptRunner
 from .codec import Entry, RecordCodec
@@ -47,8 +47,11 @@ from .guards.notify import FillNotifier
 from .keys import KeySpace
 from .loading import LoaderRunner
 from .policy import Policy
+from .record import header_of
 
 __all__ = ("Rebuilder",)
+
+T = TypeVar("T")
 
 #: Added to a holder's remaining lease before a waiter re-checks for a takeover, so the
 #: re-check lands just after the lock expired rather than just before.
@@ -246,7 +249,7 @@ class Rebuilder:
             entry = self._codec.decode(attempt.value)
             if entry is not None and entry.fresh(self._codec.clock()) and entry.usable(returns):
                 return attempt, entry
-            mode, replacing = Acquire.STALE, attempt.value  # take the lock over it
+            mode, replacing = Acquire.STALE, header_of(attempt.value)  # take the lock over it
         return attempt, None
 
     async def _acquire_once(self, lock: RebuildLock, mode: Acquire, replacing: bytes) -> Attempt:
@@ -336,9 +339,8 @@ class Rebuilder:
             return value
         try:
             if on_fill is not None and value is not None:
-                filled, _ = await asyncio.gather(
-                    lock.fill(*written), on_fill(lock.value_key, value)
-                )
+                # Side by side, and both awaited whatever happens (no orphan Bloom add).
+                filled, _ = await _both(lock.fill(*written), on_fill(lock.value_key, value))
             else:
                 filled = await lock.fill(*written)
         except BackendError:
@@ -354,6 +356,15 @@ class Rebuilder:
         """Wait for the releases still on their way (each bounded by a command budget)."""
         while self._releases:
             await asyncio.gather(*self._releases, return_exceptions=True)
+
+
+async def _both(first: Awaitable[T], second: Awaitable[Any]) -> tuple[T, Any]:
+    """Await both side by side; the first's error, if any, once both are done."""
+    results = await asyncio.gather(first, second, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return results[0], results[1]  # type: ignore[return-value]
 
 
 class _Busy:
