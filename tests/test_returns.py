@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, NamedTuple, TypedDict
 
+import pydantic  # the dev extra's: typed decoding supports its models
 import pytest
 import redis.asyncio as redis
 
@@ -140,3 +141,21 @@ async def test_cached_decodes_hits_into_the_declared_return_type(
         miss = await load_row(3)
         hit = await read_row(3)
         assert hit == miss and isinstance(hit, Row) and isinstance(hit.tags, tuple)
+
+
+async def test_a_pydantic_model_round_trips(client: redis.Redis, namespace: str) -> None:
+    class User(pydantic.BaseModel):
+        id: int
+        joined: dt.datetime
+        roles: tuple[str, ...]
+
+    user = User(id=1, joined=dt.datetime(2026, 1, 2, tzinfo=dt.UTC), roles=("admin",))
+
+    async def load() -> object:
+        return user
+
+    async with Cache(client, namespace=namespace, policy=Policy(ttl=30.0)) as writer:
+        assert await writer.get_or_load("u", load, returns=User) == user
+    async with Cache(client, namespace=namespace, policy=Policy(ttl=30.0)) as reader:
+        got = await reader.get("u", returns=User)
+        assert got == user and isinstance(got, User) and got.roles == ("admin",)
