@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeGuard, TypeVar, cast
 
 import anyio
 
+from ._aio import aiter_of
 from ._types import Key
 from .backend import MAX_BATCH, MAX_BATCHES, RedisClient, to_backend_error
 from .errors import BackendError, ConfigurationError
@@ -175,7 +176,7 @@ async def warm(
 
     async with anyio.create_task_group() as group:
         try:
-            async for item in _aiter(items):
+            async for item in aiter_of(items):
                 token = object()
                 await limiter.acquire_on_behalf_of(token)
                 if failure is not None:
@@ -201,15 +202,6 @@ async def _warm_one(cache: Cache, item: WarmItem) -> None:
         await cache.get_or_load(key, value)
     else:
         await cache.set(key, value, ttl=ttl)
-
-
-async def _aiter(items: Iterable[WarmItem] | AsyncIterable[WarmItem]) -> AsyncIterator[WarmItem]:
-    if isinstance(items, AsyncIterable):
-        async for item in items:
-            yield item
-    else:
-        for item in items:
-            yield item
 
 
 async def clear(

@@ -38,10 +38,11 @@ import contextlib
 import math
 import re
 import struct
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterable, Iterable, Sequence
 
 import mmh3
 
+from .._aio import aiter_of
 from .._checks import check_int, check_number
 from .._types import Key, LuaScript, ScriptRunner
 from ..errors import BackendError, ConfigurationError
@@ -138,8 +139,8 @@ class BloomFilter:
     """
     A Redis-backed Bloom filter of cache keys.
 
-    Create it, hand it to a Cache (``Cache(..., bloom=f)`` guards every miss of that Cache;
-    ``Policy(bloom=f)`` guards the flights using that policy), and fill it from the source of
+    Create it, hand it to a Cache (``Cache(..., bloom=f)`` guards every miss of that Cache),
+    and fill it from the source of
     truth with `add_many` or `rebuild`. The first Cache it is given binds it to its Redis
     client and namespace. A key the filter says is definitely absent returns the negative
     result (``None``) without calling the loader; every value a Cache writes adds its key.
@@ -280,7 +281,7 @@ class BloomFilter:
         check_int("batch", batch, minimum=1)
         added = 0
         chunk: list[Key] = []
-        async for item in _aiter(items):
+        async for item in aiter_of(items):
             chunk.append(item)
             if len(chunk) >= batch:
                 await self.add(*chunk)
@@ -361,7 +362,7 @@ class BloomFilter:
         await runner.eval(START_REBUILD, (self._building_key,), (self.bits - 1,))
         added = 0
         chunk: list[Key] = []
-        async for item in _aiter(items):
+        async for item in aiter_of(items):
             chunk.append(item)
             if len(chunk) >= batch:
                 added += await self._add_to_rebuild(runner, chunk)
@@ -382,16 +383,6 @@ class BloomFilter:
             raise ConfigurationError(
                 "bloom",
                 self,
-                "a filter given to a Cache first: Cache(..., bloom=filter), or used in a "
-                "Policy(bloom=filter) of a get_or_load call",
+                "a filter given to a Cache first: Cache(..., bloom=filter)",
             )
         return self._runner
-
-
-async def _aiter(items: AsyncIterable[Key] | Iterable[Key]) -> AsyncIterator[Key]:
-    if isinstance(items, AsyncIterable):
-        async for item in items:
-            yield item
-    else:
-        for item in items:
-            yield item
