@@ -42,25 +42,30 @@ class _Abandoned(Exception):
 
 
 class _Shared(Generic[T]):
-    __slots__ = ("future",)
+    # One future per joiner, each resolved by the caller that makes the call: cancelling a
+    # joiner cancels only its own (a shared one would be cancelled for all), and it costs one
+    # callback per joiner where asyncio.shield costs two.
+    __slots__ = ("joiners",)
 
     def __init__(self) -> None:
-        self.future: asyncio.Future[T] | None = None  # made when a second caller joins
+        self.joiners: list[asyncio.Future[T]] = []
 
     def join(self) -> asyncio.Future[T]:
-        if self.future is None:
-            self.future = asyncio.get_running_loop().create_future()
-        return self.future
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self.joiners.append(future)
+        return future
 
     def settle(self, result: T | None, error: BaseException | None) -> None:
-        future = self.future
-        if future is None or future.done():
-            return
-        if error is None:
-            future.set_result(cast(T, result))
-            return
-        future.set_exception(error if isinstance(error, Exception) else _Abandoned())
-        future.exception()  # retrieved, even if every joiner has gone
+        if error is not None and not isinstance(error, Exception):
+            error = _Abandoned()  # the caller was cancelled: its joiners make the call again
+        for future in self.joiners:
+            if future.done():
+                continue
+            if error is None:
+                future.set_result(cast(T, result))
+            else:
+                future.set_exception(error)
+                future.exception()  # retrieved, even if its joiner has gone
 
 
 class SharedCall(Generic[K, T]):
@@ -98,8 +103,7 @@ class SharedCall(Generic[K, T]):
         calls = self._calls
         while (shared := calls.get(key)) is not None:
             try:
-                # Shielded: cancelling this joiner must not cancel the future the others await.
-                return await asyncio.shield(shared.join())
+                return await shared.join()
             except _Abandoned:
                 continue
         shared = calls[key] = _Shared()
