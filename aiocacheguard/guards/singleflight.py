@@ -42,30 +42,29 @@ class _Abandoned(Exception):
 
 
 class _Shared(Generic[T]):
-    # One future per joiner, each resolved by the caller that makes the call: cancelling a
-    # joiner cancels only its own (a shared one would be cancelled for all), and it costs one
-    # callback per joiner where asyncio.shield costs two.
-    __slots__ = ("joiners",)
+    # One future for every joiner (waking them costs one callback each). Cancelling a joiner
+    # cancels it for all: the others notice they were not cancelled themselves and join again
+    # (a new future), so only a cancellation pays for it.
+    __slots__ = ("future",)
 
     def __init__(self) -> None:
-        self.joiners: list[asyncio.Future[T]] = []
+        self.future: asyncio.Future[T] | None = None  # made when a second caller joins
 
     def join(self) -> asyncio.Future[T]:
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self.joiners.append(future)
+        future = self.future
+        if future is None or future.done():
+            future = self.future = asyncio.get_running_loop().create_future()
         return future
 
     def settle(self, result: T | None, error: BaseException | None) -> None:
-        if error is not None and not isinstance(error, Exception):
-            error = _Abandoned()  # the caller was cancelled: its joiners make the call again
-        for future in self.joiners:
-            if future.done():
-                continue
-            if error is None:
-                future.set_result(cast(T, result))
-            else:
-                future.set_exception(error)
-                future.exception()  # retrieved, even if its joiner has gone
+        future = self.future
+        if future is None or future.done():
+            return
+        if error is None:
+            future.set_result(cast(T, result))
+            return
+        future.set_exception(error if isinstance(error, Exception) else _Abandoned())
+        future.exception()  # retrieved, even if every joiner has gone
 
 
 class SharedCall(Generic[K, T]):
@@ -106,6 +105,11 @@ class SharedCall(Generic[K, T]):
                 return await shared.join()
             except _Abandoned:
                 continue
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # this joiner was cancelled
+                continue  # another joiner's cancellation cancelled the shared future
         shared = calls[key] = _Shared()
         result: T | None = None
         error: BaseException | None = None
