@@ -40,7 +40,14 @@ from ._types import LuaScript, ScriptArg, Subscriber
 from .errors import BackendError, BackendTimeout, BackendUnavailable, ConfigurationError
 from .guards.breaker import Breaker, BreakerState, CircuitBreaker
 
-__all__ = ("FOREIGN", "RedisBackend", "RedisClient", "client_from_url", "to_backend_error")
+__all__ = (
+    "FOREIGN",
+    "RedisBackend",
+    "RedisClient",
+    "budgeted",
+    "client_from_url",
+    "to_backend_error",
+)
 
 T = TypeVar("T")
 ItemT = TypeVar("ItemT")
@@ -65,7 +72,9 @@ MAX_BATCHES = 4
 #: no record starts with, so the Cache counts them as foreign and the next fill replaces them.
 FOREIGN: Final = b""
 
-_REDIS_ERRORS = (redis_errors.RedisError, OSError)
+#: What redis-py and sockets raise. redis-py's cluster errors (a slot no node covers, say) do
+#: not derive from RedisError.
+_REDIS_ERRORS = (redis_errors.RedisError, redis_errors.RedisClusterException, OSError)
 
 #: Refused writes less than this many seconds apart are one episode: one warning.
 REFUSAL_EPISODE: Final = 60.0
@@ -85,6 +94,18 @@ def to_backend_error(exc: BaseException) -> BackendError:
         error = BackendError(f"Redis error: {exc}")
     error.__cause__ = exc
     return error
+
+
+async def budgeted(command: Awaitable[T], budget: float) -> T:
+    """
+    One command outside the Cache's batching (operations, bulk scans) under ``budget``
+    seconds, its errors translated like every other command's.
+    """
+    try:
+        async with asyncio.timeout(budget):
+            return await command
+    except (*_REDIS_ERRORS, TimeoutError) as exc:
+        raise to_backend_error(exc) from exc
 
 
 def _is_wrongtype(exc: BaseException) -> bool:

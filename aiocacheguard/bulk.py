@@ -37,8 +37,8 @@ import anyio
 
 from ._aio import aiter_of
 from ._types import Key
-from .backend import MAX_BATCH, MAX_BATCHES, RedisClient, to_backend_error
-from .errors import BackendError, ConfigurationError
+from .backend import MAX_BATCH, MAX_BATCHES, RedisClient, budgeted
+from .errors import ConfigurationError
 
 if TYPE_CHECKING:
     from redis.asyncio.cluster import RedisCluster
@@ -235,19 +235,6 @@ async def clear(
         if progress is not None:
             progress(removed)
     return removed
-
-
-async def budgeted(command: Awaitable[Any], budget: float) -> Any:
-    """One command under a budget, its errors translated (`aiocacheguard.backend`)."""
-    try:
-        async with asyncio.timeout(budget):
-            return await command
-    except BackendError:
-        raise
-    except Exception as exc:
-        if isinstance(exc, TimeoutError | OSError) or type(exc).__module__.startswith("redis"):
-            raise to_backend_error(exc) from exc
-        raise
 
 
 @dataclass(frozen=True, slots=True)

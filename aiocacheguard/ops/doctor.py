@@ -10,8 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from ..backend import RedisClient
-from ..bulk import COMMAND_TIMEOUT, Node, budgeted, nodes_of
+from ..backend import RedisClient, budgeted
+from ..bulk import COMMAND_TIMEOUT, Node, nodes_of
 from ._common import text as _text
 
 __all__ = ("Check", "Status", "doctor", "server_checks")

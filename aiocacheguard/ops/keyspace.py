@@ -15,8 +15,8 @@ from typing import Any
 
 import msgspec
 
-from ..backend import RedisClient
-from ..bulk import COMMAND_TIMEOUT, SCAN_COUNT, NamespaceKeys, Node, budgeted, nodes_of, scan_node
+from ..backend import RedisClient, budgeted
+from ..bulk import COMMAND_TIMEOUT, SCAN_COUNT, NamespaceKeys, Node, nodes_of, scan_node
 from ..keys import KeySpace
 from ..record import HEADER_SIZE, Record, RecordError
 from ._common import SERIALIZERS
