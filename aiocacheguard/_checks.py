@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+from ._types import Serializer
 from .errors import ConfigurationError
 
 __all__ = ("check_instance", "check_int", "check_number", "check_seconds", "check_serializer")
@@ -96,8 +97,6 @@ def check_instance(field: str, value: object, kind: type, *, optional: bool = Fa
 
 def check_serializer(serializer: object) -> None:
     """``serializer`` has ``dumps``, ``loads`` and a one-byte ``tag``."""
-    from ._types import Serializer
-
     if not isinstance(serializer, Serializer) or not 0 <= serializer.tag <= 255:
         raise ConfigurationError(
             "serializer", serializer, "an object with dumps, loads and a tag in 0..255"
