@@ -63,6 +63,11 @@ class Policy:
         jitter: Each write shortens ``ttl`` (and ``soft_ttl``, ``negative_ttl``) by a random
             fraction up to this, so keys written together do not expire together. In [0, 1);
             default 0.1.
+        local_ttl: Seconds an entry of this policy is served from the Cache's L1
+            (``Cache(local=LocalCache(...))``) at most, instead of the LocalCache's ``ttl``;
+            0 keeps this policy's entries out of the L1. ``None`` (default): the LocalCache's.
+            Ignored without an L1. Whatever it says, an L1 entry never outlives its record's
+            ``soft_ttl`` (or ``ttl``).
 
     Raises:
         ConfigurationError: a field is negative, zero, NaN, infinite, over a year, or
@@ -88,6 +93,7 @@ class Policy:
     early_beta: float = 0.0
     stale_if_error: float | None = None
     jitter: float = 0.1
+    local_ttl: float | None = None
 
     def __post_init__(self) -> None:
         _check_seconds("ttl", self.ttl)
@@ -99,6 +105,8 @@ class Policy:
         _check_seconds("stale_if_error", self.stale_if_error, optional=True)
         check_number("early_beta", self.early_beta, at_least=0, at_most=100)
         check_number("jitter", self.jitter, at_least=0, below=1)
+        if self.local_ttl is not None:
+            check_number("local_ttl", self.local_ttl, at_least=0, at_most=24 * 3600.0)
         if not isinstance(self.lock, bool):
             raise ConfigurationError("lock", self.lock, "True or False")
         if self.on_wait_timeout not in ("load", "raise"):
