@@ -24,14 +24,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Final, Generic, TypeVar, cast
+from typing import Any, Final, Generic, Literal, Self, TypeVar, cast
 
 import redis.asyncio as redis
 import redis.exceptions as redis_errors
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
@@ -42,8 +44,10 @@ from .guards.breaker import Breaker, BreakerState, CircuitBreaker
 
 __all__ = (
     "FOREIGN",
+    "INVALIDATION_CHANNEL",
     "RedisBackend",
     "RedisClient",
+    "TrackingConnection",
     "budgeted",
     "client_from_url",
     "to_backend_error",
@@ -639,3 +643,105 @@ class _PubSub:
         with contextlib.suppress(redis_errors.RedisError, OSError, TimeoutError):
             async with asyncio.timeout(self._backend.command_timeout):
                 await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+#: The channel Redis publishes invalidations on to a RESP2 redirect target.
+INVALIDATION_CHANNEL: Final = b"__redis__:invalidate"
+
+
+class TrackingConnection:
+    """
+    One RESP2 connection that tracks a key prefix for the L1's invalidation listener
+    (`aiocacheguard.tracking`, which explains the protocol): ``CLIENT TRACKING ON REDIRECT
+    <its own id> BCAST PREFIX <prefix>``, then ``SUBSCRIBE __redis__:invalidate``.
+
+    RESP2 whatever the client speaks: redirected to a RESP3 connection, Redis sends
+    invalidations as push frames, which redis-py 8.1's pub/sub drops without a word.
+
+    Errors are the library's: `BackendUnavailable` / `BackendTimeout` when the connection is
+    lost, `BackendError` when Redis refuses tracking (Redis < 6, an ACL).
+    """
+
+    __slots__ = ("_connection",)
+
+    def __init__(self, connection: AbstractConnection) -> None:
+        self._connection = connection
+
+    @classmethod
+    def factories(cls, client: RedisClient) -> list[Callable[[], TrackingConnection]]:
+        """
+        How to open the tracking connections ``client``'s keys need: one for a standalone or
+        Sentinel client (the Sentinel pool finds the primary), one per primary of an
+        initialized cluster (each primary announces the writes of its own slots only).
+        """
+        if isinstance(client, RedisCluster):
+            return [
+                functools.partial(cls._of, node.connection_class, node.connection_kwargs)
+                for node in client.get_primaries()
+            ]
+        pool = client.connection_pool
+        return [functools.partial(cls._of, pool.connection_class, pool.connection_kwargs)]
+
+    @classmethod
+    def _of(cls, connection_class: type[AbstractConnection], kwargs: dict[str, Any]) -> Self:
+        # The pool's settings (address, credentials, TLS, database, Sentinel discovery), but
+        # RESP2, bytes, and no health check or retry of its own: the listener judges liveness.
+        kwargs = {
+            **kwargs,
+            "protocol": 2,
+            "decode_responses": False,
+            "health_check_interval": 0,
+            "retry": Retry(NoBackoff(), 0),
+        }
+        return cls(connection_class(**kwargs))
+
+    async def track(self, prefix: bytes) -> int:
+        """Connect, track ``prefix`` redirected to this connection, subscribe; its client id."""
+        connection = self._connection
+        try:
+            await connection.connect()  # type: ignore[no-untyped-call]
+            await connection.send_command("CLIENT", "ID")
+            client_id = int(await connection.read_response())
+            await connection.send_command(
+                "CLIENT", "TRACKING", "ON", "REDIRECT", client_id, "BCAST", "PREFIX", prefix
+            )
+            await connection.read_response()
+            await connection.send_command("SUBSCRIBE", INVALIDATION_CHANNEL)
+            reply = await connection.read_response()
+        except (*_REDIS_ERRORS, TimeoutError) as exc:
+            raise to_backend_error(exc) from exc
+        if not (isinstance(reply, list) and reply[:1] == [b"subscribe"]):
+            raise BackendUnavailable(f"unexpected reply to SUBSCRIBE: {reply!r}")
+        return client_id
+
+    async def receive(self, quiet_after: float) -> list[bytes] | Literal["quiet", "other"] | None:
+        """
+        The keys of the next invalidation (None: flush everything), ``"other"`` for another
+        frame (a PONG), ``"quiet"`` when nothing came within ``quiet_after`` seconds.
+        """
+        try:
+            message = await self._connection.read_response(timeout=quiet_after)
+        except (*_REDIS_ERRORS, TimeoutError) as exc:
+            raise to_backend_error(exc) from exc
+        if message is None:
+            return "quiet"
+        if (
+            isinstance(message, list)
+            and len(message) == 3
+            and message[0] == b"message"
+            and message[1] == INVALIDATION_CHANNEL
+        ):
+            keys = message[2]
+            return None if keys is None else list(keys)
+        return "other"
+
+    async def ping(self) -> None:
+        """Ask for a sign of life (its PONG comes back through `receive`)."""
+        try:
+            await self._connection.send_command("PING")
+        except (*_REDIS_ERRORS, TimeoutError) as exc:
+            raise to_backend_error(exc) from exc
+
+    async def close(self) -> None:
+        """Drop the connection (its tracking goes with it)."""
+        await self._connection.disconnect(nowait=True)

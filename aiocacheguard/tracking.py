@@ -39,9 +39,9 @@ but must be registered on each connection object, which the pool creates lazily.
 only affect connections made after they are set, so already open pool connections would need
 a ``pool.disconnect()``.
 
-This is, with ``backend.py``, a module that imports ``redis``: it owns one connection of its
-own, outside the Cache's command path, and maps its failures itself (a lost connection is
-reported through ``on_lost``, never raised).
+The connection itself, the only part that speaks to Redis, is ``backend.TrackingConnection``
+(the one module that imports ``redis``); this module decides when it is alive. A lost
+connection is reported through ``on_lost``, never raised.
 
 The RESP3 trap: redis-py 8 speaks RESP3 by default. Redirected to a RESP3 connection, Redis sends
 invalidations as RESP3 *push* frames (``>2 invalidate [keys]``), not pub/sub messages; redis-py's
@@ -52,9 +52,10 @@ shows it). This module pins ``protocol=2`` on its own connection, whatever the c
 Redis Cluster: each primary announces only the writes it executes, to clients connected to it,
 so every primary needs its own tracking connection. redis-py's ``RedisCluster`` has no support
 for this, but does not prevent it: ``cluster.get_primaries()`` gives nodes whose
-``connection_class`` and ``connection_kwargs`` build a connection to each, and one
-`InvalidationListener` a primary (via ``connection_factory``) hears the writes of that
-primary's slots (``tests/test_tracking.py`` runs it on a 3-primary cluster). What redis-py does not
+``connection_class`` and ``connection_kwargs`` build a connection to each
+(``TrackingConnection.factories``), and one `InvalidationListener` a primary (via
+``connection_factory``) hears the writes of that primary's slots (``tests/test_tracking.py``
+runs it on a 3-primary cluster). What redis-py does not
 give is a notification when the set of primaries changes (failover, resharding): a new primary
 would be untracked until the listeners were rebuilt, and invalidations for the slots it took
 over would be missed. A cluster L1 therefore needs topology polling (``CLUSTER SHARDS``) that
@@ -82,42 +83,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any
 
-import redis.asyncio as redis
-import redis.exceptions as redis_errors
-from redis.asyncio.connection import AbstractConnection
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+from .backend import INVALIDATION_CHANNEL, RedisClient, TrackingConnection
+from .errors import BackendError, BackendTimeout, BackendUnavailable
 
-__all__ = ("INVALIDATION_CHANNEL", "InvalidationListener", "resp2_connection")
+__all__ = ("INVALIDATION_CHANNEL", "InvalidationListener")
 
 logger = logging.getLogger("aiocacheguard")
 
-#: The channel Redis publishes invalidations on to a RESP2 redirect target.
-INVALIDATION_CHANNEL = b"__redis__:invalidate"
-
-_LOST = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError, TimeoutError)
-
-
-def resp2_connection(client: redis.Redis) -> AbstractConnection:
-    """
-    A new, unconnected connection with ``client``'s pool settings (address, credentials, TLS,
-    Sentinel master discovery, database) but RESP2, bytes replies, no health check of its own
-    and no retry: the listener judges liveness and reconnects itself.
-    """
-    pool = client.connection_pool
-    kwargs: dict[str, Any] = dict(pool.connection_kwargs)
-    kwargs.update(
-        protocol=2,
-        decode_responses=False,
-        health_check_interval=0,
-        retry=Retry(NoBackoff(), 0),
-    )
-    return pool.connection_class(**kwargs)
+_LOST = (BackendUnavailable, BackendTimeout)
 
 
 class InvalidationListener:
@@ -126,7 +102,7 @@ class InvalidationListener:
     the invalidations it receives to ``on_invalidate``; reconnects when it is lost.
 
     Args:
-        client: The user's client; only its pool settings are used (`resp2_connection`).
+        client: The user's standalone or Sentinel client; only its pool settings are used.
         prefix: The key prefix tracked, e.g. ``b"{shop:"`` for a namespace's value keys.
         on_invalidate: Called with the keys Redis announced, or None for "flush everything".
         on_lost: Called once when the connection is found lost (before reconnecting).
@@ -135,8 +111,9 @@ class InvalidationListener:
             reply has to arrive before the connection counts as lost.
         connect_timeout: Budget of one connection attempt, handshake and tracking included.
         reconnect_delay: First and largest pause between failed attempts (doubled each time).
-        connection_factory: Builds each new connection (default `resp2_connection` of
-            ``client``); one listener a cluster primary would pass one building that node's.
+        connection_factory: Builds each new connection (default: ``client``'s, see
+            `TrackingConnection.factories`); on a cluster, one listener a primary, each given
+            that primary's.
 
     The callbacks run in the listener's task and must not block; an exception they raise is
     logged and the listener goes on. Its owner starts its L1 bypassed and lets it serve from
@@ -147,7 +124,7 @@ class InvalidationListener:
 
     def __init__(
         self,
-        client: redis.Redis | None,
+        client: RedisClient | None,
         prefix: bytes | str,
         *,
         on_invalidate: Callable[[Sequence[bytes] | None], None],
@@ -156,12 +133,12 @@ class InvalidationListener:
         health_interval: float = 1.0,
         connect_timeout: float = 2.0,
         reconnect_delay: tuple[float, float] = (0.05, 1.0),
-        connection_factory: Callable[[], AbstractConnection] | None = None,
+        connection_factory: Callable[[], TrackingConnection] | None = None,
     ) -> None:
         if connection_factory is None:
             if client is None:
                 raise ValueError("InvalidationListener needs a client or a connection_factory")
-            connection_factory = functools.partial(resp2_connection, client)
+            (connection_factory,) = TrackingConnection.factories(client)
         self._factory = connection_factory
         self.prefix = prefix.encode() if isinstance(prefix, str) else prefix
         self._on_invalidate = on_invalidate
@@ -171,12 +148,11 @@ class InvalidationListener:
         self._connect_timeout = connect_timeout
         self._reconnect_delay = reconnect_delay
         self._task: asyncio.Task[None] | None = None
-        self._connection: AbstractConnection | None = None
         self._listening = asyncio.Event()
         #: The server's id of the listening connection, while it listens.
         self.client_id: int | None = None
         #: Why the listener gave up for good (Redis refused tracking), else None.
-        self.error: redis_errors.ResponseError | None = None
+        self.error: BackendError | None = None
         #: Times the connection was lost / tracking was (re)established.
         self.lost = 0
         self.restored = 0
@@ -219,22 +195,22 @@ class InvalidationListener:
             connection = self._factory()
             try:
                 async with asyncio.timeout(self._connect_timeout):
-                    self.client_id = await self._track(connection)
-            except redis_errors.ResponseError as exc:
-                # Refused, not unreachable (no CLIENT TRACKING before Redis 6, an ACL that
-                # forbids it): retrying would not help. The L1 stays bypassed.
-                await connection.disconnect(nowait=True)
-                self.error = exc
-                logger.error("invalidation listener refused by Redis, L1 stays off: %s", exc)
-                return
-            except _LOST as exc:
-                await connection.disconnect(nowait=True)
+                    self.client_id = await connection.track(self.prefix)
+            except (*_LOST, TimeoutError) as exc:
+                await connection.close()
                 logger.warning("invalidation listener cannot connect (%s); retrying", exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._reconnect_delay[1])
                 continue
+            except BackendError as exc:
+                # Refused, not unreachable (no CLIENT TRACKING before Redis 6, an ACL that
+                # forbids it): retrying would not help. The L1 stays bypassed.
+                await connection.close()
+                self.error = exc
+                logger.error("invalidation listener refused by Redis, L1 stays off: %s", exc)
+                return
             except BaseException:
-                await connection.disconnect(nowait=True)
+                await connection.close()
                 raise
             delay = self._reconnect_delay[0]
             self._listening.set()
@@ -242,48 +218,28 @@ class InvalidationListener:
             self._call(self._on_restored)
             try:
                 await self._listen(connection)
-            except _LOST as exc:
+            except (*_LOST, TimeoutError) as exc:
                 logger.warning("invalidation listener lost its connection (%s)", exc)
             finally:
                 self._listening.clear()
                 self.client_id = None
-                await connection.disconnect(nowait=True)
+                await connection.close()
             self.lost += 1
             self._call(self._on_lost)
 
-    async def _track(self, connection: AbstractConnection) -> int:
-        await connection.connect()  # type: ignore[no-untyped-call]
-        await connection.send_command("CLIENT", "ID")
-        client_id = int(await connection.read_response())
-        await connection.send_command(
-            "CLIENT", "TRACKING", "ON", "REDIRECT", client_id, "BCAST", "PREFIX", self.prefix
-        )
-        await connection.read_response()
-        await connection.send_command("SUBSCRIBE", INVALIDATION_CHANNEL)
-        reply = await connection.read_response()
-        if not (isinstance(reply, list) and reply[:1] == [b"subscribe"]):
-            raise redis_errors.ConnectionError(f"unexpected reply to SUBSCRIBE: {reply!r}")
-        return client_id
-
-    async def _listen(self, connection: AbstractConnection) -> None:
+    async def _listen(self, connection: TrackingConnection) -> None:
         ping_sent = False
         while True:
-            message = await connection.read_response(timeout=self._health_interval)
-            if message is None:  # quiet for a whole interval
+            message = await connection.receive(self._health_interval)
+            if message == "quiet":  # nothing for a whole interval
                 if ping_sent:
                     raise TimeoutError("the listener's PING went unanswered")
-                await connection.send_command("PING")
+                await connection.ping()
                 ping_sent = True
                 continue
             ping_sent = False  # any frame proves the connection alive
-            if (
-                isinstance(message, list)
-                and len(message) == 3
-                and message[0] == b"message"
-                and message[1] == INVALIDATION_CHANNEL
-            ):
-                keys = message[2]
-                self._call(self._on_invalidate, None if keys is None else list(keys))
+            if message != "other":
+                self._call(self._on_invalidate, message)
 
     def _call(self, callback: Callable[..., None], *args: object) -> None:
         try:

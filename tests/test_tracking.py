@@ -12,10 +12,10 @@ from typing import Any, cast
 
 import pytest
 import redis.asyncio as redis
-from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import Sentinel
 
+from aiocacheguard.backend import TrackingConnection
 from aiocacheguard.guards.local import LocalCache, LocalStore
 from aiocacheguard.testing import RedisClusterServer, RedisSentinelServer, RedisServer
 from aiocacheguard.tracking import INVALIDATION_CHANNEL, InvalidationListener
@@ -353,13 +353,11 @@ async def test_cluster_one_listener_a_primary_sees_the_writes_of_its_slots(
     recorders: dict[str, Recorder] = {}
     listeners: list[InvalidationListener] = []
     try:
-        for node in cluster.get_primaries():
+        primaries = cluster.get_primaries()
+        factories = TrackingConnection.factories(cluster)
+        assert len(factories) == len(primaries) == 3
+        for node, factory in zip(primaries, factories, strict=True):
             recorder = recorders[node.name] = Recorder()
-
-            def factory(node: ClusterNode = node) -> AbstractConnection:
-                kwargs = {**node.connection_kwargs, "protocol": 2, "decode_responses": False}
-                return node.connection_class(**kwargs)
-
             listener = InvalidationListener(
                 None, b"{", on_invalidate=recorder.on_invalidate, connection_factory=factory
             )
