@@ -62,6 +62,7 @@ from .errors import (
 )
 from .guards.bloom import BloomFilter
 from .guards.breaker import Breaker
+from .guards.local import LocalCache
 from .metrics import Event, Hook, Statistics
 from .policy import Policy
 from .serializers import (
@@ -92,6 +93,7 @@ __all__ = (
     "Key",
     "LoadTimeout",
     "Loader",
+    "LocalCache",
     "LockError",
     "LockTimeout",
     "MsgpackSerializer",

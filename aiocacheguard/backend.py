@@ -37,7 +37,7 @@ from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from ._checks import check_int
+from ._checks import check_instance, check_int
 from ._types import LuaScript, ScriptArg, Subscriber
 from .errors import BackendError, BackendTimeout, BackendUnavailable, ConfigurationError
 from .guards.breaker import Breaker, BreakerState, CircuitBreaker
@@ -342,6 +342,7 @@ class RedisBackend:
     ) -> RedisBackend:
         """A backend with a circuit breaker of its own (a replica's failures say nothing of
         its primary's, so each client gets one)."""
+        check_instance("breaker", breaker, Breaker, optional=True)
         circuit = None
         if breaker is not None:
             circuit = CircuitBreaker(breaker, on_transition=on_transition)

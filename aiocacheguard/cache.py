@@ -9,20 +9,22 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any, Final, Self, TypeVar, cast
 
-from ._checks import check_instance, check_int, check_seconds, check_serializer
+from ._checks import check_instance, check_seconds, check_serializer
 from ._types import Key, Serializer
 from .backend import RedisBackend, RedisClient, client_from_url
 from .bulk import BulkOperations
-from .codec import RecordCodec
+from .codec import Entry, RecordCodec
 from .errors import BackendError, CacheClosedError
 from .guards.bloom import BloomFilter
 from .guards.breaker import Breaker
+from .guards.local import LocalCache
 from .guards.lock import unlink
 from .guards.notify import FillNotifier
 from .guards.singleflight import SingleFlight
 from .keys import KeySpace
 from .loading import LoaderRunner
 from .metrics import Counters, Emitter, Hook, Statistics
+from .near import NearCache
 from .policy import Policy
 from .reading import Reader
 from .rebuild import Rebuilder
@@ -68,18 +70,22 @@ class Cache(BulkOperations):
         breaker: The `Breaker` in front of Redis (on by default; None switches it off): once
             Redis is found unreachable, calls skip it without spending a budget.
         replica: A client of a replica (e.g. Sentinel ``slave_for``), read when the primary
-            fails. max_concurrent_loads: At most this many loader calls at once (a bulkhead).
+            fails.
+        max_concurrent_loads: At most this many loader calls at once here (a bulkhead).
+        local: An L1 in this process (`LocalCache`): hits without I/O, invalidated by Redis
+            (CLIENT TRACKING) when any client changes a key; see `aiocacheguard.near`.
 
     Raises:
         ConfigurationError: an argument is out of range; the message says what is accepted.
 
     Example:
         >>> import asyncio, redis.asyncio as redis
-        >>> from aiocacheguard import Cache, Policy
+        >>> from aiocacheguard import Cache, LocalCache, Policy
         >>> from aiocacheguard.testing import RedisServer
         >>> async def main(port: int) -> object:
         ...     client = redis.Redis(port=port)
-        ...     async with Cache(client, namespace="doc", policy=Policy(ttl=30.0)) as cache:
+        ...     policy, l1 = Policy(ttl=30.0), LocalCache(ttl=5.0)  # l1: optional, no-I/O hits
+        ...     async with Cache(client, namespace="doc", policy=policy, local=l1) as cache:
         ...         async def load_board() -> list[str]:
         ...             return ["ada", "grace"]
         ...         board = await cache.get_or_load("leaderboard", load_board)
@@ -108,20 +114,15 @@ class Cache(BulkOperations):
         breaker: Breaker | None = Breaker(),  # noqa: B008 - frozen, so one shared default is safe
         replica: RedisClient | None = None,
         max_concurrent_loads: int | None = None,
+        local: LocalCache | None = None,
     ) -> None:
         check_instance("policy", policy, Policy)
         serializer = MsgspecJsonSerializer() if serializer is None else serializer
         check_serializer(serializer)
         check_seconds("command_timeout", command_timeout, maximum=60.0)
-        check_int("max_refreshes", max_refreshes, minimum=1)
-        if max_concurrent_loads is not None:
-            check_int("max_concurrent_loads", max_concurrent_loads, minimum=1)
-        check_instance("breaker", breaker, Breaker, optional=True)
         check_instance("bloom", bloom, BloomFilter, optional=True)
         self.keys = KeySpace(namespace)
-        self.policy = policy
-        self.serializer = serializer
-        self.bloom = bloom
+        self.policy, self.serializer, self.bloom = policy, serializer, bloom
         self._emit = emit = Emitter(hook)
         budget, moved = float(command_timeout), emit.breaker_moved
         self._backend = RedisBackend.of(client, budget, max_in_flight, breaker, moved)
@@ -129,7 +130,9 @@ class Cache(BulkOperations):
         self._replica = None if replica is None else RedisBackend.of(replica, budget, None, breaker)
         self._counters = counters = Counters()
         self._codec = RecordCodec(serializer, clock=clock, rng=rng or random.Random())
-        self._reads = Reader(self._backend, self._codec, counters, replica=self._replica)
+        self._near = near = NearCache.of(local, client, self.keys.prefix, clock, budget)
+        self._local = None if near is None else near.store
+        self._reads = Reader(self._backend, self._codec, counters, replica=self._replica, near=near)
         self._loads: SingleFlight[bytes, Any] = SingleFlight(name="load")
         self._load = LoaderRunner(counters, emit, max_concurrent=max_concurrent_loads)
         self._notifier = FillNotifier()
@@ -145,9 +148,9 @@ class Cache(BulkOperations):
     @classmethod
     def from_url(cls, url: str, *, namespace: str, policy: Policy, **options: Any) -> Cache:
         """
-        A Cache on a client made from ``url`` (``redis://``, ``rediss://``, ``unix://``), with
-        redis-py's retries off (one command, one budget). The Cache owns it: `aclose` closes
-        it. ``options`` are the Cache's other keyword arguments.
+        A Cache on a client made from ``url`` (``redis://``, ``rediss://``, ``unix://``) with
+        redis-py's retries off (one command, one budget), closed by `aclose`; ``options`` as
+        in `Cache`.
 
         Example:
             >>> Cache.from_url("redis://localhost/0", namespace="shop", policy=Policy(ttl=30.0))
@@ -167,6 +170,8 @@ class Cache(BulkOperations):
 
     async def __aenter__(self) -> Self:
         self._check_open()
+        if self._near is not None:  # the L1 serves once it hears invalidations: start now
+            await self._near.wait_serving(self._backend.command_timeout)
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -174,10 +179,9 @@ class Cache(BulkOperations):
 
     async def aclose(self, *, drain: bool = False) -> None:
         """
-        Stop all work and wait for it; idempotent (a second call waits for the first). Flights
-        are cancelled (their callers get `CacheClosedError`) and their locks released;
-        refreshes too, or with ``drain=True`` awaited. No task outlives this call; a client you
-        gave stays open (one `from_url` made is closed).
+        Stop all work and wait for it; idempotent. Flights are cancelled (their callers get
+        `CacheClosedError`) and their locks released; refreshes too, or with ``drain=True``
+        awaited. No task outlives this call; a client you gave stays open (`from_url`'s closes).
         """
         if self._closing is None:
             self._closing = asyncio.create_task(self._aclose(drain), name="aiocacheguard-close")
@@ -185,10 +189,10 @@ class Cache(BulkOperations):
 
     async def _aclose(self, drain: bool) -> None:
         await self._refreshes.aclose(drain=drain)
-        await self._loads.aclose()
-        await self._rebuilder.aclose()  # releases of locks the cancelled flights may hold
-        await self._notifier.aclose()
-        await self._backend.aclose()
+        # Flights, the lock releases they left, subscriptions, the L1's listeners, connections.
+        for part in (self._loads, self._rebuilder, self._notifier, self._near, self._backend):
+            if part is not None:
+                await part.aclose()
         if self._replica is not None:
             await self._replica.aclose()
         if self._owns_client:
@@ -205,16 +209,15 @@ class Cache(BulkOperations):
             notify_fallbacks=self._notifier.fallbacks,
             **self._backend.counters(),
             **(self.bloom.counters() if self.bloom else {}),
+            **(self._near.counters() if self._near else {}),
         )
 
     async def get(self, key: Key, default: Any = None, *, returns: object = None) -> Any:
         """
         The cached value of ``key``, or ``default`` when nothing usable is cached.
 
-        A cached negative result (a loader's ``None``) returns ``None``, not ``default``. A
-        value past its soft TTL is still returned (`get` has no loader to refresh it); one past
-        its TTL is not. Concurrent gets of one key share one read; ``returns`` as in
-        `get_or_load`.
+        A cached negative result (a loader's ``None``) returns ``None``, not ``default``; a value
+        past its soft TTL is returned, one past its TTL is not. ``returns`` as in `get_or_load`.
 
         Raises:
             InvalidKeyError: the key is empty, too long or not str/bytes.
@@ -222,9 +225,8 @@ class Cache(BulkOperations):
         """
         self._check_open()
         rkey = self.keys.value(key)
-        if rkey in self._reads:
-            self._counters.coalesced += 1
-        entry = await self._reads.read(rkey)
+        self._counters.coalesced += rkey in self._reads  # sharing a read on its way
+        entry = await self._reads.read(rkey, self.policy.local_ttl)
         if entry is None or not entry.fresh(self._codec.clock()) or not entry.usable(returns):
             return default
         return entry.result(returns)
@@ -273,23 +275,15 @@ class Cache(BulkOperations):
         """
         The cached value of ``key``; on a miss, ``await loader()`` once and cache its result.
 
-        Concurrent calls for one key in this process share one Redis read and one flight
-        (1,000 calls: one GET, at most one loader call). A cancelled caller leaves the flight
-        to the others; when all are cancelled, so is the loader, and its lock is released.
-
-        On a miss, with ``policy.lock`` (the default), one process of the deployment loads
-        while the others wait for its fill (`aiocacheguard.rebuild`): a dead holder is taken
-        over within ``policy.lock_ttl``; after ``policy.wait_timeout`` a waiter loads itself,
-        or raises `LockTimeout` if ``policy.on_wait_timeout == "raise"``.
-
-        Past ``policy.soft_ttl`` (or earlier, by XFetch's draw with ``policy.early_beta``) the
-        value is returned at once and one background refresh is started; across processes
-        the lock makes it one refresh. With ``policy.stale_if_error``, a value past its TTL is
-        still returned if the loader fails.
-
-        A loader returning ``None`` means "absent": it is cached for ``policy.negative_ttl``.
-        If Redis fails, the value is loaded without it (counted in ``redis_errors``): the
-        flight still protects the loader from concurrent calls.
+        A fresh L1 entry returns at once. Concurrent calls for one key in this process share
+        one Redis read and one flight (1,000 calls: one GET, at most one loader call); a
+        cancelled caller leaves it to the others; when all are cancelled, so is the loader.
+        On a miss, with ``policy.lock``, one process of the deployment loads while the others
+        wait for its fill (`aiocacheguard.rebuild`; a dead holder is taken over within
+        ``lock_ttl``). Past ``soft_ttl`` (or earlier, by XFetch) the value is returned and one
+        background refresh started. A loader's ``None`` is cached for ``negative_ttl``. With
+        Redis unreachable: the L1's entry within ``stale_if_error``, else the loader, still
+        once per key here. docs/policy.md says what each field does.
 
         Args:
             key: str or bytes, at most `aiocacheguard.keys.MAX_KEY_BYTES` bytes.
@@ -311,6 +305,11 @@ class Cache(BulkOperations):
         self._check_open()
         rkey = self.keys.value(key)
         policy = self.policy.for_call(policy, loader)
+        # The L1: a fresh local entry returns at once, no I/O, no task (XFetch still draws).
+        local = self._local
+        if local is not None and (held := local.get(rkey)) is not None and held.usable(returns):
+            self._refreshes.maybe_start(rkey, held, loader, policy, self._codec.clock())
+            return cast(T, held.result(returns))
         # Join this process's flight for the key: one is loading it, or a read is on its way
         # (the flight shares that read), so thousands of callers are woken once, not twice.
         if rkey in self._loads or rkey in self._reads:
@@ -334,11 +333,9 @@ class Cache(BulkOperations):
         returns: object = None,
     ) -> T:
         """
-        Load ``key`` again now, whatever is cached, write it, and return the new value.
-
-        Joins a refresh of the key already running in this process; if another process holds
-        the rebuild lock, waits for its fill and returns that instead of loading twice. Raises
-        what `get_or_load` raises.
+        Load ``key`` again now, whatever is cached, write it, and return the new value. Joins a
+        refresh of the key running here; if another process holds the rebuild lock, waits for
+        its fill and returns it. Raises what `get_or_load` raises.
         """
         self._check_open()
         rkey = self.keys.value(key)
@@ -352,7 +349,7 @@ class Cache(BulkOperations):
         if returns is not None:
             self._codec.decoder(returns)  # a type the serializer cannot decode into: say so now
         try:
-            entry = await self._reads.read(rkey)
+            entry = await self._reads.read(rkey, policy.local_ttl)
         except BackendError:
             return False, _UNREACHABLE
         now = self._codec.clock()
@@ -369,8 +366,11 @@ class Cache(BulkOperations):
             served, entry = await self._read_for(rkey, loader, policy, returns)
             if served:
                 return entry
-        # Redis unreachable (or its breaker open): load without it, still one load per key here.
+        # Redis unreachable (or its breaker open): the L1's entry within stale_if_error, else
+        # load without Redis, still one load per key here.
         if entry is _UNREACHABLE:
+            if held := self._reads.local(rkey, self._codec.clock(), policy, returns):
+                return self._stale(rkey, held, returns, None)
             self._counters.unwritten_loads += 1
             return await self._load(rkey, loader, policy)
         # A miss the Bloom filter rules out: the key exists nowhere.
@@ -386,9 +386,12 @@ class Cache(BulkOperations):
             # Stale-if-error: the previous value, within the policy's grace.
             if entry is None or not entry.stale_if_error(self._codec.clock(), policy, returns):
                 raise
-            self._counters.stale_served += 1
-            self._emit("stale_served", rkey, exc)
-            return entry.result(returns)
+            return self._stale(rkey, entry, returns, exc)
+
+    def _stale(self, rkey: bytes, entry: Entry, returns: object, exc: BaseException | None) -> Any:
+        self._counters.stale_served += 1
+        self._emit("stale_served", rkey, exc)
+        return entry.result(returns)
 
     def _detach(self, rkey: bytes) -> None:
         """After a write, later callers must not join a read or flight that began before it."""

@@ -48,7 +48,7 @@ class KeySpace:
         b'{shop:leaderboard}'
     """
 
-    __slots__ = ("_encoded", "_prefix_length", "namespace")
+    __slots__ = ("_encoded", "_prefix_length", "namespace", "prefix")
 
     def __init__(self, namespace: str) -> None:
         if not isinstance(namespace, str) or not _NAMESPACE.fullmatch(namespace):
@@ -59,7 +59,9 @@ class KeySpace:
             )
         self.namespace = namespace
         self._encoded = namespace.encode()
-        self._prefix_length = len(hash_tag(self._encoded, b"")) - 1  # "{namespace:"
+        #: What every Redis key of the namespace starts with, ``b"{namespace:"``.
+        self.prefix = hash_tag(self._encoded, b"")[:-1]
+        self._prefix_length = len(self.prefix)
 
     def value(self, key: Key) -> bytes:
         """

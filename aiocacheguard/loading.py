@@ -11,6 +11,7 @@ from typing import Any
 
 import anyio
 
+from ._checks import check_int
 from .errors import ConfigurationError, LoadTimeout
 from .metrics import Counters, Emitter
 from .policy import Policy
@@ -38,6 +39,8 @@ class LoaderRunner:
     def __init__(
         self, counters: Counters, emit: Emitter, *, max_concurrent: int | None = None
     ) -> None:
+        if max_concurrent is not None:
+            check_int("max_concurrent_loads", max_concurrent, minimum=1)
         #: The Cache's statistics and event hook, which the loads report to.
         self.counters = counters
         self.emit = emit

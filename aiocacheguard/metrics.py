@@ -145,6 +145,13 @@ class Statistics:
             ``wait_timeout`` and raised `LoadTimeout` (or served the stale value).
         bloom_add_errors: Bloom filter additions that failed; the filter keeps the keys in
             memory, answers "maybe" for them and adds them with its next successful write.
+        local_hits: Reads served by the L1 (``Cache(local=...)``) without I/O; not counted in
+            ``hits``, which are reads of Redis.
+        local_evictions: L1 entries removed to stay within its ``max_entries`` / ``max_bytes``.
+        invalidations: Keys the L1 was told changed (announced by Redis, or written by this
+            process), plus flushes; counted whether or not it held them.
+        local_bypassed: Times the L1 stopped serving because an invalidation listener lost
+            its connection (it serves again once tracking is restored).
     """
 
     hits: int = 0
@@ -174,6 +181,10 @@ class Statistics:
     unwritten_loads: int = 0
     replica_reads: int = 0
     bulkhead_timeouts: int = 0
+    local_hits: int = 0
+    local_evictions: int = 0
+    invalidations: int = 0
+    local_bypassed: int = 0
 
 
 class StatisticsSource(Protocol):
@@ -217,6 +228,10 @@ class Counters:
     unwritten_loads: int
     replica_reads: int
     bulkhead_timeouts: int
+    local_hits: int
+    local_evictions: int
+    invalidations: int
+    local_bypassed: int
 
     def __init__(self) -> None:
         for name in self.__slots__:

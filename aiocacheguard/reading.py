@@ -9,6 +9,8 @@ from .codec import Entry, RecordCodec
 from .errors import BackendError
 from .guards.singleflight import SharedCall
 from .metrics import Counters
+from .near import NearCache
+from .policy import Policy
 
 __all__ = ("Reader",)
 
@@ -18,10 +20,11 @@ class Reader:
     Reads the entries of one Cache. Concurrent reads of a key share the first caller's read,
     run in that caller's own task (no task is created for a read nobody shares); statistics
     count each Redis read once, however many callers it served. With a ``replica``, a read
-    the primary fails (or its circuit breaker refuses) is made on the replica.
+    the primary fails (or its circuit breaker refuses) is made on the replica. With a
+    ``near`` cache (the L1), a key it holds is served from it, and what Redis returns fills it.
     """
 
-    __slots__ = ("_backend", "_codec", "_counters", "_reads", "_replica")
+    __slots__ = ("_backend", "_codec", "_counters", "_near", "_reads", "_replica")
 
     def __init__(
         self,
@@ -30,8 +33,10 @@ class Reader:
         counters: Counters,
         *,
         replica: RedisBackend | None = None,
+        near: NearCache | None = None,
     ) -> None:
         self._backend = backend
+        self._near = near
         self._replica = replica
         self._codec = codec
         self._counters = counters
@@ -41,28 +46,60 @@ class Reader:
         """Whether a read of the key is on its way."""
         return rkey in self._reads
 
-    async def read(self, rkey: bytes) -> Entry | None:
+    async def read(self, rkey: bytes, local_ttl: float | None = None) -> Entry | None:
         """
-        The key's entry; None when nothing usable is stored (counted as a miss).
+        The key's entry; None when nothing usable is stored (counted as a miss). ``local_ttl``
+        bounds how long the L1 may serve what Redis returns (0: not kept).
 
         Raises:
             BackendError: Redis failed or did not answer within its budget.
         """
-        return await self._reads.run(rkey, partial(self._fetch, rkey))
+        near = self._near
+        if near is not None:
+            entry = near.get(rkey)
+            if entry is not None:
+                return entry
+        return await self._reads.run(rkey, partial(self._fetch, rkey, local_ttl))
+
+    def local(self, rkey: bytes, now: float, policy: Policy, returns: object) -> Entry | None:
+        """
+        What the L1 holds for the key, whatever its local expiry, if ``policy.stale_if_error``
+        lets it be served: the fallback chain's step for an unreachable Redis.
+        """
+        held = None if self._near is None else self._near.stale(rkey)
+        return held if held is not None and held.stale_if_error(now, policy, returns) else None
 
     def forget(self, rkey: bytes) -> None:
-        """Later reads of the key make their own (the one on its way may predate a write)."""
+        """
+        This process wrote the key: later reads make their own (the one on its way may predate
+        the write), and the L1 stops serving what it held, at once.
+        """
         self._reads.forget(rkey)
+        if self._near is not None:
+            self._near.invalidate(rkey)
 
-    async def _fetch(self, rkey: bytes) -> Entry | None:
+    async def _fetch(self, rkey: bytes, local_ttl: float | None) -> Entry | None:
+        near = self._near
+        token = 0  # no L1 fill
+        if near is not None and near.serving and local_ttl != 0:
+            token = near.begin(rkey)  # before the read: an invalidation from now on voids it
         try:
             data = await self._backend.get(rkey)
         except BackendError:
+            if near is not None and token:
+                near.abandon(rkey, token)
+                token = 0  # a replica may lag behind what invalidations said: not kept
             if self._replica is None:
                 raise
             data = await self._replica.get(rkey)  # the primary failed: its replica may answer
             self._counters.replica_reads += 1
+        except BaseException:
+            if near is not None and token:
+                near.abandon(rkey, token)
+            raise
         entry = None if data is None else self._codec.decode(data)
+        if near is not None and token:
+            near.fill(rkey, token, entry, len(data or b""), local_ttl)
         counters = self._counters
         if entry is None:
             counters.misses += 1

@@ -10,6 +10,7 @@ import random
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
+from ._checks import check_int
 from .codec import Entry
 from .guards.refresh import Refresher, xfetch_due
 from .metrics import Counters, Emitter
@@ -45,6 +46,7 @@ class Refreshes:
         written: Callable[[bytes], None],
         on_fill: OnFill | None,
     ) -> None:
+        check_int("max_refreshes", max_concurrent, minimum=1)
         self._rebuilder = rebuilder
         self._counters: Counters = rebuilder.counters
         self._emit: Emitter = rebuilder.emit

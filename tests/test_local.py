@@ -62,7 +62,7 @@ def test_expiry_is_the_local_ttl_when_the_record_lives_longer(clock: Clock) -> N
     assert store.get("k") == "v"
     clock.now += 0.2
     assert store.get("k") is None
-    assert len(store) == 0 and store.bytes == 0  # an expired entry found is dropped
+    assert store.stale("k") == "v"  # kept for the fallback chain until evicted or replaced
 
 
 def test_expiry_never_outlives_the_record(clock: Clock) -> None:
@@ -214,15 +214,20 @@ def test_an_entry_larger_than_max_bytes_is_not_stored() -> None:
     assert store.get("small") == "v"  # nothing was evicted for it
 
 
-def test_bypass_flushes_and_refuses_until_resumed() -> None:
+def test_bypass_stops_serving_and_refuses_until_resumed() -> None:
     store: LocalStore[str, object] = LocalStore(LocalCache())
     fill(store, "k", "v")
+    fill(store, "gone", "v")
     before = store.begin_fill("j")  # a read under way when the connection is lost
     store.bypass()
     assert store.get("k") is None
+    assert store.stale("k") == "v"  # set aside for the fallback chain only
+    store.invalidate("gone")  # a local write while bypassing
+    assert store.stale("gone") is None
     assert not fill(store, "k", "v")
     during = store.begin_fill("i")  # a read while invalidations are not arriving
     store.resume()
+    assert store.stale("k") is None  # it may have missed invalidations: dropped
     assert not store.finish_fill("j", before, "v")
     assert not store.finish_fill("i", during, "v")
     assert store.statistics().bypassing is False

@@ -51,8 +51,9 @@ Guarantees:
       (the encoded size the owner reports plus `ENTRY_OVERHEAD` an entry); least recently used
       entries go first, an entry larger than the whole budget is not stored, and a full store
       may refuse a fill (counted in ``refused``): that read is simply not kept.
-    - While bypassing (invalidations are not arriving) the store is empty, serves nothing and
-      stores nothing; fills begun before `resume` are dropped.
+    - While bypassing (invalidations are not arriving) the store serves nothing and stores
+      nothing; what it held is kept aside for `stale` only, and dropped by `resume` along with
+      fills begun before it.
 
 Limitations:
     - Values are shared: every hit returns the same object, so a caller that mutates it changes
@@ -234,6 +235,7 @@ class LocalStore(Generic[K, V]):
         "_max_entries",
         "_next_token",
         "_sketch",
+        "_stale",
         "bypassing",
         "config",
         "evictions",
@@ -251,6 +253,8 @@ class LocalStore(Generic[K, V]):
         self._max_bytes = config.max_bytes
         # key -> (value, expires_at, accounted bytes); insertion order is recency order.
         self._entries: collections.OrderedDict[K, tuple[V, float, int]] = collections.OrderedDict()
+        # What was held when the store began bypassing: for `stale` only.
+        self._stale: dict[K, tuple[V, float, int]] = {}
         # key -> token of the fill whose placeholder is current; oldest first.
         self._fills: dict[K, int] = {}
         self._next_token = 0
@@ -269,14 +273,27 @@ class LocalStore(Generic[K, V]):
     def get(self, key: K, default: D | None = None) -> V | D | None:
         """The value held for ``key`` if it has not expired, else ``default``."""
         entry = self._entries.get(key)
-        if entry is not None:
-            if entry[1] > self._clock():
-                self._entries.move_to_end(key)
-                self.hits += 1
-                return copy.deepcopy(entry[0]) if self._copy else entry[0]
-            self._remove(key)
+        if entry is not None and entry[1] > self._clock():
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return copy.deepcopy(entry[0]) if self._copy else entry[0]
+        # An expired entry stays (for `stale`) until evicted or replaced: it is not moved, so
+        # it drifts to the least recently used end.
         self.misses += 1
         return default
+
+    def stale(self, key: K, default: D | None = None) -> V | D | None:
+        """
+        The value held for ``key`` whatever its expiry, bypassing or not (not counted as a
+        hit): the last resort of a fallback chain, for its owner to judge. Held entries are
+        kept through `bypass` for this, and dropped by `resume`.
+        """
+        entry = self._entries.get(key)
+        if entry is None:
+            entry = self._stale.get(key)
+            if entry is None:
+                return default
+        return copy.deepcopy(entry[0]) if self._copy else entry[0]
 
     def begin_fill(self, key: K) -> int:
         """
@@ -361,22 +378,38 @@ class LocalStore(Generic[K, V]):
         self.invalidations += 1
         self._fills.pop(key, None)
         self._remove(key)
+        self._stale.pop(key, None)
 
     def clear(self) -> None:
         """Forget everything, fills in progress included (FLUSHDB, or a lost connection)."""
         self.invalidations += 1
         self._fills.clear()
         self._entries.clear()
+        self._stale.clear()
         self._bytes = 0
 
     def bypass(self) -> None:
-        """Flush, then serve and store nothing until `resume` (invalidations not arriving)."""
-        self.clear()
+        """
+        Serve and store nothing until `resume` (invalidations not arriving). Entries held are
+        set aside for `stale` only (bounded by what was held), not served.
+        """
+        self._fills.clear()
+        if self._entries:
+            self.invalidations += 1
+            self._stale.update(self._entries)
+            self._entries.clear()
+            self._bytes = 0
         self.bypassing = True
 
     def resume(self) -> None:
-        """Serve again, once invalidations arrive again; reads begun before are dropped."""
+        """
+        Serve again, once invalidations arrive again: whatever was held or set aside may
+        have missed some, so it is dropped; reads begun before are dropped too.
+        """
         self._fills.clear()
+        self._entries.clear()
+        self._stale.clear()
+        self._bytes = 0
         self.bypassing = False
 
     def statistics(self) -> LocalStatistics:

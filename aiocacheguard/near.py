@@ -1,0 +1,238 @@
+"""
+The L1 tier of a Cache: a `LocalStore` of entries read from Redis, kept coherent with Redis by
+invalidation listeners (`aiocacheguard.tracking`), one per primary.
+
+How the parts meet (the Redis reference on client-side caching, BCAST mode):
+
+- A read of a key that is not held leaves a placeholder (`LocalStore.begin_fill`) before it goes
+  to Redis and offers its entry after (`NearCache.fill`). An invalidation of the key that
+  arrives in between removes the placeholder, so a reply that raced a write is not kept.
+- An entry is held for ``min(local ttl, the record's soft expiry, or else its hard expiry)``,
+  so stale serving, refreshes and XFetch stay decisions taken on the Redis record.
+- The Cache's own writes (``set``, ``delete``, a forced refresh, ``clear``) drop the key at once
+  when they return (`NearCache.invalidate`): the writer reads its own writes without waiting
+  for the announcement that follows.
+- The store serves only while *every* listener listens. It starts bypassed and serves once the
+  first ``on_restored`` of each has come; a listener that loses its connection bypasses it
+  again (invalidations may have been missed) until tracking is restored, when whatever it
+  still held is dropped. Entries held when the listener was lost are kept for one use only:
+  the fallback chain may serve them, within the policy's ``stale_if_error`` grace, while
+  Redis itself is unreachable (`NearCache.stale`).
+
+Guarantees:
+    - A hit costs a dict lookup, a clock read and ``move_to_end``: no await, no task.
+    - Once a write has returned in this process, this process's L1 does not serve the value it
+      replaced; a write by any other client (another process, redis-cli, FLUSHDB, an expiry)
+      stops being served when its invalidation arrives (sub-millisecond on loopback) or,
+      if invalidations stop arriving, when the listener finds its connection lost (within
+      two of its ``health_interval``).
+    - Nothing is served from the L1 while any listener is not listening.
+
+Limitations:
+    - Redis Cluster: one listener per primary known when the L1 starts. A failover (or a
+      resharding) that makes another node primary is seen only as the old primary's listener
+      losing its connection: the L1 is bypassed until that address answers as a tracking
+      primary again. Until then reads go to Redis, so nothing stale is served, but the L1 does
+      not help either; restart the Cache after a permanent topology change.
+    - BCAST tracking announces every write under the namespace to every process, read or not:
+      its bandwidth grows with the write rate of the whole namespace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Sequence
+
+from ._checks import check_instance
+from .backend import RedisClient, TrackingConnection, budgeted
+from .codec import Entry
+from .errors import BackendError
+from .guards.local import LocalCache, LocalStore
+from .tracking import InvalidationListener
+
+__all__ = ("NearCache",)
+
+
+class NearCache:
+    """
+    The L1 of one Cache: a `LocalStore` of `Entry` objects and the listeners that invalidate it.
+
+    Args:
+        config: The store's bounds and TTL.
+        client: The Cache's client; its pool settings open the listeners' connections.
+        prefix: The tracked key prefix (the namespace's ``{namespace:``).
+        clock: The Cache's clock (records' expiries are on it).
+        budget: Seconds a listener's connection attempt may take.
+        health_interval: Seconds of silence before a listener PINGs, and the time the PONG has.
+    """
+
+    __slots__ = (
+        "_budget",
+        "_client",
+        "_health_interval",
+        "_listening",
+        "_lost",
+        "_prefix",
+        "_starting",
+        "listeners",
+        "store",
+    )
+
+    def __init__(
+        self,
+        config: LocalCache,
+        client: RedisClient,
+        prefix: bytes,
+        *,
+        clock: Callable[[], float],
+        budget: float,
+        health_interval: float = 1.0,
+    ) -> None:
+        self.store: LocalStore[bytes, Entry] = LocalStore(config, clock=clock)
+        self.store.bypass()  # nothing is served before every listener listens
+        self.listeners: list[InvalidationListener] = []
+        self._client = client
+        self._prefix = prefix
+        self._budget = budget
+        self._health_interval = health_interval
+        self._listening = 0
+        self._lost = 0  # times the store went from serving to bypassing
+        self._starting: asyncio.Task[None] | None = None
+
+    @classmethod
+    def of(
+        cls,
+        config: LocalCache | None,
+        client: RedisClient,
+        prefix: bytes,
+        clock: Callable[[], float],
+        budget: float,
+    ) -> NearCache | None:
+        """The L1 ``config`` asks for (``Cache(local=...)``), or None without one."""
+        check_instance("local", config, LocalCache, optional=True)
+        return None if config is None else cls(config, client, prefix, clock=clock, budget=budget)
+
+    def get(self, rkey: bytes) -> Entry | None:
+        """The entry held for ``rkey`` (fresh by its local expiry), else None."""
+        entry = self.store.get(rkey)
+        if entry is None and self._starting is None:
+            self.start()
+        return entry
+
+    def begin(self, rkey: bytes) -> int:
+        """Leave a placeholder before reading ``rkey`` from Redis (see `fill`)."""
+        return self.store.begin_fill(rkey)
+
+    def fill(
+        self, rkey: bytes, token: int, entry: Entry | None, size: int, ttl: float | None
+    ) -> None:
+        """Keep what the read begun with ``token`` found, unless it was invalidated meanwhile."""
+        store = self.store
+        if entry is None:
+            store.abandon_fill(rkey, token)
+            return
+        record = entry.record
+        soft = record.soft_expires_at
+        not_after = record.expires_at if soft is None else soft
+        store.finish_fill(rkey, token, entry, not_after=not_after, size=size, ttl=ttl)
+
+    def abandon(self, rkey: bytes, token: int) -> None:
+        self.store.abandon_fill(rkey, token)
+
+    def invalidate(self, rkey: bytes) -> None:
+        """This process wrote ``rkey``: stop serving what was held for it, now."""
+        self.store.invalidate(rkey)
+
+    def flush(self) -> None:
+        """This process removed many keys (``clear``): hold nothing read before."""
+        self.store.clear()
+
+    def stale(self, rkey: bytes) -> Entry | None:
+        """The entry held for ``rkey`` whatever its local expiry, for the fallback chain."""
+        return self.store.stale(rkey)
+
+    @property
+    def serving(self) -> bool:
+        """Whether every listener listens, so the store serves."""
+        return not self.store.bypassing
+
+    def start(self) -> None:
+        """Start the listeners in the background (once; the first read calls this)."""
+        if self._starting is None:
+            self._starting = asyncio.get_running_loop().create_task(
+                self._start(), name="aiocacheguard-l1-start"
+            )
+
+    async def wait_serving(self, within: float) -> bool:
+        """Start, and wait up to ``within`` seconds for the store to serve; whether it does."""
+        self.start()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within):
+                assert self._starting is not None
+                await asyncio.shield(self._starting)
+                await asyncio.gather(*(listener.wait_listening() for listener in self.listeners))
+        return self.serving
+
+    async def _start(self) -> None:
+        client = self._client
+        if hasattr(client, "get_primaries"):
+            # A cluster client learns its primaries on first use: learn them now.
+            while True:
+                try:
+                    await budgeted(client.initialize(), self._budget)
+                    break
+                except BackendError:
+                    await asyncio.sleep(min(1.0, self._budget))
+        for factory in TrackingConnection.factories(client):
+            listener = InvalidationListener(
+                None,
+                self._prefix,
+                on_invalidate=self._on_invalidate,
+                on_lost=self._on_lost,
+                on_restored=self._on_restored,
+                health_interval=self._health_interval,
+                connect_timeout=self._budget,
+                connection_factory=factory,
+            )
+            self.listeners.append(listener)
+            listener.start()
+
+    def _on_invalidate(self, keys: Sequence[bytes] | None) -> None:
+        store = self.store
+        if keys is None:  # FLUSHDB / FLUSHALL
+            store.clear()
+            return
+        for key in keys:
+            if key[-1:] == b"}":  # a value key, not a lock or a fill channel
+                store.invalidate(key)
+
+    def _on_lost(self) -> None:
+        self._listening -= 1
+        if not self.store.bypassing:
+            self._lost += 1
+        self.store.bypass()
+
+    def _on_restored(self) -> None:
+        self._listening += 1
+        if self._listening == len(self.listeners):  # all appended before any task ran
+            self.store.resume()
+
+    def counters(self) -> dict[str, int]:
+        """The L1's share of a Cache's statistics."""
+        store = self.store
+        return {
+            "local_hits": store.hits,
+            "local_evictions": store.evictions,
+            "invalidations": store.invalidations,
+            "local_bypassed": self._lost,
+        }
+
+    async def aclose(self) -> None:
+        """Stop the listeners; the store serves nothing afterwards."""
+        if self._starting is not None:
+            self._starting.cancel()
+            await asyncio.gather(self._starting, return_exceptions=True)
+        for listener in self.listeners:
+            await listener.aclose()
+        self.store.bypass()

@@ -1,0 +1,386 @@
+"""
+The L1 wired into the Cache (``Cache(local=LocalCache(...))``, aiocacheguard.near) against real
+servers: hits without I/O, bounded by the record's soft expiry and the policy's local_ttl;
+invalidation of what any client changes (another process, a plain client's DEL, FLUSHDB); the
+writer reading its own writes; a lost invalidation connection; a read overtaken by an
+invalidation; a refused listener; and the L1 as the fallback chain's step while Redis is down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import redis.asyncio as redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from aiocacheguard import Breaker, Cache, ConfigurationError, LocalCache, Policy
+from aiocacheguard.testing import FaultProxy, RedisServer
+
+from .helpers import Clock, command_calls, library_tasks, wait_until
+
+
+def l1_cache(client: redis.Redis, namespace: str, **options: Any) -> Cache:
+    policy = options.pop("policy", Policy(ttl=30.0))
+    local = options.pop("local", LocalCache())
+    return Cache(client, namespace=namespace, policy=policy, local=local, **options)
+
+
+@pytest.fixture
+async def near(client: redis.Redis, namespace: str) -> AsyncIterator[Cache]:
+    async with l1_cache(client, namespace) as cache:
+        yield cache
+    assert not library_tasks(), "aclose() left library tasks behind"
+
+
+async def reads(client: redis.Redis) -> int:
+    return await command_calls(client, "get", "mget")
+
+
+async def held(cache: Cache, key: str, value: object) -> None:
+    """Wait until the L1 serves ``value`` for ``key`` (a Redis read fills it)."""
+
+    async def served() -> bool:
+        before = cache.statistics().local_hits
+        return await cache.get(key) == value and cache.statistics().local_hits > before
+
+    async with asyncio.timeout(5):
+        while not await served():
+            await asyncio.sleep(0.005)
+
+
+async def test_hits_after_the_first_read_cost_no_redis_command(
+    near: Cache, client: redis.Redis
+) -> None:
+    calls = 0
+
+    async def load() -> dict[str, int]:
+        nonlocal calls
+        calls += 1
+        return {"n": 1}
+
+    assert await near.get_or_load("k", load) == {"n": 1}
+    await held(near, "k", {"n": 1})
+    before = await reads(client)
+    for _ in range(200):
+        assert await near.get_or_load("k", load) == {"n": 1}
+        assert await near.get("k") == {"n": 1}
+    assert await reads(client) == before  # not one GET (INFO itself is not counted)
+    stats = near.statistics()
+    assert calls == 1 and stats.local_hits >= 400
+
+
+async def test_an_l1_entry_never_outlives_the_soft_ttl_or_the_local_ttl(
+    client: redis.Redis, namespace: str
+) -> None:
+    clock = Clock()
+    policy = Policy(ttl=60.0, soft_ttl=10.0, jitter=0.0)
+    async with l1_cache(
+        client, namespace, policy=policy, clock=clock, local=LocalCache(ttl=3600.0)
+    ) as cache:
+        loads = 0
+
+        async def load() -> int:
+            nonlocal loads
+            loads += 1
+            return loads
+
+        assert await cache.get_or_load("soft", load) == 1
+        await held(cache, "soft", 1)
+        clock.now += 9.9
+        before = await reads(client)
+        assert await cache.get_or_load("soft", load) == 1
+        assert await reads(client) == before  # still in the L1
+        clock.now += 0.2  # past the soft TTL: the L1 let go; Redis says stale, refresh
+        assert await cache.get_or_load("soft", load) == 1
+        assert await reads(client) == before + 1
+        await wait_until(lambda: loads == 2)
+
+        # A policy's local_ttl shortens the L1's; 0 keeps entries out of it.
+        short = Policy(ttl=60.0, local_ttl=2.0)
+        assert await cache.get_or_load("short", load, policy=short) == 3
+        await cache.get_or_load("short", load, policy=short)  # fills the L1
+        before = await reads(client)
+        await cache.get_or_load("short", load, policy=short)
+        assert await reads(client) == before
+        clock.now += 2.1
+        await cache.get_or_load("short", load, policy=short)
+        assert await reads(client) == before + 1
+        never = Policy(ttl=60.0, local_ttl=0)
+        await cache.get_or_load("never", load, policy=never)
+        hits = cache.statistics().local_hits
+        for _ in range(5):
+            await cache.get_or_load("never", load, policy=never)
+        assert cache.statistics().local_hits == hits
+
+
+_WRITER = """
+import asyncio, json, sys
+import redis.asyncio as redis
+from aiocacheguard import Cache, LocalCache, Policy
+
+async def main(port, namespace):
+    client = redis.Redis(port=port)
+    local = LocalCache()
+    async with Cache(client, namespace=namespace, policy=Policy(ttl=30.0), local=local) as cache:
+        print("ready", flush=True)
+        for line in sys.stdin:
+            await cache.set("k", json.loads(line))
+            print("written", flush=True)
+    await client.aclose()
+
+asyncio.run(main(int(sys.argv[1]), sys.argv[2]))
+"""
+
+
+async def test_a_write_by_another_process_reaches_this_l1(
+    near: Cache, redis_server: RedisServer, namespace: str
+) -> None:
+    writer = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _WRITER,
+        str(redis_server.port),
+        namespace,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert writer.stdin is not None and writer.stdout is not None
+    try:
+        async with asyncio.timeout(30):
+            assert await writer.stdout.readline() == b"ready\n"
+            delays = []
+            for version in range(1, 21):
+                if version > 1:
+                    await held(near, "k", version - 1)  # the old value is in the L1
+                writer.stdin.write(json.dumps(version).encode() + b"\n")
+                await writer.stdin.drain()
+                assert await writer.stdout.readline() == b"written\n"
+                start = time.perf_counter()  # set() has returned in the other process
+                while (seen := await near.get("k")) != version:
+                    assert seen in (None, version - 1)
+                    await asyncio.sleep(0)
+                delays.append(time.perf_counter() - start)
+    finally:
+        writer.stdin.close()
+        await writer.wait()
+    assert max(delays) < 1.0  # sub-millisecond on loopback; generous for a shared machine
+    assert near.statistics().local_hits > 0
+
+
+async def test_a_plain_clients_del_and_flushdb_reach_the_l1(
+    near: Cache, redis_server: RedisServer
+) -> None:
+    await near.set("a", 1)
+    await near.set("b", 2)
+    await held(near, "a", 1)
+    await held(near, "b", 2)
+    # A separate server's data is not this namespace's: FLUSHDB needs a server of its own.
+    outsider = redis.Redis(port=redis_server.port)
+    try:
+        await outsider.delete(near.keys.value("a"))
+        async with asyncio.timeout(5):
+            while await near.get("a", default="gone") != "gone":
+                await asyncio.sleep(0.001)
+        assert await near.get("b") == 2
+    finally:
+        await outsider.aclose()
+
+
+async def test_flushdb_empties_every_l1_of_the_server(namespace: str) -> None:
+    with RedisServer() as server:  # FLUSHDB: a server no other test uses
+        client = redis.Redis(port=server.port)
+        outsider = redis.Redis(port=server.port)
+        try:
+            async with l1_cache(client, namespace) as cache:
+                await cache.set("a", 1)
+                await held(cache, "a", 1)
+                await outsider.flushdb()
+                async with asyncio.timeout(5):
+                    while await cache.get("a", default="gone") != "gone":
+                        await asyncio.sleep(0.001)
+        finally:
+            await client.aclose()
+            await outsider.aclose()
+
+
+async def test_the_writer_reads_its_own_writes_at_once(near: Cache) -> None:
+    for version in range(50):
+        await near.set("k", version)
+        assert await near.get("k") == version  # no wait for the announcement
+        await held(near, "k", version)
+    await near.delete("k")
+    assert await near.get("k", default="gone") == "gone"
+
+    async def load() -> int:
+        return -1
+
+    await near.set("k", 7)
+    await held(near, "k", 7)
+    assert await near.refresh("k", load) == -1
+    assert await near.get("k") == -1
+
+
+async def test_a_lost_invalidation_connection_never_leaves_the_old_value_served(
+    near: Cache, client: redis.Redis
+) -> None:
+    assert near._near is not None
+    (listener,) = near._near.listeners
+    await near.set("k", "old")
+    await held(near, "k", "old")
+    # Kill the listener and write in one pipeline: the write happens while nobody listens, so
+    # its invalidation is lost for good. The L1 must not serve "old" once tracking is back.
+    async with client.pipeline(transaction=False) as pipe:
+        pipe.client_kill_filter(_type="pubsub")
+        pipe.set(near.keys.value("k"), await _record_of(near, "new"))
+        await pipe.execute()
+    await wait_until(lambda: listener.restored >= 2)
+    assert await near.get("k") == "new"
+    stats = near.statistics()
+    assert stats.local_bypassed == 1
+    await held(near, "k", "new")  # and it serves again
+
+
+async def _record_of(cache: Cache, value: object) -> bytes:
+    """The bytes the Cache stores for ``value`` (written by a plain client in the tests)."""
+    encoded = cache._codec.encode(value, cache.policy, compute_time=0.0)
+    assert encoded is not None
+    return encoded[0]
+
+
+async def test_a_read_overtaken_by_an_invalidation_is_not_kept(
+    redis_server: RedisServer, namespace: str
+) -> None:
+    # The read leaves its placeholder before the GET leaves; the GET is held at the proxy
+    # while another client writes the key; the invalidation arrives first; the reply that
+    # follows must not be kept (Redis's own reference calls this the race to guard).
+    async with FaultProxy(redis_server.port) as proxy:
+        client = redis.Redis(port=proxy.port)
+        outsider = redis.Redis(port=redis_server.port)
+        try:
+            async with l1_cache(client, namespace) as cache:
+                assert cache._near is not None and cache._local is not None
+                await cache.set("k", "old")
+                rkey = cache.keys.value("k")
+                invalidations = cache._local.invalidations
+                proxy.hold()
+                reading = asyncio.create_task(cache.get("k"))
+                await proxy.wait_held(1)
+                await outsider.set(rkey, await _record_of(cache, "new"))
+                await wait_until(lambda: cache._local.invalidations > invalidations)  # type: ignore[union-attr]
+                proxy.unhold()
+                assert await reading == "new"
+                assert cache._local.get(rkey) is None  # not kept: it may predate the write
+        finally:
+            await client.aclose()
+            await outsider.aclose()
+
+
+async def test_an_l1_whose_listener_is_refused_serves_nothing_and_says_so(
+    client: redis.Redis, redis_server: RedisServer, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    user = f"notrack-{namespace}"
+    await client.acl_setuser(
+        user,
+        enabled=True,
+        passwords=["+pw"],
+        keys=["*"],
+        channels=["*"],
+        commands=["+@all", "-client|tracking"],
+    )
+    limited = redis.Redis(port=redis_server.port, username=user, password="pw")
+    try:
+        with caplog.at_level(logging.ERROR, logger="aiocacheguard"):
+            async with l1_cache(limited, namespace) as cache:
+                await cache.set("k", 1)
+                for _ in range(20):
+                    assert await cache.get("k") == 1
+                assert cache.statistics().local_hits == 0
+        assert any("L1 stays off" in r.getMessage() for r in caplog.records)
+    finally:
+        await limited.aclose()
+        await client.acl_deluser(user)
+
+
+async def test_redis_down_serves_the_l1_entry_within_stale_if_error(
+    redis_server: RedisServer, namespace: str
+) -> None:
+    clock = Clock()
+    async with FaultProxy(redis_server.port) as proxy:
+        client = redis.Redis(port=proxy.port, retry=Retry(NoBackoff(), 0))
+        try:
+            async with l1_cache(
+                client,
+                namespace,
+                policy=Policy(ttl=60.0, stale_if_error=300.0, jitter=0.0),
+                local=LocalCache(ttl=1.0),
+                clock=clock,
+                command_timeout=0.2,
+                breaker=Breaker(),
+            ) as cache:
+                calls = 0
+
+                async def load() -> str:
+                    nonlocal calls
+                    calls += 1
+                    return f"v{calls}"
+
+                assert await cache.get_or_load("k", load) == "v1"
+                await held(cache, "k", "v1")
+                proxy.blackhole()
+                clock.now += 5.0  # past the L1's ttl, the record still within its TTL
+                assert await cache.get_or_load("k", load) == "v1"
+                # Once the listener finds its connection dead, the entry is kept aside for
+                # this step only; past the record's TTL plus the grace it is not served.
+                assert cache._near is not None
+                await wait_until(lambda: cache.statistics().local_bypassed == 1, within=10)
+                clock.now += 100.0
+                assert await cache.get_or_load("k", load) == "v1"
+                assert calls == 1
+                assert cache.statistics().stale_served == 2
+                clock.now += 300.0
+                assert await cache.get_or_load("k", load) == "v2"
+                await proxy.heal()
+        finally:
+            await client.aclose()
+
+
+async def test_without_stale_if_error_redis_down_calls_the_loader(
+    redis_server: RedisServer, namespace: str
+) -> None:
+    async with FaultProxy(redis_server.port) as proxy:
+        client = redis.Redis(port=proxy.port, retry=Retry(NoBackoff(), 0))
+        try:
+            clock = Clock()
+            async with l1_cache(
+                client, namespace, local=LocalCache(ttl=1.0), clock=clock, command_timeout=0.2
+            ) as cache:
+                calls = 0
+
+                async def load() -> int:
+                    nonlocal calls
+                    calls += 1
+                    return calls
+
+                assert await cache.get_or_load("k", load) == 1
+                await held(cache, "k", 1)
+                proxy.blackhole()
+                clock.now += 5.0
+                assert await cache.get_or_load("k", load) == 2
+                await proxy.heal()
+        finally:
+            await client.aclose()
+
+
+def test_local_must_be_a_localcache(client: redis.Redis) -> None:
+    with pytest.raises(ConfigurationError, match="local"):
+        Cache(client, namespace="x", policy=Policy(ttl=1.0), local={"max_entries": 10})  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="local_ttl"):
+        Policy(ttl=1.0, local_ttl=-1.0)
