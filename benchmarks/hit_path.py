@@ -5,12 +5,18 @@ one run against one Redis, reported as ratios.
 
     python benchmarks/hit_path.py [--redis-url URL] [--repeats 5] [--json FILE]
 
-Scenarios (no L1 anywhere; each figure is the median of ``--repeats`` repetitions, the
-contenders of a scenario interleaved in random order so drift hits them alike):
+Scenarios (each figure is the median of ``--repeats`` repetitions, the contenders of a
+scenario interleaved in random order so drift hits them alike; no L1 unless named):
 
     sequential get          one caller reads a present ~200 B key in a loop: ``Cache.get`` vs
                             raw GET + json.loads, ops/s over ``--ops`` reads per repetition
     sequential get_or_load  the same with ``Cache.get_or_load`` on a hit
+    sequential get L1,      the same through a Cache with ``local=LocalCache()`` (hits served by
+    ..._or_load L1          the L1), ``--ops`` x 20 reads per repetition
+    invalidation            a writer process calls ``Cache.set`` (``--versions`` times, 20 ms
+                            apart); this process polls ``Cache.get`` through its L1; the delay
+                            from the writer's ``set()`` returning to this process's first read
+                            of the new value, on CLOCK_MONOTONIC (shared by processes), p50/p99
     one key                 100 concurrent reads of one key (the Cache coalesces them), ms per
                             batch, median of ``--batches`` batches per repetition
     distinct keys           100 concurrent reads of 100 distinct keys (the Cache batches them;
@@ -47,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # spawned bench workers import p
 
 import redis.asyncio as redis
 
-from aiocacheguard import Cache, Policy
+from aiocacheguard import Cache, LocalCache, Policy
 
 try:
     from aiocacheguard.testing import RedisServer
@@ -108,6 +114,11 @@ async def hit_path(url: str, args: argparse.Namespace, rng: random.Random) -> di
     raw = redis.Redis.from_url(url)
     client = redis.Redis.from_url(url)
     cache = Cache(client, namespace=namespace, policy=Policy(ttl=600.0, jitter=0))
+    near_client = redis.Redis.from_url(url)
+    near = Cache(
+        near_client, namespace=namespace, policy=Policy(ttl=600.0, jitter=0), local=LocalCache()
+    )
+    await near.__aenter__()  # the L1 serves once its listener listens
     keys = [f"k{i}" for i in range(CONCURRENCY)]
     for key in keys:
         await cache.set(key, VALUE)
@@ -128,16 +139,22 @@ async def hit_path(url: str, args: argparse.Namespace, rng: random.Random) -> di
         "raw": lambda: raw_get("k0"),
         "get": lambda: cache.get("k0"),
         "get_or_load": lambda: cache.get_or_load("k0", never),
+        "get L1": lambda: near.get("k0"),
+        "get_or_load L1": lambda: near.get_or_load("k0", never),
     }
-    for op in sequential.values():  # warm up connections and code paths
+    for op in sequential.values():  # warm up connections and code paths (and fill the L1)
         await ops_per_second(op, 500)
+    assert near.statistics().local_hits > 0, "the L1 is not serving"
     samples = await interleaved(
         rng,
-        {name: (lambda op=op: ops_per_second(op, args.ops)) for name, op in sequential.items()},
+        {
+            name: (lambda op=op, n=args.ops * (20 if "L1" in name else 1): ops_per_second(op, n))
+            for name, op in sequential.items()
+        },
         args.repeats,
     )
     raw_rate = statistics.median(samples["raw"])
-    for name in ("get", "get_or_load"):
+    for name in ("get", "get_or_load", "get L1", "get_or_load L1"):
         rate = statistics.median(samples[name])
         results[f"sequential {name}"] = {
             "unit": "ops/s",
@@ -175,10 +192,81 @@ async def hit_path(url: str, args: argparse.Namespace, rng: random.Random) -> di
             "ratio_raw_over_cache": raw_ms / cache_ms,
             "samples": samples,
         }
+    results["invalidation"] = await invalidation(url, near, args.versions)
+    await near.aclose()
+    await near_client.aclose()
     await cache.aclose()
     await client.aclose()
     await raw.aclose()
     return results
+
+
+_WRITER = """
+import asyncio, sys, time
+import redis.asyncio as redis
+from aiocacheguard import Cache, LocalCache, Policy
+
+async def main(url, namespace, versions):
+    client = redis.Redis.from_url(url)
+    policy = Policy(ttl=600.0, jitter=0)
+    async with Cache(client, namespace=namespace, policy=policy, local=LocalCache()) as cache:
+        sys.stdin.readline()
+        for version in range(1, versions + 1):
+            await cache.set("inv", version)
+            print(version, time.monotonic(), flush=True)  # when set() returned
+            await asyncio.sleep(0.02)
+    await client.aclose()
+
+asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
+"""
+
+
+async def invalidation(url: str, near: Cache, versions: int) -> dict[str, Any]:
+    """Writer in another process, reader here through its L1: set() returned -> seen."""
+    await near.set("inv", 0)
+    seen: dict[int, float] = {}
+    stale_after_return = 0  # reads of an older version after the writer's set() returned
+
+    async def poll() -> None:
+        last = 0
+        while last < versions:
+            value = await near.get("inv")
+            assert isinstance(value, int) and value >= last, value
+            if value > last:
+                now = time.monotonic()
+                for v in range(last + 1, value + 1):
+                    seen[v] = now
+                last = value
+            await asyncio.sleep(0)
+
+    writer = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _WRITER, url, near.namespace, str(versions),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert writer.stdin is not None and writer.stdout is not None
+    hits_before = near.statistics().local_hits
+    poller = asyncio.create_task(poll())
+    writer.stdin.write(b"go\n")
+    await writer.stdin.drain()
+    returned: dict[int, float] = {}
+    async for line in writer.stdout:
+        version, at = line.split()
+        returned[int(version)] = float(at)
+    await writer.wait()
+    await asyncio.wait_for(poller, 10)
+    delays = sorted(max(0.0, seen[v] - returned[v]) * 1000 for v in returned)
+    for v in returned:
+        stale_after_return += seen[v] > returned[v]
+    q = statistics.quantiles(delays, n=100)
+    return {
+        "unit": "ms from the writer's set() returning to this process reading the new value",
+        "versions": versions,
+        "p50_ms": statistics.median(delays),
+        "p99_ms": q[98],
+        "max_ms": delays[-1],
+        "seen_after_set_returned": stale_after_return,
+        "l1_hits_while_polling": near.statistics().local_hits - hits_before,
+    }
 
 
 def stampede(url: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -246,7 +334,9 @@ def versions(url: str) -> dict[str, Any]:
 
 
 def report(results: dict[str, Any]) -> None:
-    for name in ("sequential get", "sequential get_or_load"):
+    for name in (
+        "sequential get", "sequential get_or_load", "sequential get L1", "sequential get_or_load L1"
+    ):  # fmt: skip
         r = results[name]
         print(
             f"{name:30} raw {r['raw']:8,.0f} ops/s  cache {r['cache']:8,.0f} ops/s  "
@@ -258,6 +348,11 @@ def report(results: dict[str, Any]) -> None:
             f"{'100 concurrent, ' + name:30} raw {r['raw']:8.3f} ms/batch  cache "
             f"{r['cache']:8.3f} ms/batch  ratio {r['ratio_raw_over_cache']:.2f}x"
         )
+    inv = results["invalidation"]
+    print(
+        f"{'invalidation across processes':30} p50 {inv['p50_ms']:.2f} ms  "
+        f"p99 {inv['p99_ms']:.2f} ms  max {inv['max_ms']:.2f} ms over {inv['versions']} writes"
+    )
     s = results["stampede"]
     print(
         f"stampede 1 x {STAMPEDE_COROUTINES:,} coroutines, loader {STAMPEDE_LOADER_MS:g} ms, "
@@ -280,6 +375,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5, help="per scenario; medians reported")
     parser.add_argument("--ops", type=int, default=3_000, help="sequential reads per repetition")
     parser.add_argument("--batches", type=int, default=300, help="concurrent batches per repeat")
+    parser.add_argument("--versions", type=int, default=500, help="writes, invalidation scenario")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-stampede", action="store_true", help="hit path only")
     parser.add_argument("--json", type=Path)
@@ -299,7 +395,7 @@ def main() -> int:
             "repeats": args.repeats,
             "seed": args.seed,
             "stampede": None if args.no_stampede else stampede_config,
-            "l1": False,
+            "l1": "LocalCache() in the L1 scenarios only",
         }
         env = versions(url)
         print(f"hit path: {json.dumps(config)}")
