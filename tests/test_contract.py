@@ -17,7 +17,7 @@ import redis.asyncio as redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.sentinel import MasterNotFoundError, Sentinel
 
-from aiocacheguard import BloomFilter, Cache, Policy, cached
+from aiocacheguard import BloomFilter, Cache, LocalCache, Policy, cached
 from aiocacheguard.testing import RedisClusterServer, RedisSentinelServer, RedisServer
 
 from .helpers import GatedLoader, wait_until
@@ -166,6 +166,40 @@ async def test_decorator(deployment: Client, namespace: str) -> None:
         ]
         assert calls == 10
         assert await get_user.invalidate(3) is True
+
+
+async def test_l1_is_invalidated_by_every_writer(deployment: Client, namespace: str) -> None:
+    # One listener per primary on a cluster: keys on every node reach the reader's L1 (whose
+    # own ttl is longer than the test: only invalidations can end what it serves).
+    local = LocalCache(ttl=600.0)
+    async with (
+        Cache(deployment, namespace=namespace, policy=Policy(ttl=30.0), local=local) as writer,
+        Cache(deployment, namespace=namespace, policy=Policy(ttl=30.0), local=local) as reader,
+    ):
+        assert reader._near is not None and reader._near.serving
+        primaries = len(deployment.get_primaries()) if isinstance(deployment, RedisCluster) else 1
+        assert len(reader._near.listeners) == primaries
+        keys = [f"k{i}" for i in range(30)]
+
+        async def served_locally(expected: dict[str, object]) -> None:
+            async with asyncio.timeout(5):
+                for key, value in expected.items():
+                    while True:
+                        hits = reader.statistics().local_hits
+                        if await reader.get(key, "gone") == value and (
+                            reader.statistics().local_hits > hits
+                        ):
+                            break
+                        await asyncio.sleep(0.002)
+
+        await writer.set_many(dict.fromkeys(keys, 1))
+        await served_locally(dict.fromkeys(keys, 1))
+        await writer.set_many(dict.fromkeys(keys, 2))  # another Cache's writes...
+        await deployment.delete(reader.keys.value("k0"))  # ...and a plain client's DEL
+        async with asyncio.timeout(5):
+            while [await reader.get(k, "gone") for k in keys] != ["gone"] + [2] * 29:
+                await asyncio.sleep(0.002)
+        assert reader.statistics().invalidations >= 30
 
 
 @pytest.mark.slow
