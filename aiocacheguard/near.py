@@ -29,11 +29,12 @@ Guarantees:
     - Nothing is served from the L1 while any listener is not listening.
 
 Limitations:
-    - Redis Cluster: one listener per primary known when the L1 starts. A failover (or a
-      resharding) that makes another node primary is seen only as the old primary's listener
-      losing its connection: the L1 is bypassed until that address answers as a tracking
-      primary again. Until then reads go to Redis, so nothing stale is served, but the L1 does
-      not help either; restart the Cache after a permanent topology change.
+    - Redis Cluster: one listener per primary. The primaries are asked of the cluster itself
+      (``CLUSTER SLOTS``) every `TOPOLOGY_INTERVAL` seconds, and sooner after a listener is
+      lost; when they changed (a failover, a resharding onto a new node), the L1 drops what it
+      held and tracks the new set. A write to a slot that moved to a primary not yet tracked
+      can go unannounced until that check: for up to `TOPOLOGY_INTERVAL` seconds, the L1 may
+      serve what it read before (bounded by its ttl as well).
     - BCAST tracking announces every write under the namespace to every process, read or not:
       its bandwidth grows with the write rate of the whole namespace.
 """
@@ -51,7 +52,10 @@ from .errors import BackendError
 from .guards.local import LocalCache, LocalStore
 from .tracking import InvalidationListener
 
-__all__ = ("NearCache",)
+__all__ = ("TOPOLOGY_INTERVAL", "NearCache")
+
+#: Seconds between two checks of a cluster's primaries (sooner after a listener was lost).
+TOPOLOGY_INTERVAL = 5.0
 
 
 class NearCache:
@@ -75,8 +79,12 @@ class NearCache:
         "_lost",
         "_prefix",
         "_starting",
+        "_topology_changed",
+        "_tracked",
+        "_tracking",
         "listeners",
         "store",
+        "topology_interval",
     )
 
     def __init__(
@@ -99,6 +107,11 @@ class NearCache:
         self._listening = 0
         self._lost = 0  # times the store went from serving to bypassing
         self._starting: asyncio.Task[None] | None = None
+        self._tracked: frozenset[str] = frozenset()  # a cluster's primaries being tracked
+        self._tracking = asyncio.Event()  # the first listeners are made
+        self._topology_changed = asyncio.Event()  # a listener was lost: check the primaries now
+        #: Seconds between two checks of a cluster's primaries.
+        self.topology_interval = TOPOLOGY_INTERVAL
 
     @classmethod
     def of(
@@ -169,22 +182,52 @@ class NearCache:
         self.start()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(within):
-                assert self._starting is not None
-                await asyncio.shield(self._starting)
+                await self._tracking.wait()  # a cluster client learns its primaries first
                 await asyncio.gather(*(listener.wait_listening() for listener in self.listeners))
         return self.serving
 
     async def _start(self) -> None:
         client = self._client
-        if hasattr(client, "get_primaries"):
-            # A cluster client learns its primaries on first use: learn them now.
-            while True:
-                try:
-                    await budgeted(client.initialize(), self._budget)
-                    break
-                except BackendError:
-                    await asyncio.sleep(min(1.0, self._budget))
-        for factory in TrackingConnection.factories(client):
+        if not hasattr(client, "get_primaries"):
+            self._track()
+            return
+        # A cluster: learn the primaries, track them, and follow changes of the set.
+        while True:
+            try:
+                await budgeted(client.initialize(), self._budget)
+                break
+            except BackendError:
+                await asyncio.sleep(min(1.0, self._budget))
+        self._tracked = frozenset(node.name for node in client.get_primaries())
+        self._track()
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.topology_interval):
+                    await self._topology_changed.wait()
+            self._topology_changed.clear()
+            try:
+                primaries = await self._primaries()
+                if primaries == self._tracked:
+                    continue
+                # Slots moved to primaries not tracked: what was held may have missed writes.
+                self._on_lost()
+                for listener in self.listeners:
+                    await listener.aclose()
+                self.listeners, self._listening = [], 0
+                await budgeted(client.nodes_manager.initialize(), self._budget)  # type: ignore[union-attr]
+            except BackendError:
+                continue  # asked again at the next check
+            self._tracked = primaries
+            self._track()
+
+    async def _primaries(self) -> frozenset[str]:
+        """The primaries that own slots now, as ``host:port``, asked of the cluster."""
+        slots = await budgeted(self._client.execute_command("CLUSTER SLOTS"), self._budget)
+        return frozenset(f"{owner['primary'][0]}:{owner['primary'][1]}" for owner in slots.values())
+
+    def _track(self) -> None:
+        """One listener per primary (one for a standalone or Sentinel client), started."""
+        for factory in TrackingConnection.factories(self._client):
             listener = InvalidationListener(
                 None,
                 self._prefix,
@@ -197,6 +240,7 @@ class NearCache:
             )
             self.listeners.append(listener)
             listener.start()
+        self._tracking.set()
 
     def _on_invalidate(self, keys: Sequence[bytes] | None) -> None:
         store = self.store
@@ -212,6 +256,7 @@ class NearCache:
         if not self.store.bypassing:
             self._lost += 1
         self.store.bypass()
+        self._topology_changed.set()  # on a cluster, a failover is the likely cause
 
     def _on_restored(self) -> None:
         self._listening += 1

@@ -18,16 +18,17 @@ from typing import Any
 
 import pytest
 import redis.asyncio as redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from aiocacheguard import Breaker, Cache, ConfigurationError, LocalCache, Policy
-from aiocacheguard.testing import FaultProxy, RedisServer
+from aiocacheguard.testing import FaultProxy, RedisClusterServer, RedisServer, _free_port_pair
 
 from .helpers import Clock, command_calls, library_tasks, wait_until
 
 
-def l1_cache(client: redis.Redis, namespace: str, **options: Any) -> Cache:
+def l1_cache(client: redis.Redis | RedisCluster, namespace: str, **options: Any) -> Cache:
     policy = options.pop("policy", Policy(ttl=30.0))
     local = options.pop("local", LocalCache())
     return Cache(client, namespace=namespace, policy=policy, local=local, **options)
@@ -384,3 +385,71 @@ def test_local_must_be_a_localcache(client: redis.Redis) -> None:
         Cache(client, namespace="x", policy=Policy(ttl=1.0), local={"max_entries": 10})  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="local_ttl"):
         Policy(ttl=1.0, local_ttl=-1.0)
+
+
+async def run(node: redis.Redis, *command: object) -> Any:
+    return await node.execute_command(*command)  # type: ignore[no-untyped-call]
+
+
+@pytest.mark.slow
+async def test_a_slot_moved_to_a_new_cluster_primary_is_tracked(namespace: str) -> None:
+    # A resharding onto a node the L1 did not track: its writes would go unannounced. The
+    # topology check (CLUSTER SLOTS) finds the new primary, drops what the L1 held, tracks it.
+    with RedisClusterServer(masters=2) as cluster:
+        new = RedisServer(
+            port=_free_port_pair(),
+            extra_args=["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"],
+        )
+        with new:
+            nodes = [redis.Redis(port=n.port) for n in [*cluster.nodes, new]]
+            ids = [(await run(n, "CLUSTER MYID")).decode() for n in nodes]
+            await run(nodes[-1], "CLUSTER MEET", "127.0.0.1", cluster.nodes[0].port)
+
+            async def everyone_knows_the_new_node() -> None:
+                async with asyncio.timeout(20):
+                    for n in nodes:
+                        while True:
+                            known = str(await run(n, "CLUSTER NODES"))
+                            info = await run(n, "CLUSTER INFO")
+                            if all(i in known for i in ids) and info["cluster_state"] == "ok":
+                                break
+                            await asyncio.sleep(0.05)
+
+            await everyone_knows_the_new_node()
+            startup = [ClusterNode(h, p) for h, p in cluster.startup_nodes]
+            reader_client = RedisCluster(startup_nodes=startup)
+            writer_client = RedisCluster(startup_nodes=startup)
+            reader = l1_cache(reader_client, namespace, local=LocalCache(ttl=600.0))
+            assert reader._near is not None
+            reader._near.topology_interval = 0.2
+            writer = Cache(writer_client, namespace=namespace, policy=Policy(ttl=30.0))
+            try:
+                async with reader, writer:
+                    assert len(reader._near.listeners) == 2
+                    rkey = reader.keys.value("k")
+                    await writer.set("k", "v1")
+                    await held(reader, "k", "v1")
+                    # Move the key's slot (and the key) from its owner to the new node.
+                    slot = reader_client.keyslot(rkey)
+                    home = reader_client.get_node_from_key(rkey.decode())
+                    assert home is not None
+                    source = next(i for i, n in enumerate(cluster.nodes) if n.port == home.port)
+                    await run(nodes[-1], "CLUSTER SETSLOT", slot, "IMPORTING", ids[source])
+                    await run(nodes[source], "CLUSTER SETSLOT", slot, "MIGRATING", ids[-1])
+                    await run(
+                        nodes[source], "MIGRATE", "127.0.0.1", new.port, "", 0, 5000, "KEYS", rkey
+                    )
+                    for n in nodes:
+                        await run(n, "CLUSTER SETSLOT", slot, "NODE", ids[-1])
+                    await held(reader, "k", "v1")  # read again, now from the new node
+                    await wait_until(lambda: len(reader._near.listeners) == 3, within=10)  # type: ignore[union-attr]
+                    await wait_until(lambda: reader._near.serving, within=10)  # type: ignore[union-attr]
+                    await writer.set("k", "v2")  # on the new primary
+                    async with asyncio.timeout(5):
+                        while await reader.get("k") != "v2":
+                            await asyncio.sleep(0.002)
+            finally:
+                await reader_client.aclose()
+                await writer_client.aclose()
+                for n in nodes:
+                    await n.aclose()
