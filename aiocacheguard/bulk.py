@@ -232,6 +232,7 @@ async def clear(
     removed = 0
     async for batch in found.scan(backend.client, budget=backend.command_timeout):
         removed += await budgeted(backend.client.unlink(*batch), backend.command_timeout)
+        cache._reads.forget_all()  # this process reads what it removed as removed, at once
         if progress is not None:
             progress(removed)
     return removed

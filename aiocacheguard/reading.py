@@ -78,6 +78,11 @@ class Reader:
         if self._near is not None:
             self._near.invalidate(rkey)
 
+    def forget_all(self) -> None:
+        """This process removed many keys (`bulk.clear`): the L1 holds nothing read before."""
+        if self._near is not None:
+            self._near.flush()
+
     async def _fetch(self, rkey: bytes, local_ttl: float | None) -> Entry | None:
         near = self._near
         token = 0  # no L1 fill

@@ -453,3 +453,32 @@ async def test_a_slot_moved_to_a_new_cluster_primary_is_tracked(namespace: str) 
                 await writer_client.aclose()
                 for n in nodes:
                     await n.aclose()
+
+
+async def test_clear_drops_what_the_l1_held_at_once(near: Cache) -> None:
+    await near.set("user:1", 1)
+    await near.set("other", 2)
+    await held(near, "user:1", 1)
+    assert await near.clear("user:*") == 1
+    assert await near.get("user:1", default="gone") == "gone"
+    assert await near.get("other") == 2
+
+
+async def test_a_resp3_client_gets_a_resp2_listener_and_its_invalidations(
+    redis_server: RedisServer, namespace: str
+) -> None:
+    # redis-py 8 speaks RESP3 by default; redirected to a RESP3 connection the invalidations
+    # would be push frames its pub/sub drops. The Cache's listener speaks RESP2 regardless.
+    client = redis.Redis(port=redis_server.port, protocol=3)
+    outsider = redis.Redis(port=redis_server.port, protocol=3)
+    try:
+        async with l1_cache(client, namespace, local=LocalCache(ttl=600.0)) as cache:
+            await cache.set("k", "old")
+            await held(cache, "k", "old")
+            await outsider.set(cache.keys.value("k"), await _record_of(cache, "new"))
+            async with asyncio.timeout(5):
+                while await cache.get("k") != "new":
+                    await asyncio.sleep(0.001)
+    finally:
+        await client.aclose()
+        await outsider.aclose()
