@@ -191,6 +191,7 @@ class InvalidationListener:
 
     async def _run(self) -> None:
         delay = self._reconnect_delay[0]
+        failures = 0  # connection attempts failed in a row: said once, then at debug level
         while True:
             connection = self._factory()
             try:
@@ -198,7 +199,9 @@ class InvalidationListener:
                     self.client_id = await connection.track(self.prefix)
             except (*_LOST, TimeoutError) as exc:
                 await connection.close()
-                logger.warning("invalidation listener cannot connect (%s); retrying", exc)
+                failures += 1
+                level = logging.WARNING if failures == 1 else logging.DEBUG
+                logger.log(level, "invalidation listener cannot connect (%s); retrying", exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._reconnect_delay[1])
                 continue
@@ -212,7 +215,9 @@ class InvalidationListener:
             except BaseException:
                 await connection.close()
                 raise
-            delay = self._reconnect_delay[0]
+            if failures > 1:
+                logger.warning("invalidation listener connected after %d attempts", failures)
+            delay, failures = self._reconnect_delay[0], 0
             self._listening.set()
             self.restored += 1
             self._call(self._on_restored)

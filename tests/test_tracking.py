@@ -7,6 +7,7 @@ replaced, and, at the message level, why the listener pins RESP2.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, cast
 
@@ -17,7 +18,7 @@ from redis.asyncio.sentinel import Sentinel
 
 from aiocacheguard.backend import TrackingConnection
 from aiocacheguard.guards.local import LocalCache, LocalStore
-from aiocacheguard.testing import RedisClusterServer, RedisSentinelServer, RedisServer
+from aiocacheguard.testing import FaultProxy, RedisClusterServer, RedisSentinelServer, RedisServer
 from aiocacheguard.tracking import INVALIDATION_CHANNEL, InvalidationListener
 
 from .helpers import wait_until
@@ -430,3 +431,30 @@ async def test_with_a_store_a_write_racing_a_read_leaves_no_stale_entry(
         token = store.begin_fill(key)
         assert store.finish_fill(key, token, await read())
         assert store.get(key) == b"new"
+
+
+async def test_an_unreachable_redis_is_said_once_not_once_per_attempt(
+    redis_server: RedisServer, prefix: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    recorder = Recorder()
+    async with FaultProxy(redis_server.port) as proxy:
+        proxy.refuse()
+        client = redis.Redis(port=proxy.port)
+        listener = InvalidationListener(
+            client, prefix, on_invalidate=recorder.on_invalidate, reconnect_delay=(0.01, 0.02)
+        )
+        try:
+            with caplog.at_level(logging.DEBUG, logger="aiocacheguard"):
+                listener.start()
+                await wait_until(
+                    lambda: sum("cannot connect" in r.getMessage() for r in caplog.records) >= 5
+                )
+                await proxy.unrefuse()
+                async with asyncio.timeout(5):
+                    await listener.wait_listening()
+            warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+            assert sum("cannot connect" in m for m in warnings) == 1
+            assert any("connected after" in m for m in warnings)
+        finally:
+            await listener.aclose()
+            await client.aclose()
