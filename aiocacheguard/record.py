@@ -62,9 +62,15 @@ class RecordError(ValueError):
     """Bytes under a cache key are not a record this version can read (foreign or corrupt)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Record:
-    """One decoded envelope. ``payload`` is still serialized; ``negative`` means "absent"."""
+    """
+    One decoded envelope. ``payload`` is still serialized; ``negative`` means "absent".
+
+    Treat it as immutable (one decoded record can be shared by many callers, and by the L1).
+    It is not a frozen dataclass only because every hit decodes one: a frozen one's
+    ``__init__`` (``object.__setattr__`` per field) cost more than the rest of the decode.
+    """
 
     payload: bytes
     negative: bool
@@ -111,13 +117,4 @@ class Record:
         negative = bool(flags & _FLAG_NEGATIVE)
         if negative and payload:
             raise RecordError("negative record with a payload")
-        return cls(
-            payload=payload,
-            negative=negative,
-            serializer_tag=tag,
-            stored_at=stored_at,
-            expires_at=hard,
-            soft_expires_at=soft or None,
-            compute_time=compute,
-            write_id=write_id,
-        )
+        return cls(payload, negative, tag, stored_at, hard, soft or None, compute, write_id)
