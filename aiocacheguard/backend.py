@@ -11,13 +11,18 @@ outstanding are coalesced (DataLoader style): those of one event-loop turn leave
 as MGETs and scripts as pipelines, in chunks of `MAX_BATCH` sent side by side (`MAX_BATCHES`
 of a kind, and ``max_in_flight`` commands in all, at once), so a default
 ``redis.asyncio.Redis()`` (whose pool raises ``MaxConnectionsError`` past 100 connections in
-redis-py 8) survives any number of callers. A batch waiting for its turn fails at once when
-one ahead of it could not reach Redis, rather than spend a budget already known to be lost.
+redis-py 8) survives any number of callers. A command's budget runs from when it is asked
+for, its wait for a turn included. A batch waiting for its turn fails at once when one ahead
+of it could not reach Redis, rather than spend a budget already known to be lost.
+
+On a Redis Cluster, batches are made per primary (a `Route`) and each primary has a circuit
+breaker of its own: a dead primary fails its own keys, and the keys of the others stay hits.
 
 A batch of reads that runs out of its budget (one huge value in it, say) is not failed as a
 whole: each read is retried alone with a budget of its own, so one slow value fails alone (a
-read in such a batch may take up to two budgets). Timeouts tell the circuit breaker, which
-ends an outage's waiting once it opens.
+read in such a batch may take up to two budgets). Not when Redis itself is what is slow: a
+retry still waiting for its turn when another batch times out or the circuit breaker opens
+fails at once, so in an outage no caller waits much more than one budget.
 """
 
 from __future__ import annotations
@@ -27,12 +32,12 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import Any, Final, Generic, Literal, Self, TypeVar, cast
 
 import redis.asyncio as redis
 import redis.exceptions as redis_errors
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import ClusterNode, PipelineCommand, RedisCluster
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -83,6 +88,11 @@ _REDIS_ERRORS = (redis_errors.RedisError, redis_errors.RedisClusterException, OS
 #: Refused writes less than this many seconds apart are one episode: one warning.
 REFUSAL_EPISODE: Final = 60.0
 
+_NO_TIME: Final = "Redis did not answer in time"
+_NO_TURN: Final = (
+    "the command waited its whole budget for a turn (too many commands outstanding at once)"
+)
+
 
 def to_backend_error(exc: BaseException) -> BackendError:
     """The `BackendError` that stands for a redis-py or socket error."""
@@ -112,52 +122,75 @@ async def budgeted(command: Awaitable[T], budget: float) -> T:
         raise to_backend_error(exc) from exc
 
 
+def _node_of(cluster: RedisCluster, key: bytes) -> ClusterNode:
+    """The primary serving ``key``'s slot in the client's slot map (no I/O)."""
+    return cluster.nodes_manager.get_node_from_slot(cluster.keyslot(key))
+
+
 def _is_wrongtype(exc: BaseException) -> bool:
     return isinstance(exc, redis_errors.ResponseError) and str(exc).startswith("WRONGTYPE")
 
 
-class _Queued(Generic[ItemT, ResultT]):
-    __slots__ = ("future", "item")
+#: Where a command goes: the name of the Redis Cluster primary that owns its key, or None
+#: (a single Redis, or a cluster whose slot map is not known yet). Each route has its own fate:
+#: its own batches, its own circuit breaker, its own fail-fast queue.
+Route = str | None
 
-    def __init__(self, item: ItemT, future: asyncio.Future[ResultT]) -> None:
+
+class _Queued(Generic[ItemT, ResultT]):
+    __slots__ = ("asked", "future", "item")
+
+    def __init__(self, item: ItemT, future: asyncio.Future[ResultT], asked: float) -> None:
         self.item = item
         self.future = future
+        self.asked = asked  # loop time when asked for: its budget runs from here
 
 
 class _Batcher(Generic[ItemT, ResultT]):
     """
     Coalesces the requests of one event-loop turn into batches sent side by side, at most
-    `MAX_BATCHES` of one kind at a time (and within ``max_in_flight``).
+    `MAX_BATCHES` of one kind at a time (and within ``max_in_flight``), one batch per route
+    (on a Redis Cluster, per primary), so that a node that fails fails only its own keys.
 
-    A batch has one budget from the moment it is sent. A batch waiting for its turn when a
-    batch ahead of it fails (Redis unreachable, or out of time) fails at once with the same
-    error instead of spending a budget of its own already known to be lost. A caller cancelled
-    while queued is dropped from its batch; one cancelled after its batch left stops waiting.
+    A request has one budget from the moment it is asked for, its wait for a turn included: a
+    request still waiting for its turn when its budget runs out fails then, without I/O. The
+    requests of a route still waiting when a batch finds the route unreachable, or when its
+    circuit breaker opens, fail at once with that error instead of spending a budget already
+    known to be lost. A caller cancelled while queued is dropped from its batch; one cancelled
+    after its batch left stops waiting.
+
+    With ``split_on_timeout`` (reads), a batch that runs out of time is not failed as a whole:
+    its requests are retried one by one with a budget of their own, so that one huge value
+    fails alone (a request may then take two budgets). In an outage the breaker opens after a
+    few timeouts and ends those retries' waiting at once.
     """
 
     def __init__(
         self,
         backend: RedisBackend,
-        flush: Callable[[list[ItemT]], Awaitable[Sequence[ResultT | BaseException]]],
+        flush: Callable[[list[ItemT]], Coroutine[Any, Any, Sequence[ResultT | BaseException]]],
         *,
         name: str,
+        route: Callable[[ItemT], Route],
         split_on_timeout: bool,
     ) -> None:
         self._backend = backend
         self._flush = flush
         self._name = name
+        self._route = route
         self._split = split_on_timeout
         self._queue: list[_Queued[ItemT, ResultT]] = []
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._scheduled = False
         self._lanes = asyncio.Semaphore(MAX_BATCHES)
-        self._epoch = 0  # batches failed so far; a batch sent in an older epoch fails fast
-        self._failure: BackendError | None = None
+        #: Per route, requests in a batch that has not started its I/O yet, and in one that has.
+        self._waiting: dict[Route, set[_Queued[ItemT, ResultT]]] = {}
+        self._flying: dict[Route, set[_Queued[ItemT, ResultT]]] = {}
 
     async def submit(self, item: ItemT) -> ResultT:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[ResultT] = loop.create_future()
-        self._queue.append(_Queued(item, future))
+        self._queue.append(_Queued(item, future, loop.time()))
         if not self._scheduled:
             self._scheduled = True
             loop.call_soon(self._dispatch)
@@ -165,91 +198,179 @@ class _Batcher(Generic[ItemT, ResultT]):
 
     def _dispatch(self) -> None:
         self._scheduled = False
-        live = [q for q in self._queue if not q.future.done()]
+        routes: dict[Route, list[_Queued[ItemT, ResultT]]] = {}
+        for queued in self._queue:
+            if not queued.future.done():
+                routes.setdefault(self._route(queued.item), []).append(queued)
         self._queue.clear()
-        for start in range(0, len(live), MAX_BATCH):
-            self._send(live[start : start + MAX_BATCH])
+        budget = self._backend.command_timeout
+        for route, live in routes.items():
+            for start in range(0, len(live), MAX_BATCH):
+                batch = live[start : start + MAX_BATCH]
+                self._send(batch, route, batch[0].asked + budget)
 
-    def _send(self, batch: list[_Queued[ItemT, ResultT]], deadline: float | None = None) -> None:
-        task = asyncio.create_task(
-            self._run(batch, self._epoch, deadline), name=f"aiocacheguard-{self._name}"
+    def _send(self, batch: list[_Queued[ItemT, ResultT]], route: Route, deadline: float) -> None:
+        waiting = self._waiting.setdefault(route, set())
+        waiting.update(batch)
+        loop = asyncio.get_running_loop()
+        expiry = loop.call_at(deadline, self._expire, batch, route)
+        task = loop.create_task(
+            self._run(batch, route, deadline, expiry), name=f"aiocacheguard-{self._name}"
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run(
-        self, batch: list[_Queued[ItemT, ResultT]], epoch: int, deadline: float | None
+    def _expire(self, batch: list[_Queued[ItemT, ResultT]], route: Route) -> None:
+        """The batch's budget went on waiting for a turn: nothing is said of Redis."""
+        if any(not q.future.done() for q in batch):
+            self._backend.errors += 1
+            self._settle(batch, route, BackendTimeout(_NO_TURN))
+
+    def _settle(
+        self, batch: Iterable[_Queued[ItemT, ResultT]], route: Route, error: BackendError
     ) -> None:
-        async with self._lanes, self._backend.slots:
-            if self._epoch > epoch and self._failure is not None:
-                self._fail(batch, self._failure, count=False)
-                return
-            refused = self._backend.refused()
-            if refused is not None:  # the circuit breaker is open: no I/O, no budget spent
-                self._fail(batch, refused, count=False)
-                return
-            if deadline is None:
-                deadline = asyncio.get_running_loop().time() + self._backend.command_timeout
-            results = await self._flush_within(batch, deadline)
+        waiting, flying = self._waiting.get(route, set()), self._flying.get(route, set())
+        for queued in batch:
+            waiting.discard(queued)
+            flying.discard(queued)
+            if not queued.future.done():
+                queued.future.set_exception(error)
+
+    async def _run(
+        self,
+        batch: list[_Queued[ItemT, ResultT]],
+        route: Route,
+        deadline: float,
+        expiry: asyncio.TimerHandle,
+    ) -> None:
+        backend = self._backend
+        flying = self._flying.setdefault(route, set())
+        try:
+            async with self._lanes, backend.slots:
+                expiry.cancel()
+                self._waiting.get(route, set()).difference_update(batch)
+                # Gone while waiting for a turn: cancelled, out of budget, or failed with the route.
+                batch[:] = [q for q in batch if not q.future.done()]
+                if not batch:
+                    return
+                refused = backend.refused(route)
+                if refused is not None:  # the circuit breaker is open: no I/O, no budget spent
+                    self._settle(batch, route, refused)
+                    return
+                flying.update(batch)
+                results = await self._flush_within(batch, route, deadline)
+        finally:
+            expiry.cancel()
+            flying.difference_update(batch)
         if results is None:
             return
-        self._backend.record(None)
+        unreachable = None
         for queued, result in zip(batch, results, strict=True):
-            if queued.future.done():
-                continue
             if isinstance(result, BaseException):
-                queued.future.set_exception(to_backend_error(result))
-            else:
+                backend.errors += 1
+                error = to_backend_error(result)
+                if isinstance(error, BackendUnavailable | BackendTimeout):
+                    unreachable = error
+                if not queued.future.done():
+                    queued.future.set_exception(error)
+            elif not queued.future.done():
                 queued.future.set_result(result)
+        self._record(unreachable, route)
 
     async def _flush_within(
-        self, batch: list[_Queued[ItemT, ResultT]], deadline: float
+        self, batch: list[_Queued[ItemT, ResultT]], route: Route, deadline: float
     ) -> Sequence[ResultT | BaseException] | None:
-        batch[:] = [q for q in batch if not q.future.done()]  # gone while waiting for a turn
-        if not batch:
-            return None
         try:
-            async with asyncio.timeout_at(deadline):
-                return await self._flush([q.item for q in batch])
+            return await self._until(deadline, self._flush([q.item for q in batch]))
         except TimeoutError:
             if self._split and len(batch) > 1:
                 # One slow value (a huge one) must not fail the reads batched with it: each
-                # is read again alone, with a budget of its own. A Redis that is down fails
-                # those too, and the breaker, told of this timeout, soon opens.
+                # is read again alone with a budget of its own, unless the breaker opens.
                 self._backend.errors += 1
-                self._backend.record(BackendTimeout("batch"))
+                retry_deadline = asyncio.get_running_loop().time() + self._backend.command_timeout
                 for queued in batch:
-                    self._send([queued])
+                    self._send([queued], route, retry_deadline)
+                self._record(BackendTimeout("batch"), route)
                 return None
-            self._fail(batch, BackendTimeout("Redis did not answer in time"))
+            self._fail(batch, route, BackendTimeout(_NO_TIME))
         except _REDIS_ERRORS as exc:
-            self._fail(batch, to_backend_error(exc))
+            self._fail(batch, route, to_backend_error(exc))
         except BaseException:
             for queued in batch:
                 queued.future.cancel()
             raise
         return None
 
+    async def _until(self, deadline: float, command: Coroutine[Any, Any, T]) -> T:
+        """
+        ``command``'s result, or TimeoutError at ``deadline`` (loop time) whatever it does.
+
+        It runs in a task of its own that is cancelled, not awaited, at the deadline: redis-py
+        8.1 sometimes swallows a cancellation that lands while a pooled connection is set up
+        or read (reproduced without this library: concurrent commands of one client behind a
+        blackhole, a few in fifty kept going for their own socket timeout and retries, about a
+        minute, past an ``asyncio.timeout``). The callers of a batch must not wait for that;
+        `aclose` cancels such a task again until it ends.
+        """
+        task = asyncio.create_task(command, name=f"aiocacheguard-{self._name}-command")
+        try:
+            done, _ = await asyncio.wait((task,), timeout=deadline - task.get_loop().time())
+        except BaseException:
+            self._abandon(task)
+            raise
+        if not done:
+            self._abandon(task)
+            raise TimeoutError
+        return task.result()
+
+    def _abandon(self, task: asyncio.Task[Any]) -> None:
+        task.cancel()
+        task.add_done_callback(_retrieve)
+        if not task.done():
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
     def _fail(
-        self, batch: list[_Queued[ItemT, ResultT]], error: BackendError, *, count: bool = True
+        self, batch: list[_Queued[ItemT, ResultT]], route: Route, error: BackendError
     ) -> None:
-        if count:
-            self._backend.errors += 1
-            self._backend.record(error)
-            if isinstance(error, BackendUnavailable):  # Redis is unreachable: the queue too
-                self._epoch += 1
-                self._failure = error
-        for queued in batch:
-            if not queued.future.done():
-                queued.future.set_exception(error)
+        self._backend.errors += 1
+        self._settle(batch, route, error)
+        if isinstance(error, BackendUnavailable):  # unreachable: so for the route's queue
+            self._settle(list(self._waiting.get(route, ())), route, error)
+        self._record(error, route)
+
+    def _record(self, error: BackendError | None, route: Route) -> None:
+        """
+        Tell the route's breaker. Once it opens, every request of the route still waiting for
+        a turn or for an answer fails at once: Redis is taken for unreachable, and a caller
+        must not wait out a budget that the breaker's decision has made pointless.
+        """
+        backend = self._backend
+        backend.record(error, route)
+        if error is not None:
+            refused = backend.refused(route, probe=False)
+            if refused is not None:
+                pending = self._waiting.get(route, set()) | self._flying.get(route, set())
+                self._settle(pending, route, refused)
 
     async def aclose(self) -> None:
         for queued in self._queue:
             queued.future.cancel()
         self._queue.clear()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Cancelled again and again until they end (see `_until`), for one budget at most.
+        deadline = asyncio.get_running_loop().time() + self._backend.command_timeout
+        while self._tasks:
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.wait(set(self._tasks), timeout=0.05)
+            if asyncio.get_running_loop().time() >= deadline:
+                break
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Read a finished task's outcome, so asyncio does not log it as never retrieved."""
+    if not task.cancelled():
+        task.exception()
 
 
 def client_from_url(url: str) -> redis.Redis:
@@ -277,6 +398,11 @@ def _pool_limit(client: RedisClient) -> int | None:
 class RedisBackend:
     """
     Redis commands with budgets, bounded concurrency and batching.
+
+    On a Redis Cluster every primary is a route of its own: reads and scripts are batched per
+    primary, and each primary has its own circuit breaker (`CircuitBreaker.sibling` of
+    ``breaker``), so a dead node fails its own keys only while the others keep being read.
+    ``breaker`` itself guards what has no node yet (a cluster whose slot map is unknown).
 
     Args:
         client: A ready ``redis.asyncio`` client with ``decode_responses=False``.
@@ -313,16 +439,22 @@ class RedisBackend:
             check_int("max_in_flight", max_in_flight, minimum=1)
         self.client = client
         self.breaker = breaker
+        self._cluster = client if isinstance(client, RedisCluster) else None
+        self._breakers: dict[str, CircuitBreaker] = {}  # a cluster primary's, by its name
         self.command_timeout = command_timeout
         self.max_in_flight = max_in_flight
         self.slots = asyncio.Semaphore(max_in_flight)
         self._cluster_slots = asyncio.Semaphore(max_in_flight)
         self._outstanding = 0
         self._reads: _Batcher[bytes, bytes | None] = _Batcher(
-            self, self._mget, name="mget", split_on_timeout=True
+            self, self._mget, name="mget", route=self.route, split_on_timeout=True
         )
         self._scripts: _Batcher[_ScriptCall, Any] = _Batcher(
-            self, self._eval_batch, name="eval", split_on_timeout=False
+            self,
+            self._eval_batch,
+            name="eval",
+            route=lambda call: self.route(call[1][0]) if call[1] else None,
+            split_on_timeout=False,
         )
         self._pubsub: _PubSub | None = None
         #: Commands that failed or ran out of time, for `Statistics.redis_errors`.
@@ -351,29 +483,66 @@ class RedisBackend:
         )
 
     def counters(self) -> dict[str, int]:
-        """This backend's share of a Cache's statistics."""
-        breaker = self.breaker
+        """This backend's share of a Cache's statistics (every breaker's, on a cluster)."""
+        breakers = self.breakers()
         return {
             "redis_errors": self.errors,
             "writes_refused": self.writes_refused,
-            "breaker_opened": breaker.opened if breaker else 0,
-            "short_circuited": breaker.short_circuited if breaker else 0,
+            "breaker_opened": sum(b.opened for b in breakers),
+            "short_circuited": sum(b.short_circuited for b in breakers),
         }
 
-    def refused(self) -> BackendUnavailable | None:
-        """The error to fail with at once while the circuit breaker refuses calls, else None."""
-        breaker = self.breaker
-        if breaker is None or breaker.allow():
+    def breakers(self) -> list[CircuitBreaker]:
+        """Every circuit breaker of this backend: ``breaker``, then one per cluster primary."""
+        return ([] if self.breaker is None else [self.breaker]) + list(self._breakers.values())
+
+    def route(self, key: bytes) -> Route:
+        """
+        The name of the cluster primary that owns ``key``; None on a single Redis, or while
+        the cluster's slot map is not known (a sync lookup in the client's map, no I/O).
+        """
+        cluster = self._cluster
+        if cluster is None:
             return None
+        try:
+            return _node_of(cluster, key).name
+        except (redis_errors.RedisClusterException, LookupError, TypeError, AttributeError):
+            return None
+
+    def _breaker(self, route: Route) -> CircuitBreaker | None:
+        breaker = self.breaker
+        if route is None or breaker is None:
+            return breaker
+        node = self._breakers.get(route)
+        if node is None:
+            node = self._breakers[route] = breaker.sibling(f"Redis Cluster node {route}")
+        return node
+
+    def refused(self, route: Route = None, *, probe: bool = True) -> BackendUnavailable | None:
+        """
+        The error to fail with at once while the circuit breaker refuses calls, else None.
+        With ``probe=False`` only an open breaker refuses, and asking is not a call: it is
+        neither counted as short-circuited nor let through as a half-open probe.
+        """
+        breaker = self._breaker(route)
+        if breaker is None:
+            return None
+        if probe:
+            if breaker.allow():
+                return None
+        elif breaker.state is not BreakerState.OPEN:
+            return None
+        where = "Redis" if route is None else f"Redis Cluster node {route}"
         return BackendUnavailable(
-            "Redis is treated as unreachable: the circuit breaker is open after repeated "
+            f"{where} is treated as unreachable: the circuit breaker is open after repeated "
             f"failures; it lets a call through again {breaker.config.open_for:g}s after opening"
         )
 
-    def record(self, error: BackendError | None) -> None:
-        """Tell the breaker how a call it let through ended."""
-        if self.breaker is not None:
-            self.breaker.record(not isinstance(error, BackendUnavailable | BackendTimeout))
+    def record(self, error: BackendError | None, route: Route = None) -> None:
+        """Tell the breaker (of ``route``) how a call it let through ended."""
+        breaker = self._breaker(route)
+        if breaker is not None:
+            breaker.record(not isinstance(error, BackendUnavailable | BackendTimeout))
 
     def _note(self, exc: BaseException) -> None:
         """
@@ -394,9 +563,9 @@ class RedisBackend:
             )
         self._last_refusal = now
 
-    async def _direct(self, command: Callable[[], Awaitable[T]]) -> T:
+    async def _direct(self, command: Callable[[], Awaitable[T]], route: Route = None) -> T:
         """One command in the caller's task, under its budget (none while the breaker is open)."""
-        refused = self.refused()
+        refused = self.refused(route)
         if refused is not None:
             raise refused
         async with self.slots:
@@ -406,10 +575,10 @@ class RedisBackend:
             except (*_REDIS_ERRORS, TimeoutError) as exc:
                 self.errors += 1
                 error = to_backend_error(exc)
-                self.record(error)
+                self.record(error, route)
                 self._note(exc)
                 raise error from exc
-        self.record(None)
+        self.record(None, route)
         return result
 
     async def get(self, key: bytes) -> bytes | None:
@@ -420,14 +589,7 @@ class RedisBackend:
         self._outstanding += 1
         try:
             if self._outstanding == 1:  # nothing to coalesce with
-                client = self.client
-                try:
-                    return cast("bytes | None", await self._direct(lambda: client.get(key)))
-                except BackendError as exc:
-                    if _is_wrongtype(exc.__cause__ or exc):
-                        self.errors -= 1  # foreign data, not a Redis failure
-                        return FOREIGN
-                    raise
+                return await self._direct(lambda: self._read_one(key), self.route(key))
             return await self._reads.submit(key)
         finally:
             self._outstanding -= 1
@@ -446,7 +608,8 @@ class RedisBackend:
         self._outstanding += 1
         try:
             if self._outstanding == 1:
-                return await self._direct(lambda: self._evalsha_loading(call))
+                route = self.route(call[1][0]) if keys else None
+                return await self._direct(lambda: self._evalsha_loading(call), route)
             return await self._scripts.submit(call)
         finally:
             self._outstanding -= 1
@@ -459,8 +622,20 @@ class RedisBackend:
             await self.client.script_load(script.source)
             return await self.client.evalsha(script.sha, len(keys), *keys, *args)
 
-    async def _mget(self, keys: list[bytes]) -> list[bytes | None]:
+    async def _read_one(self, key: bytes) -> bytes | None:
+        (value,) = await self._mget([key])
+        if isinstance(value, BaseException):
+            raise value
+        return value
+
+    async def _mget(self, keys: list[bytes]) -> list[bytes | BaseException | None]:
+        """
+        The values of ``keys`` (`FOREIGN` for a key of another type, where Redis says so: a
+        MGET answers nil for those), or in its place the error of a cluster node that failed.
+        """
         client = self.client
+        if isinstance(client, RedisCluster):
+            return await self._read_cluster(client, keys)
         if len(keys) == 1:
             try:
                 return [cast("bytes | None", await client.get(keys[0]))]
@@ -468,11 +643,63 @@ class RedisBackend:
                 if _is_wrongtype(exc):
                     return [FOREIGN]
                 raise
-        if isinstance(client, RedisCluster):
-            values = await client.mget_nonatomic(keys)
-        else:
-            values = await client.mget(keys)
-        return cast("list[bytes | None]", list(values))
+        return cast("list[bytes | BaseException | None]", list(await client.mget(keys)))
+
+    async def _read_cluster(
+        self, cluster: RedisCluster, keys: list[bytes]
+    ) -> list[bytes | BaseException | None]:
+        """
+        GET ``keys`` on a cluster: one pipeline per primary (normally one: batches are made
+        per route), each with its own fate.
+
+        Not through the cluster client's ``mget_nonatomic``: its pipeline fails as a whole
+        when one node fails, and before failing it closes the connections to every node
+        (``RedisCluster.aclose``) and sleeps, so one dead primary took the reads of the healthy
+        ones with it. What redis-py does for a failed node is kept: it goes last in the list
+        of nodes to ask for the slot map, and the map is read again before the next read.
+        """
+        await cluster.initialize()  # a no-op unless a failure asked for a new slot map
+        results: list[bytes | BaseException | None] = [None] * len(keys)
+        nodes: dict[str, tuple[ClusterNode, list[PipelineCommand]]] = {}
+        for position, key in enumerate(keys):
+            try:
+                node = _node_of(cluster, key)
+            except redis_errors.RedisClusterException as exc:  # a slot no node serves
+                results[position] = exc
+                continue
+            nodes.setdefault(node.name, (node, []))[1].append(PipelineCommand(position, "GET", key))
+
+        async def read(node: ClusterNode, commands: list[PipelineCommand]) -> None:
+            try:
+                await node.execute_pipeline(commands)
+            except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
+                cluster.nodes_manager.move_node_to_end_of_cached_nodes(node.name)
+                cluster._initialize = True  # as redis-py's own commands do on this error
+                for command in commands:
+                    results[command.position] = exc
+                return
+            for command in commands:
+                result = command.result
+                if isinstance(result, redis_errors.ResponseError):
+                    if _is_wrongtype(result):
+                        result = FOREIGN
+                    elif isinstance(result, redis_errors.MovedError | redis_errors.AskError):
+                        result = await self._read_redirected(cluster, command.args[1])
+                results[command.position] = result
+
+        await asyncio.gather(*(read(node, commands) for node, commands in nodes.values()))
+        return results
+
+    @staticmethod
+    async def _read_redirected(cluster: RedisCluster, key: bytes) -> bytes | Exception | None:
+        """A key whose slot moved: through the cluster client, which follows the redirect and
+        updates its slot map."""
+        try:
+            return cast("bytes | None", await cluster.get(key))
+        except redis_errors.ResponseError as exc:
+            return FOREIGN if _is_wrongtype(exc) else exc
+        except (*_REDIS_ERRORS, TimeoutError) as exc:
+            return exc
 
     async def _eval_batch(self, calls: list[_ScriptCall]) -> list[Any]:
         results = await self._evalsha(calls)
@@ -485,8 +712,7 @@ class RedisBackend:
                 results[i] = result
         for result in results:
             if isinstance(result, BaseException):
-                self.errors += 1
-                self._note(result)
+                self._note(result)  # counted in `errors` with the batch's other results
         return results
 
     async def _evalsha(self, calls: list[_ScriptCall]) -> list[Any]:

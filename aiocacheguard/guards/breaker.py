@@ -107,6 +107,7 @@ class CircuitBreaker:
         "_outcomes",
         "_probes",
         "_successes",
+        "_where",
         "config",
         "opened",
         "short_circuited",
@@ -119,10 +120,12 @@ class CircuitBreaker:
         *,
         clock: Callable[[], float] = time.monotonic,
         on_transition: Callable[[BreakerState, BreakerState], None] | None = None,
+        where: str = "Redis",
     ) -> None:
         self.config = config
         self._clock = clock
         self._on_transition = on_transition
+        self._where = where  # what it guards, for the log
         self.state = BreakerState.CLOSED
         self._outcomes: collections.deque[bool] = collections.deque(maxlen=config.window)
         self._failures = 0  # failures in the window
@@ -154,6 +157,15 @@ class CircuitBreaker:
             self._probes = self._successes
         self._probes += 1
         return True
+
+    def sibling(self, where: str) -> CircuitBreaker:
+        """
+        A breaker of its own, with the same settings, clock and callback, for another part of
+        the deployment (a Redis Cluster primary): one dead node must not cut off the others.
+        """
+        return CircuitBreaker(
+            self.config, clock=self._clock, on_transition=self._on_transition, where=where
+        )
 
     @property
     def closed(self) -> bool:
@@ -204,7 +216,8 @@ class CircuitBreaker:
         if old is new:
             return
         logger.warning(
-            "circuit breaker in front of Redis: %s -> %s%s",
+            "circuit breaker in front of %s: %s -> %s%s",
+            self._where,
             old.value,
             new.value,
             {
