@@ -118,6 +118,33 @@ async def test_one_large_value_does_not_fail_the_reads_batched_with_it(
     await through.aclose()
 
 
+async def test_a_large_value_batched_with_small_ones_fails_alone(
+    proxy: FaultProxy, client: redis.Redis, namespace: str
+) -> None:
+    """The same, with the big value in the very MGET of the small ones: a batch that times
+    out is retried read by read, so only the big one fails (and the breaker stays closed)."""
+    async with Cache(client, namespace=namespace, policy=Policy(ttl=60.0)) as writer:
+        await writer.set("big", "x" * 1_000_000)
+        for i in range(20):
+            await writer.set(f"small{i}", i)
+    through = redis.Redis(port=proxy.port)
+    async with Cache(
+        through, namespace=namespace, policy=Policy(ttl=60.0), command_timeout=0.4
+    ) as cache:
+        assert await cache.get("small0") == 0  # connections open before the link slows
+        proxy.downstream_bandwidth = 1_000_000  # a 1 MB reply takes about a second
+        reads = [cache.get(f"small{i}") for i in range(20)]
+        # The first read goes alone; the big one and the twenty others leave as one MGET.
+        results = await asyncio.gather(
+            cache.get("small0"), cache.get("big"), *reads, return_exceptions=True
+        )
+        assert results[0] == 0
+        assert isinstance(results[1], BackendTimeout)
+        assert results[2:] == list(range(20))
+        assert cache.breaker is not None and cache.breaker.closed
+    await through.aclose()
+
+
 async def test_batches_of_one_turn_leave_side_by_side(
     proxy: FaultProxy, client: redis.Redis, namespace: str
 ) -> None:
