@@ -59,6 +59,7 @@ from .errors import (
     LockError,
     LockTimeout,
     SerializationError,
+    ValueTooLargeError,
 )
 from .guards.bloom import BloomFilter
 from .guards.breaker import Breaker
@@ -104,6 +105,7 @@ __all__ = (
     "SerializationError",
     "Serializer",
     "Statistics",
+    "ValueTooLargeError",
     "__version__",
     "cached",
 )

@@ -96,7 +96,8 @@ async def set_many(cache: Cache, mapping: Mapping[KeyT, Any], *, ttl: float | No
     Raises:
         InvalidKeyError: a key is empty, too long or not str/bytes (nothing is written).
         ConfigurationError: ``ttl`` is out of range.
-        SerializationError: a value cannot be encoded (the others of its chunk are written).
+        SerializationError: a value cannot be encoded, or is too large (`ValueTooLargeError`):
+            it is not sent, and the others of its chunk are written.
         BackendError: Redis failed or did not answer within the Cache's ``command_timeout``.
     """
     items = list(mapping.items())

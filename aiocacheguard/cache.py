@@ -13,7 +13,7 @@ from ._checks import check_instance, check_seconds, check_serializer
 from ._types import Key, Serializer
 from .backend import RedisBackend, RedisClient, client_from_url
 from .bulk import BulkOperations
-from .codec import Entry, RecordCodec
+from .codec import DEFAULT_MAX_VALUE_BYTES, Entry, RecordCodec
 from .errors import BackendError, CacheClosedError
 from .guards.bloom import BloomFilter
 from .guards.breaker import Breaker
@@ -51,8 +51,7 @@ class Cache(BulkOperations):
 
     Args:
         client: A ready ``redis.asyncio.Redis`` (or ``RedisCluster``, or a Sentinel
-            ``master_for`` client) created with ``decode_responses=False``. The Cache does not
-            close it: you own it.
+            ``master_for`` client) created with ``decode_responses=False``; yours to close.
         namespace: Prefix of every key, so caches of different data never collide.
         policy: The default `Policy` of every entry; `get_or_load` can override it per call.
         serializer: How values become bytes. Default `MsgspecJsonSerializer`; pickle if asked.
@@ -69,11 +68,11 @@ class Cache(BulkOperations):
             client and namespace, and adds the key of every value it writes.
         breaker: The `Breaker` in front of Redis (on by default; None switches it off): once
             Redis is found unreachable, calls skip it without spending a budget.
-        replica: A client of a replica (e.g. Sentinel ``slave_for``), read when the primary
-            fails.
+        replica: A replica's client (e.g. Sentinel ``slave_for``), read when the primary fails.
         max_concurrent_loads: At most this many loader calls at once here (a bulkhead).
         local: An L1 in this process (`LocalCache`): hits without I/O, invalidated by Redis
             (CLIENT TRACKING) when any client changes a key; see `aiocacheguard.near`.
+        max_value_bytes: Largest record cached, default 16 MiB (see `ValueTooLargeError`).
 
     Raises:
         ConfigurationError: an argument is out of range; the message says what is accepted.
@@ -115,6 +114,7 @@ class Cache(BulkOperations):
         replica: RedisClient | None = None,
         max_concurrent_loads: int | None = None,
         local: LocalCache | None = None,
+        max_value_bytes: int | None = DEFAULT_MAX_VALUE_BYTES,
     ) -> None:
         check_instance("policy", policy, Policy)
         serializer = MsgspecJsonSerializer() if serializer is None else serializer
@@ -129,7 +129,7 @@ class Cache(BulkOperations):
         self.breaker = self._backend.breaker
         self._replica = None if replica is None else RedisBackend.of(replica, budget, None, breaker)
         self._counters = counters = Counters()
-        self._codec = RecordCodec(serializer, clock=clock, rng=rng or random.Random())
+        self._codec = RecordCodec(serializer, max_value_bytes, clock=clock, rng=rng)
         self._near = near = NearCache.of(local, client, self.keys.prefix, clock, budget)
         self._local = None if near is None else near.store
         self._reads = Reader(self._backend, self._codec, counters, replica=self._replica, near=near)
@@ -205,7 +205,7 @@ class Cache(BulkOperations):
     def statistics(self) -> Statistics:
         """A frozen snapshot of the counters (see `Statistics`)."""
         return self._counters.snapshot(
-            decode_errors=self._codec.decode_errors,
+            **self._codec.counters(),
             notify_fallbacks=self._notifier.fallbacks,
             **self._backend.counters(),
             **(self.bloom.counters() if self.bloom else {}),
@@ -239,7 +239,7 @@ class Cache(BulkOperations):
 
         Raises:
             ConfigurationError: ``ttl`` is out of range.
-            SerializationError: the serializer cannot encode ``value``.
+            SerializationError: ``value`` cannot be encoded, or is too large (`ValueTooLargeError`).
             BackendError: Redis failed or did not answer within ``command_timeout``.
         """
         self._check_open()

@@ -10,6 +10,7 @@ CacheGuardError
  +-- ConfigurationError (also ValueError)   a Policy field or Cache argument is out of range
  +-- InvalidKeyError (also ValueError)      a key is empty, too long or of the wrong type
  +-- SerializationError (also TypeError)    a value cannot be encoded by the Cache's serializer
+ |    +-- ValueTooLargeError                its record would pass the Cache's max_value_bytes
  +-- CacheClosedError                       the Cache was used after aclose()
  +-- CacheNotBoundError (also RuntimeError) a CacheRef was used while bound to no Cache
  +-- LoadTimeout (also TimeoutError)        a loader ran past Policy.load_timeout
@@ -36,6 +37,7 @@ __all__ = (
     "LockError",
     "LockTimeout",
     "SerializationError",
+    "ValueTooLargeError",
 )
 
 
@@ -69,6 +71,26 @@ class SerializationError(CacheGuardError, TypeError):
     The default serializer is JSON: return JSON-compatible values from loaders (dict, list, str,
     int, float, bool, None), or hand the Cache another serializer.
     """
+
+
+class ValueTooLargeError(SerializationError):
+    """
+    A value's record (its encoded payload and header) is larger than the Cache's
+    ``max_value_bytes``. Raised by ``set`` (and ``set_many``) before the value is sent; a
+    loader's value that large is still returned to its callers, only not cached.
+
+    Attributes:
+        size: The record's size in bytes.
+        limit: The Cache's ``max_value_bytes``.
+    """
+
+    def __init__(self, size: int, limit: int) -> None:
+        self.size = size
+        self.limit = limit
+        super().__init__(
+            f"the encoded value is {size:,} bytes, more than max_value_bytes={limit:,}; "
+            "store less (or a reference to it), or raise the Cache's max_value_bytes"
+        )
 
 
 class CacheClosedError(CacheGuardError):

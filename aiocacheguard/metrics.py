@@ -132,6 +132,9 @@ class Statistics:
         lock_lost: Fills refused because the lease had passed to another holder, or a
             ``set``/``delete`` superseded the rebuild; the value was still returned locally.
         decode_errors: Records that could not be decoded and were treated as a miss.
+        values_too_large: Records larger than the Cache's ``max_value_bytes``: a ``set``
+            refused with `ValueTooLargeError`, a loaded value served but not cached, or a
+            stored record found on read and treated as a miss (not decoded).
         redis_errors: Redis commands that failed or ran out of time.
         notify_fallbacks: Waits for another process's fill that had no pub/sub subscription
             (refused, or the connection failed) and re-checked at the holder's lease instead.
@@ -171,6 +174,7 @@ class Statistics:
     takeovers: int = 0
     lock_lost: int = 0
     decode_errors: int = 0
+    values_too_large: int = 0
     redis_errors: int = 0
     soft_expired_served: int = 0
     notify_fallbacks: int = 0
@@ -218,6 +222,7 @@ class Counters:
     takeovers: int
     lock_lost: int
     decode_errors: int
+    values_too_large: int
     redis_errors: int
     soft_expired_served: int
     notify_fallbacks: int

@@ -41,7 +41,7 @@ from typing import Any, Final, TypeVar
 
 from ._types import ScriptRunner
 from .codec import Entry, RecordCodec
-from .errors import BackendError, LockTimeout
+from .errors import BackendError, LockTimeout, ValueTooLargeError
 from .guards.lock import Acquire, Attempt, Outcome, RebuildLock, store
 from .guards.notify import FillNotifier
 from .keys import KeySpace
@@ -161,7 +161,8 @@ class Rebuilder:
         progress anywhere is superseded (its fill refused) and its waiters read this value.
 
         Raises:
-            SerializationError: the value cannot be encoded (before any I/O).
+            SerializationError: the value cannot be encoded, or its record is larger than
+                the codec's limit (`ValueTooLargeError`); before any I/O.
             BackendError: Redis failed.
         """
         encoded = self._codec.encode(value, policy, compute_time=0.0)
@@ -330,8 +331,12 @@ class Rebuilder:
         started = time.monotonic()
         async with lock.kept_alive():
             value = await self._run_loader(lock.value_key, loader, policy)
-        written = self._codec.encode(value, policy, compute_time=time.monotonic() - started)
-        if written is None:  # not cached (a None with negative_ttl=None): just let go
+        try:
+            written = self._codec.encode(value, policy, compute_time=time.monotonic() - started)
+        except ValueTooLargeError as exc:  # served to the callers, but not cached
+            self._codec.not_cached(lock.value_key, exc)
+            written = None
+        if written is None:  # not cached (a None, or too large): let go of the lock
             try:
                 await lock.release()
             except BackendError:
