@@ -26,6 +26,8 @@ Guarantees:
 
 Limitations:
     - Per process (per Cache): each process finds out on its own that Redis is down or back.
+      On a Redis Cluster, per primary (`CircuitBreaker.sibling`): a dead primary's breaker
+      opens alone, and the Cache's `Cache.breaker` guards only what has no primary yet.
     - Latency that stays under the command budget is not a failure: a slow but answering
       Redis keeps the breaker closed.
 """
