@@ -306,11 +306,13 @@ class _Batcher(Generic[ItemT, ResultT]):
         ``command``'s result, or TimeoutError at ``deadline`` (loop time) whatever it does.
 
         It runs in a task of its own that is cancelled, not awaited, at the deadline: redis-py
-        8.1 sometimes swallows a cancellation that lands while a pooled connection is set up
-        or read (reproduced without this library: concurrent commands of one client behind a
-        blackhole, a few in fifty kept going for their own socket timeout and retries, about a
-        minute, past an ``asyncio.timeout``). The callers of a batch must not wait for that;
-        `aclose` cancels such a task again until it ends.
+        8.1 writes each command under ``asyncio.wait_for(..., socket_timeout)`` (5 s by
+        default), and Python 3.11's ``wait_for`` loses a cancellation that arrives as the
+        write completes (CPython gh-86296, fixed in 3.12). The command then goes on to wait
+        for its reply under redis-py's own timeout and retries: about a minute behind a
+        blackhole, past any ``asyncio.timeout`` of ours (reproduced with a bare client: a few
+        of fifty concurrent commands). The callers of a batch must not wait for that; `aclose`
+        cancels such a task again until it ends.
         """
         task = asyncio.create_task(command, name=f"aiocacheguard-{self._name}-command")
         try:

@@ -108,4 +108,7 @@ async def test_a_dead_primary_fails_only_its_own_keys(namespace: str, how: str) 
             # The dead node's breaker opened; the cluster's own (and the other nodes') did not.
             assert stats.breaker_opened >= 1 and stats.short_circuited >= 1
             assert cache.breaker is not None and cache.breaker.state is BreakerState.CLOSED
+            states = [b.state for b in cache._backend.breakers()]
+            assert len(states) == 4  # the Cache's own, and one per primary
+            assert states.count(BreakerState.CLOSED) == 3  # only the dead primary's is not
         await client.aclose()
