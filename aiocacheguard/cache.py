@@ -306,7 +306,7 @@ class Cache(BulkOperations):
         rkey = self.keys.value(key)
         policy = self.policy.for_call(policy, loader)
         # The L1: a fresh local entry returns at once, no I/O, no task (XFetch still draws).
-        local = self._local
+        local = self._local if policy.local_ttl != 0 else None  # 0: never from the L1
         if local is not None and (held := local.get(rkey)) is not None and held.usable(returns):
             self._refreshes.maybe_start(rkey, held, loader, policy, self._codec.clock())
             return cast(T, held.result(returns))

@@ -53,6 +53,13 @@ class Entry:
         self._value: Any = _UNDECODED
         self._typed: dict[object, Any] | None = None
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> Entry:
+        """
+        The same stored copy, not yet decoded: its values are decoded again, so a caller gets
+        objects of its own (the L1's ``copy_on_read``; cheaper than copying decoded values).
+        """
+        return Entry(self.record, self.header, self._codec)
+
     @property
     def value(self) -> Any:
         """The untyped value (None for a negative record)."""

@@ -15,7 +15,7 @@ How the parts meet (the Redis reference on client-side caching, BCAST mode):
 - The store serves only while *every* listener listens. It starts bypassed and serves once the
   first ``on_restored`` of each has come; a listener that loses its connection bypasses it
   again (invalidations may have been missed) until tracking is restored, when whatever it
-  still held is dropped. Entries held when the listener was lost are kept for one use only:
+  still held is dropped. Entries held when the listener was lost are kept aside for one purpose:
   the fallback chain may serve them, within the policy's ``stale_if_error`` grace, while
   Redis itself is unreachable (`NearCache.stale`).
 
@@ -37,12 +37,26 @@ Limitations:
       serve what it read before (bounded by its ttl as well).
     - BCAST tracking announces every write under the namespace to every process, read or not:
       its bandwidth grows with the write rate of the whole namespace.
+    - Redis does not announce ``SWAPDB``: an L1 serves what it held until its ttl after one.
+      Tracking is per connection, not per database: a write to the same key name in another
+      database invalidates too (harmless), and ``FLUSHDB`` of any database flushes the L1.
+    - A caller that joins a read of the key already on its way joins its result; an
+      invalidation arriving meanwhile makes later callers read again (`on_change`), but a
+      flight that began reading before a write can hand its joiners the value it read, as
+      without an L1 (bounded by one read).
+    - ``max_bytes`` is an estimate of memory, not a measurement: an entry is accounted as
+      `SIZE_FACTOR` times its encoded size plus `SIZE_EXTRA` bytes (with the store's
+      `ENTRY_OVERHEAD`): a small JSON dict decodes to about 4 times its encoding and an entry
+      carries about 800 bytes of objects around it; 100,000 such entries stay within
+      ``max_bytes`` in real memory (tracemalloc, tests/test_near.py). A long string is
+      accounted about 2.5 times what it takes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Callable, Sequence
 
 from ._checks import check_instance
@@ -52,10 +66,17 @@ from .errors import BackendError
 from .guards.local import LocalCache, LocalStore
 from .tracking import InvalidationListener
 
-__all__ = ("TOPOLOGY_INTERVAL", "NearCache")
+logger = logging.getLogger("aiocacheguard")
+
+__all__ = ("SIZE_EXTRA", "SIZE_FACTOR", "TOPOLOGY_INTERVAL", "NearCache")
 
 #: Seconds between two checks of a cluster's primaries (sooner after a listener was lost).
 TOPOLOGY_INTERVAL = 5.0
+#: An entry is accounted (for ``max_bytes``) as this many times its encoded size, plus
+#: `SIZE_EXTRA` bytes, plus the store's `ENTRY_OVERHEAD`: the record's copy of the payload,
+#: the decoded value and the objects around them (tests/test_near.py measures it).
+SIZE_FACTOR = 5
+SIZE_EXTRA = 640
 
 
 class NearCache:
@@ -74,6 +95,7 @@ class NearCache:
     __slots__ = (
         "_budget",
         "_client",
+        "_closed",
         "_health_interval",
         "_listening",
         "_lost",
@@ -83,6 +105,7 @@ class NearCache:
         "_tracked",
         "_tracking",
         "listeners",
+        "on_change",
         "store",
         "topology_interval",
     )
@@ -112,6 +135,10 @@ class NearCache:
         self._topology_changed = asyncio.Event()  # a listener was lost: check the primaries now
         #: Seconds between two checks of a cluster's primaries.
         self.topology_interval = TOPOLOGY_INTERVAL
+        #: Told of the value keys Redis announced changed (None: everything), after the store
+        #: dropped them: the Reader forgets reads of them on their way.
+        self.on_change: Callable[[Sequence[bytes] | None], None] | None = None
+        self._closed = False
 
     @classmethod
     def of(
@@ -129,7 +156,7 @@ class NearCache:
     def get(self, rkey: bytes) -> Entry | None:
         """The entry held for ``rkey`` (fresh by its local expiry), else None."""
         entry = self.store.get(rkey)
-        if entry is None and self._starting is None:
+        if entry is None and self._starting is None and not self._closed:
             self.start()
         return entry
 
@@ -148,6 +175,7 @@ class NearCache:
         record = entry.record
         soft = record.soft_expires_at
         not_after = record.expires_at if soft is None else soft
+        size = SIZE_FACTOR * size + SIZE_EXTRA
         store.finish_fill(rkey, token, entry, not_after=not_after, size=size, ttl=ttl)
 
     def abandon(self, rkey: bytes, token: int) -> None:
@@ -162,7 +190,10 @@ class NearCache:
         self.store.clear()
 
     def stale(self, rkey: bytes) -> Entry | None:
-        """The entry held for ``rkey`` whatever its local expiry, for the fallback chain."""
+        """
+        The entry held for ``rkey`` whatever its local expiry, bypassing or not: for the
+        fallback chain only (Redis unreachable, within ``stale_if_error``).
+        """
         return self.store.stale(rkey)
 
     @property
@@ -192,7 +223,7 @@ class NearCache:
             self._track()
             return
         # A cluster: learn the primaries, track them, and follow changes of the set.
-        while True:
+        while not self._closed:
             try:
                 await budgeted(client.initialize(), self._budget)
                 break
@@ -200,7 +231,7 @@ class NearCache:
                 await asyncio.sleep(min(1.0, self._budget))
         self._tracked = frozenset(node.name for node in client.get_primaries())
         self._track()
-        while True:
+        while not self._closed:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.topology_interval):
                     await self._topology_changed.wait()
@@ -210,6 +241,13 @@ class NearCache:
                 if primaries == self._tracked:
                     continue
                 # Slots moved to primaries not tracked: what was held may have missed writes.
+                logger.warning(
+                    "Redis Cluster primaries changed (%s -> %s): the L1 drops what it held "
+                    "and tracks the new ones",
+                    ", ".join(sorted(self._tracked)),
+                    ", ".join(sorted(primaries)),
+                )
+                self._tracked = frozenset()  # a failure from here on: rebuilt at the next check
                 self._on_lost()
                 for listener in self.listeners:
                     await listener.aclose()
@@ -246,10 +284,12 @@ class NearCache:
         store = self.store
         if keys is None:  # FLUSHDB / FLUSHALL
             store.clear()
-            return
-        for key in keys:
-            if key[-1:] == b"}":  # a value key, not a lock or a fill channel
+        else:
+            keys = [key for key in keys if key[-1:] == b"}"]  # value keys, not locks
+            for key in keys:
                 store.invalidate(key)
+        if self.on_change is not None:
+            self.on_change(keys)
 
     def _on_lost(self) -> None:
         self._listening -= 1
@@ -274,10 +314,16 @@ class NearCache:
         }
 
     async def aclose(self) -> None:
-        """Stop the listeners; the store serves nothing afterwards."""
-        if self._starting is not None:
-            self._starting.cancel()
-            await asyncio.gather(self._starting, return_exceptions=True)
+        """
+        Stop the listeners; the store serves nothing afterwards. Cancels until the starter is
+        done: one cancel can be lost inside redis-py on Python 3.11 (see
+        `InvalidationListener.aclose`), and the starter checks a closed flag as well.
+        """
+        self._closed = True
+        starting = self._starting
+        while starting is not None and not starting.done():
+            starting.cancel()
+            await asyncio.wait({starting}, timeout=0.1)
         for listener in self.listeners:
             await listener.aclose()
         self.store.bypass()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
 
 from .backend import RedisBackend
@@ -37,6 +38,8 @@ class Reader:
     ) -> None:
         self._backend = backend
         self._near = near
+        if near is not None:
+            near.on_change = self._changed
         self._replica = replica
         self._codec = codec
         self._counters = counters
@@ -55,7 +58,7 @@ class Reader:
             BackendError: Redis failed or did not answer within its budget.
         """
         near = self._near
-        if near is not None:
+        if near is not None and local_ttl != 0:
             entry = near.get(rkey)
             if entry is not None:
                 return entry
@@ -78,8 +81,17 @@ class Reader:
         if self._near is not None:
             self._near.invalidate(rkey)
 
+    def _changed(self, rkeys: Sequence[bytes] | None) -> None:
+        """Redis announced these keys changed (None: all): later readers read again."""
+        if rkeys is None:
+            self._reads.forget_all()
+        else:
+            for rkey in rkeys:
+                self._reads.forget(rkey)
+
     def forget_all(self) -> None:
-        """This process removed many keys (`bulk.clear`): the L1 holds nothing read before."""
+        """This process removed many keys (`bulk.clear`): nothing read before is served."""
+        self._reads.forget_all()
         if self._near is not None:
             self._near.flush()
 

@@ -148,6 +148,8 @@ class InvalidationListener:
         self._connect_timeout = connect_timeout
         self._reconnect_delay = reconnect_delay
         self._task: asyncio.Task[None] | None = None
+        self._connection: TrackingConnection | None = None
+        self._closing = False
         self._listening = asyncio.Event()
         #: The server's id of the listening connection, while it listens.
         self.client_id: int | None = None
@@ -156,6 +158,11 @@ class InvalidationListener:
         #: Times the connection was lost / tracking was (re)established.
         self.lost = 0
         self.restored = 0
+
+    @property
+    def closing(self) -> bool:
+        """Whether `aclose` was called."""
+        return self._closing
 
     @property
     def listening(self) -> bool:
@@ -174,12 +181,24 @@ class InvalidationListener:
         await self._listening.wait()
 
     async def aclose(self) -> None:
-        """Stop listening and close the connection."""
+        """
+        Stop listening and close the connection. A cancellation of the caller is not swallowed.
+
+        One ``cancel()`` is not enough on Python 3.11: redis-py sends under
+        ``asyncio.wait_for``, which loses a cancellation that arrives as the send completes
+        (CPython gh-86296), and the listener would go on. So the listener also checks a closing
+        flag at each step, its connection is closed, and it is cancelled until it is done.
+        """
+        self._closing = True
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            while not task.done():
+                task.cancel()
+                if self._connection is not None:
+                    await self._connection.close()
+                await asyncio.wait({task}, timeout=0.1)
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                task.result()
         self._listening.clear()
 
     async def __aenter__(self) -> InvalidationListener:
@@ -192,8 +211,8 @@ class InvalidationListener:
     async def _run(self) -> None:
         delay = self._reconnect_delay[0]
         failures = 0  # connection attempts failed in a row: said once, then at debug level
-        while True:
-            connection = self._factory()
+        while not self._closing:
+            connection = self._connection = self._factory()
             try:
                 async with asyncio.timeout(self._connect_timeout):
                     self.client_id = await connection.track(self.prefix)
@@ -229,12 +248,14 @@ class InvalidationListener:
                 self._listening.clear()
                 self.client_id = None
                 await connection.close()
+            if self.closing:  # aclose() ended it: not a loss
+                return
             self.lost += 1
             self._call(self._on_lost)
 
     async def _listen(self, connection: TrackingConnection) -> None:
         ping_sent = False
-        while True:
+        while not self._closing:
             message = await connection.receive(self._health_interval)
             if message == "quiet":  # nothing for a whole interval
                 if ping_sent:

@@ -482,3 +482,127 @@ async def test_a_resp3_client_gets_a_resp2_listener_and_its_invalidations(
     finally:
         await client.aclose()
         await outsider.aclose()
+
+
+async def test_aclose_returns_after_the_loop_was_blocked_past_the_health_interval(
+    client: redis.Redis, namespace: str
+) -> None:
+    # The listener's read times out and it PINGs as aclose() cancels it: redis-py sends under
+    # asyncio.wait_for, which loses that cancellation on Python 3.11. aclose() must not hang.
+    cache = l1_cache(client, namespace)
+    async with asyncio.timeout(10):
+        async with cache:
+            await cache.set("k", 1)
+            time.sleep(1.3)  # noqa: ASYNC251 - the loop blocked (CPU-bound work, a GC pause)
+    assert not library_tasks()
+
+
+async def test_copy_on_read_hands_each_caller_its_own_object(
+    client: redis.Redis, namespace: str
+) -> None:
+    async with l1_cache(client, namespace, local=LocalCache(copy_on_read=True)) as cache:
+        await cache.set("k", {"items": [1]})
+        await held(cache, "k", {"items": [1]})
+        first = await cache.get("k")
+        first["items"].append(2)  # the caller mutates what it got
+        assert await cache.get("k") == {"items": [1]}
+
+        async def never() -> dict[str, list[int]]:
+            raise AssertionError("a hit")
+
+        again = await cache.get_or_load("k", never)
+        assert again == {"items": [1]} and again is not first
+        assert cache.statistics().local_hits >= 3
+
+
+async def test_local_ttl_zero_is_never_served_from_the_l1(near: Cache, client: redis.Redis) -> None:
+    await near.set("k", 1)
+    await held(near, "k", 1)  # another policy's reads filled the L1
+
+    async def never() -> int:
+        raise AssertionError("a hit")
+
+    before, hits = await reads(client), near.statistics().local_hits
+    assert await near.get_or_load("k", never, policy=Policy(ttl=30.0, local_ttl=0)) == 1
+    assert await reads(client) == before + 1 and near.statistics().local_hits == hits
+
+
+async def test_a_read_begun_before_a_write_is_not_joined_after_its_invalidation(
+    redis_server: RedisServer, namespace: str
+) -> None:
+    # A large reply trickles through the proxy (per-connection bandwidth) while another client
+    # writes; the invalidation overtakes it. Callers arriving after the invalidation must not
+    # join the old read: they read again.
+    old, new = "o" * 200_000, "n" * 200_000
+    async with FaultProxy(redis_server.port) as proxy:
+        client = redis.Redis(port=proxy.port)
+        writer_client = redis.Redis(port=redis_server.port)
+        try:
+            async with (
+                l1_cache(client, namespace, command_timeout=10.0) as reader,
+                Cache(writer_client, namespace=namespace, policy=Policy(ttl=60.0)) as writer,
+            ):
+                assert reader._local is not None
+                await writer.set("k", old)
+                proxy.downstream_bandwidth = 200_000  # bytes/s: the reply takes about 1 s
+                sent = proxy.statistics().bytes_downstream
+                first = asyncio.create_task(reader.get("k"))
+                await wait_until(lambda: proxy.statistics().bytes_downstream > sent + 1000)
+                invalidations = reader._local.invalidations
+                await writer.set("k", new)
+                await wait_until(lambda: reader._local.invalidations > invalidations)  # type: ignore[union-attr]
+
+                async def never() -> str:
+                    raise AssertionError("the key is present")
+
+                second = asyncio.create_task(reader.get("k"))
+                third = asyncio.create_task(reader.get_or_load("k", never))
+                assert await first == old  # began before the write
+                assert await second == new and await third == new
+                proxy.downstream_bandwidth = None
+        finally:
+            await client.aclose()
+            await writer_client.aclose()
+
+
+def test_max_bytes_bounds_the_memory_of_100_000_small_entries() -> None:
+    # Real memory (tracemalloc), not the accounting: entries as the Cache holds them (a record
+    # with its payload, decoded once by a hit), small JSON values.
+    import random
+    import tracemalloc
+
+    from aiocacheguard.codec import RecordCodec
+    from aiocacheguard.near import NearCache
+    from aiocacheguard.serializers import MsgspecJsonSerializer
+
+    max_bytes = 8 * 1024 * 1024
+    codec = RecordCodec(MsgspecJsonSerializer(), clock=time.time, rng=random.Random(1))
+    near = NearCache(
+        LocalCache(max_entries=1_000_000, max_bytes=max_bytes),
+        redis.Redis(),  # never connected: only its settings would be used
+        b"{ns:",
+        clock=time.time,
+        budget=1.0,
+    )
+    near.store.resume()  # serving, as once the listener listens
+    values = [{"id": i, "name": f"user {i}", "tags": ["a", "b"]} for i in range(100_000)]
+    records = [codec.encode(v, Policy(ttl=600.0), compute_time=0.0) for v in values]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i, encoded in enumerate(records):
+            assert encoded is not None
+            rkey = b"{ns:user:%d}" % i
+            token = near.begin(rkey)
+            entry = codec.decode(encoded[0])
+            assert entry is not None
+            near.fill(rkey, token, entry, len(encoded[0]), None)
+            held_entry = near.store.get(rkey)
+            if held_entry is not None:
+                held_entry.result()  # decoded by a hit, as the L1 holds it
+        used = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert near.store.bytes <= max_bytes
+    assert used <= max_bytes, f"{used:,} bytes for max_bytes={max_bytes:,}"
+    assert len(near.store) > 1_000  # and it did keep entries

@@ -458,3 +458,26 @@ async def test_an_unreachable_redis_is_said_once_not_once_per_attempt(
         finally:
             await listener.aclose()
             await client.aclose()
+
+
+async def test_aclose_does_not_swallow_the_callers_cancellation(
+    client: redis.Redis, prefix: bytes
+) -> None:
+    listener = InvalidationListener(client, prefix, on_invalidate=lambda keys: None)
+    listener.start()
+    async with asyncio.timeout(5):
+        await listener.wait_listening()
+    went_on = False
+
+    async def closer() -> None:
+        nonlocal went_on
+        await listener.aclose()
+        went_on = True
+
+    task = asyncio.create_task(closer())
+    await asyncio.sleep(0)  # closer is inside aclose(), waiting for the listener
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not went_on
+    await listener.aclose()

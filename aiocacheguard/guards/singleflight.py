@@ -128,6 +128,10 @@ class SharedCall(Generic[K, T]):
         """Later callers make their own call (the one running may predate a write)."""
         self._calls.pop(key, None)
 
+    def forget_all(self) -> None:
+        """`forget` every key."""
+        self._calls.clear()
+
 
 class _Flight(Generic[T]):
     __slots__ = ("task", "waiters")
