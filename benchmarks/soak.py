@@ -489,8 +489,12 @@ async def soak_run(server: RedisServer, args: argparse.Namespace) -> dict[str, A
         tasks_before_close = task_names()
         await cache.aclose()
         tasks_after_close = task_names()
-        await asyncio.sleep(1.0)  # the proxy closes its upstream side after the client's
-        clients_after_close = await redis_figures(monitor)
+        # The proxy closes its upstream side after the client's: give it up to 5 s.
+        for _ in range(50):
+            clients_after_close = await redis_figures(monitor)
+            if clients_after_close.get("redis_clients", 0) <= 1:
+                break
+            await asyncio.sleep(0.1)
         await monitor.aclose()
         if proxy:
             proxy.stop()
