@@ -24,6 +24,8 @@ Correctness, checked on every call: values encode their key, so a result must be
 dict whose ``key`` is the caller's key; a get_or_load of a present key must not return None,
 nor a value for an absent one; a `SoakLoaderError` must name the caller's key; any other
 exception must be one of the library's (`CacheGuardError`). Anything else is a violation.
+``--local N`` puts an L1 of N entries (TTL a quarter of the TTL) in front of Redis; its
+invalidation listener goes through the proxy too.
 
 Every ``--interval`` seconds one sample: RSS (VmRSS of /proc/self/status), asyncio tasks (and
 the most common task names), gc-tracked objects, Redis ``connected_clients`` (INFO clients, from
@@ -63,6 +65,7 @@ from typing import Any
 import redis.asyncio as redis
 
 from aiocacheguard import Cache, CacheGuardError, Event, Policy
+from aiocacheguard.guards.local import LocalCache
 from aiocacheguard.testing import FaultProxy, RedisServer
 from aiocacheguard.tools.bench import environment
 
@@ -76,9 +79,9 @@ FLAT_TOLERANCE = 0.10
 FLAT_SLACK = {
     "rss_mb": 0.0, "tasks": 5.0, "lingering_tasks": 0.0, "redis_clients": 2.0, "gc_objects": 0.0
 }  # fmt: skip
-#: Tasks the library keeps for the Cache's life (the pub/sub listener): all it may leave running
-#: once the workers have stopped.
-LONG_LIVED = {"aiocacheguard-pubsub"}
+#: Tasks the library keeps for the Cache's life, by name prefix (the pub/sub listener, the L1's
+#: invalidation listeners): all it may leave running once the workers have stopped.
+LONG_LIVED = ("aiocacheguard-pubsub", "aiocacheguard-tracking")
 P99_TOLERANCE = 1.5
 
 
@@ -422,6 +425,7 @@ async def soak_run(server: RedisServer, args: argparse.Namespace) -> dict[str, A
         policy=policy,
         hook=hook,
         rng=random.Random(args.seed),
+        local=LocalCache(max_entries=args.local, ttl=args.ttl / 4) if args.local else None,
     )
     soak = Soak(
         args=args,
@@ -560,7 +564,8 @@ CRITERION = (
     "and passes. The monotonic test is not applied to the total of tasks, which is 200 workers "
     "plus the work in flight and so follows latency (Little's law); it is applied to lingering "
     "tasks (alive at two samples in a row, the soak's own left out), where a leak would show. "
-    "At rest: once the workers have stopped, no task but the pub/sub listener; after aclose(), "
+    "At rest: once the workers have stopped, no task but the pub/sub and L1 invalidation "
+    "listeners; after aclose(), "
     "none, and Redis has only the sampling client. p99 stable: the median of the fourth "
     "quarter's window p99s is at most 1.5 x the second's (windows that saw the fault left out). "
     "And 0 violations."
@@ -609,7 +614,9 @@ def verdict(
         }
     else:
         ok = ok if ok is False else None
-    left = {k: n for k, n in shutdown["tasks_before_aclose"].items() if k not in LONG_LIVED}
+    left = {
+        k: n for k, n in shutdown["tasks_before_aclose"].items() if not k.startswith(LONG_LIVED)
+    }
     at_rest = (
         not left
         and not shutdown["tasks_after_aclose"]
@@ -700,6 +707,9 @@ def main() -> int:
     parser.add_argument(
         "--tracemalloc", type=int, default=0, metavar="FRAMES", help="trace allocations (slow)"
     )
+    parser.add_argument(
+        "--local", type=int, default=0, metavar="ENTRIES", help="an L1 of this size (0: none)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     parser.add_argument("--no-record", action="store_true", help="print only, write no files")
@@ -714,7 +724,7 @@ def main() -> int:
         for name in (
             "duration", "workers", "interval", "keys", "zipf", "think_ms", "loader_ms",
             "fail_rate", "slow_rate", "ttl", "load_timeout", "fault_at", "fault_seconds",
-            "tracemalloc", "seed",
+            "tracemalloc", "local", "seed",
         )
     }  # fmt: skip
     config["mix"] = dict(zip(OPERATIONS, MIX, strict=True))
