@@ -123,7 +123,6 @@ class Soak:
     errors: collections.Counter[str] = field(default_factory=collections.Counter)
     violations: list[dict[str, Any]] = field(default_factory=list)
     violation_count: int = 0
-    events: list[tuple[float, str]] = field(default_factory=list)
     log_records: collections.Counter[str] = field(default_factory=collections.Counter)
     first_seen: weakref.WeakKeyDictionary[asyncio.Task[Any], float] = field(
         default_factory=weakref.WeakKeyDictionary
