@@ -332,6 +332,17 @@ def take_sample(
         "load_average_1m": round(os.getloadavg()[0], 2),
         "log_records_total": sum(soak.log_records.values()),
         "fault_in_window": fault,
+        **traced_memory(),
+    }
+
+
+def traced_memory() -> dict[str, float]:
+    """With --tracemalloc: the live traced allocations and tracemalloc's own memory, in MB."""
+    if not tracemalloc.is_tracing():
+        return {}
+    return {
+        "traced_mb": round(tracemalloc.get_traced_memory()[0] / 2**20, 1),
+        "tracemalloc_own_mb": round(tracemalloc.get_tracemalloc_memory() / 2**20, 1),
     }
 
 
@@ -685,6 +696,15 @@ def markdown(document: dict[str, Any]) -> str:
         f"Library log records by level and message: {json.dumps(result['log_records'])}.",
         "",
     ]
+    growth = result.get("tracemalloc_growth_after_warmup")
+    if growth:
+        lines += [
+            "tracemalloc, the largest differences from the end of warm-up to the end of the run "
+            "(workers stopped, Cache still open):",
+            "",
+            *(f"    {line}" for line in growth),
+            "",
+        ]
     return "\n".join(lines)
 
 
