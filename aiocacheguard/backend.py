@@ -33,7 +33,7 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
-from typing import Any, Final, Generic, Literal, Self, TypeVar, cast
+from typing import Any, Final, Generic, Literal, NoReturn, Self, TypeVar, cast
 
 import redis.asyncio as redis
 import redis.exceptions as redis_errors
@@ -125,6 +125,12 @@ async def budgeted(command: Awaitable[T], budget: float) -> T:
 def _node_of(cluster: RedisCluster, key: bytes) -> ClusterNode:
     """The primary serving ``key``'s slot in the client's slot map (no I/O)."""
     return cluster.nodes_manager.get_node_from_slot(cluster.keyslot(key))
+
+
+def _expire(task: asyncio.Task[Any], fired: list[bool]) -> None:
+    """A direct command's budget ran out: cancel its task (`RedisBackend._direct`)."""
+    fired.append(True)
+    task.cancel()
 
 
 def _is_wrongtype(exc: BaseException) -> bool:
@@ -566,22 +572,46 @@ class RedisBackend:
         self._last_refusal = now
 
     async def _direct(self, command: Callable[[], Awaitable[T]], route: Route = None) -> T:
-        """One command in the caller's task, under its budget (none while the breaker is open)."""
+        """
+        One command in the caller's task, under its budget (none while the breaker is open).
+
+        The hit path of a lone caller, so it is lean: no slot is taken (nothing else of this
+        backend is outstanding, so at most ``max_in_flight + 1`` commands are), and the budget
+        is one timer that cancels the task, not an ``asyncio.timeout`` (which cost about as
+        much as the rest of the library's share of a hit). Its semantics are asyncio.timeout's:
+        a cancellation from elsewhere stays a cancellation.
+        """
         refused = self.refused(route)
         if refused is not None:
             raise refused
-        async with self.slots:
-            try:
-                async with asyncio.timeout(self.command_timeout):
-                    result = await command()
-            except (*_REDIS_ERRORS, TimeoutError) as exc:
-                self.errors += 1
-                error = to_backend_error(exc)
-                self.record(error, route)
-                self._note(exc)
-                raise error from exc
+        task = asyncio.current_task()
+        assert task is not None
+        fired: list[bool] = []
+        timer = asyncio.get_running_loop().call_later(self.command_timeout, _expire, task, fired)
+        try:
+            result = await command()
+        except asyncio.CancelledError:
+            if fired and task.uncancel() == 0:  # our timer's, and nobody else's
+                exc: BaseException = TimeoutError()
+                self._failed(exc, route)
+            raise
+        except _REDIS_ERRORS as exc:
+            if fired:
+                task.uncancel()  # the timer fired as the command failed: not a cancellation
+            self._failed(exc, route)
+        finally:
+            timer.cancel()
+        if fired:
+            task.uncancel()  # it fired as the command completed: the result stands
         self.record(None, route)
         return result
+
+    def _failed(self, exc: BaseException, route: Route) -> NoReturn:
+        self.errors += 1
+        error = to_backend_error(exc)
+        self.record(error, route)
+        self._note(exc)
+        raise error from exc
 
     async def get(self, key: bytes) -> bytes | None:
         """
@@ -591,6 +621,8 @@ class RedisBackend:
         self._outstanding += 1
         try:
             if self._outstanding == 1:  # nothing to coalesce with
+                if self._cluster is None:
+                    return await self._direct(functools.partial(self._get_standalone, key))
                 return await self._direct(lambda: self._read_one(key), self.route(key))
             return await self._reads.submit(key)
         finally:
@@ -623,6 +655,14 @@ class RedisBackend:
         except redis_errors.NoScriptError:
             await self.client.script_load(script.source)
             return await self.client.evalsha(script.sha, len(keys), *keys, *args)
+
+    async def _get_standalone(self, key: bytes) -> bytes | None:
+        try:
+            return cast("bytes | None", await self.client.get(key))
+        except redis_errors.ResponseError as exc:
+            if _is_wrongtype(exc):
+                return FOREIGN
+            raise
 
     async def _read_one(self, key: bytes) -> bytes | None:
         (value,) = await self._mget([key])

@@ -7,9 +7,11 @@ from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
-from aiocacheguard import Cache, Policy
-from aiocacheguard.testing import RedisServer
+from aiocacheguard import BackendTimeout, Cache, Policy
+from aiocacheguard.testing import FaultProxy, RedisServer
 
 from .helpers import library_tasks
 from .proxy import DelayProxy
@@ -67,3 +69,36 @@ async def test_cancelling_callers_at_each_await_point_of_a_miss(slow_cache: Cach
         assert await slow_cache.get(key) == "loaded"
     assert calls == 7
     assert not [t for t in library_tasks() if "load" in t.get_name()]
+
+
+async def test_a_lone_read_past_its_budget_is_a_timeout_and_leaves_the_task_uncancelled(
+    redis_server: RedisServer, namespace: str
+) -> None:
+    # The direct path's budget is a timer that cancels the caller's task: the caller sees
+    # BackendTimeout, not CancelledError, and its task carries no cancellation afterwards.
+    async with FaultProxy(redis_server.port) as proxy:
+        client = redis.Redis(port=proxy.port, retry=Retry(NoBackoff(), 0))
+        try:
+            async with Cache(
+                client, namespace=namespace, policy=Policy(ttl=30.0), command_timeout=0.2,
+                breaker=None,
+            ) as cache:  # fmt: skip
+                await cache.set("k", 1)
+                proxy.blackhole()
+                for _ in range(3):
+                    with pytest.raises(BackendTimeout):
+                        await cache.get("k")
+                    task = asyncio.current_task()
+                    assert task is not None and task.cancelling() == 0
+                    await asyncio.sleep(0.01)  # no cancellation left pending
+
+                # A cancellation from elsewhere during the same wait stays a cancellation.
+                reading = asyncio.create_task(cache.get("k"))
+                await asyncio.sleep(0.05)
+                reading.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await reading
+                await proxy.heal()
+                assert await cache.get("k") == 1
+        finally:
+            await client.aclose()
