@@ -6,8 +6,10 @@ recorder, polling, server counters.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable, Iterator
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TypeVar
 
 import pytest
@@ -112,3 +114,28 @@ async def command_calls(client: redis.Redis, *commands: str) -> int:
     """How many times the server ran these commands (from INFO commandstats)."""
     stats = await client.info("commandstats")
     return sum(int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in commands)
+
+
+@contextlib.asynccontextmanager
+async def limited_client(
+    admin: redis.Redis, server: RedisServer, *denied: str
+) -> AsyncIterator[redis.Redis]:
+    """
+    A client of a throwaway ACL user allowed everything but the ``denied`` commands (e.g.
+    ``"client|tracking"``; Redis 7 checks the ACL of commands called from Lua too).
+    """
+    user = f"limited-{uuid.uuid4().hex[:8]}"
+    await admin.acl_setuser(
+        user,
+        enabled=True,
+        passwords=["+pw"],
+        keys=["*"],
+        channels=["*"],
+        commands=["+@all", *(f"-{command}" for command in denied)],
+    )
+    limited = redis.Redis(host=server.host, port=server.port, username=user, password="pw")
+    try:
+        yield limited
+    finally:
+        await limited.aclose()
+        await admin.acl_deluser(user)

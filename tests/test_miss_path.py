@@ -12,7 +12,6 @@ failed Bloom add becoming a false negative, and soft-expiry serves counted as st
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import Awaitable
 
 import pytest
@@ -31,7 +30,7 @@ from aiocacheguard.backend import to_backend_error
 from aiocacheguard.record import Record
 from aiocacheguard.testing import RedisServer
 
-from .helpers import Clock, Events, GatedLoader, library_tasks, wait_until
+from .helpers import Clock, Events, GatedLoader, library_tasks, limited_client, wait_until
 
 #: A lease far longer than any wait bound below: a caller served within the bound was served
 #: by the fill (or a released lock), never by the lease running out.
@@ -223,21 +222,8 @@ async def test_set_with_ttl_keeps_soft_ttl_and_stale_if_error(
 async def test_failed_bloom_add_is_not_a_false_negative(
     client: redis.Redis, namespace: str, redis_server: RedisServer
 ) -> None:
-    user = f"nosetbit-{uuid.uuid4().hex[:8]}"
     # Redis 7 checks the ACL of commands called from Lua too: this user's Bloom adds fail.
-    await client.acl_setuser(
-        user,
-        enabled=True,
-        passwords=["+pw"],
-        keys=["*"],
-        channels=["*"],
-        categories=["+@all"],
-        commands=["-setbit"],
-    )
-    limited = redis.Redis(
-        host=redis_server.host, port=redis_server.port, username=user, password="pw"
-    )
-    try:
+    async with limited_client(client, redis_server, "setbit") as limited:
         bloom = BloomFilter("f", capacity=1000, error_rate=0.01)
         admin_bloom = BloomFilter("f", capacity=1000, error_rate=0.01)
         loader = released("v")
@@ -261,9 +247,6 @@ async def test_failed_bloom_add_is_not_a_false_negative(
             stats = cache.statistics()
             assert stats.bloom_rejected == 0
             assert stats.bloom_add_errors >= 1
-    finally:
-        await limited.aclose()
-        await client.acl_deluser(user)
 
 
 # 9. A soft-expired serve is not a stale-if-error serve.

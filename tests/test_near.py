@@ -25,7 +25,7 @@ from redis.backoff import NoBackoff
 from aiocacheguard import Breaker, Cache, ConfigurationError, LocalCache, Policy
 from aiocacheguard.testing import FaultProxy, RedisClusterServer, RedisServer, _free_port_pair
 
-from .helpers import Clock, command_calls, library_tasks, wait_until
+from .helpers import Clock, command_calls, library_tasks, limited_client, wait_until
 
 
 def l1_cache(client: redis.Redis | RedisCluster, namespace: str, **options: Any) -> Cache:
@@ -287,17 +287,7 @@ async def test_a_read_overtaken_by_an_invalidation_is_not_kept(
 async def test_an_l1_whose_listener_is_refused_serves_nothing_and_says_so(
     client: redis.Redis, redis_server: RedisServer, namespace: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    user = f"notrack-{namespace}"
-    await client.acl_setuser(
-        user,
-        enabled=True,
-        passwords=["+pw"],
-        keys=["*"],
-        channels=["*"],
-        commands=["+@all", "-client|tracking"],
-    )
-    limited = redis.Redis(port=redis_server.port, username=user, password="pw")
-    try:
+    async with limited_client(client, redis_server, "client|tracking") as limited:
         with caplog.at_level(logging.ERROR, logger="aiocacheguard"):
             async with l1_cache(limited, namespace) as cache:
                 await cache.set("k", 1)
@@ -305,9 +295,6 @@ async def test_an_l1_whose_listener_is_refused_serves_nothing_and_says_so(
                     assert await cache.get("k") == 1
                 assert cache.statistics().local_hits == 0
         assert any("L1 stays off" in r.getMessage() for r in caplog.records)
-    finally:
-        await limited.aclose()
-        await client.acl_deluser(user)
 
 
 async def test_redis_down_serves_the_l1_entry_within_stale_if_error(

@@ -21,7 +21,7 @@ from aiocacheguard.guards.local import LocalCache, LocalStore
 from aiocacheguard.testing import FaultProxy, RedisClusterServer, RedisSentinelServer, RedisServer
 from aiocacheguard.tracking import INVALIDATION_CHANNEL, InvalidationListener
 
-from .helpers import wait_until
+from .helpers import limited_client, wait_until
 
 
 class Recorder:
@@ -295,31 +295,18 @@ async def test_resp3_invalidations_do_arrive_as_push_frames(
 async def test_a_refusal_to_track_stops_the_listener_with_its_error(
     redis_server: RedisServer, client: redis.Redis, namespace: str, prefix: bytes
 ) -> None:
-    user = f"notrack-{namespace}"
-    await client.acl_setuser(
-        user,
-        enabled=True,
-        passwords=["+pw"],
-        keys=["*"],
-        channels=["*"],
-        commands=["+@all", "-client|tracking"],
-    )
-    limited = redis.Redis(
-        host=redis_server.host, port=redis_server.port, username=user, password="pw"
-    )
-    recorder = Recorder()
-    listener = InvalidationListener(
-        limited, prefix, on_invalidate=recorder.on_invalidate, on_restored=recorder.on_restored
-    )
-    try:
-        listener.start()
-        await wait_until(lambda: listener.error is not None)
-        assert "tracking" in str(listener.error).lower()
-        assert not listener.listening and recorder.log == []
-    finally:
-        await listener.aclose()
-        await limited.aclose()
-        await client.acl_deluser(user)
+    async with limited_client(client, redis_server, "client|tracking") as limited:
+        recorder = Recorder()
+        listener = InvalidationListener(
+            limited, prefix, on_invalidate=recorder.on_invalidate, on_restored=recorder.on_restored
+        )
+        try:
+            listener.start()
+            await wait_until(lambda: listener.error is not None)
+            assert "tracking" in str(listener.error).lower()
+            assert not listener.listening and recorder.log == []
+        finally:
+            await listener.aclose()
 
 
 async def test_sentinel_the_listener_finds_the_primary_through_the_sentinels(
