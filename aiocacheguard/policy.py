@@ -15,6 +15,9 @@ __all__ = ("Policy",)
 #: Redis keeps expiries in milliseconds as signed 64-bit integers; anything past a year is a
 #: mistake (seconds given as milliseconds, say), so we refuse it rather than cache "forever".
 MAX_TTL = 365 * 24 * 3600.0
+#: Redis keeps expiries in whole milliseconds (``PX``): a TTL below one would be stored as a
+#: millisecond anyway (``ttl=1e-9`` living a million times longer than asked), so it is refused.
+MIN_TTL = 0.001
 
 
 def _check_seconds(
@@ -38,11 +41,13 @@ class Policy:
 
     Args:
         ttl: Hard time to live of a cached value in Redis. Required: there is no safe default.
+            At least 1 ms, Redis's resolution.
         soft_ttl: Logical expiry, strictly less than ``ttl``. ``None`` (the default) turns
             logical expiry off.
         negative_ttl: How long a loader's ``None`` ("this row does not exist") is cached, so
             lookups of absent rows stop reaching the database. ``None`` means negative results
-            are not cached at all. Default 5 seconds.
+            are not cached at all. At least 1 ms. Default 5 seconds, whatever ``ttl`` is:
+            see "Combinations" below.
         lock: Guard misses with the distributed rebuild lock, so one process in the whole
             deployment calls the loader. ``False`` keeps only the in-process single-flight.
         lock_ttl: The rebuild lock's lease. The holder renews it every third of it while the
@@ -69,9 +74,24 @@ class Policy:
             Ignored without an L1. Whatever it says, an L1 entry never outlives its record's
             ``soft_ttl`` (or ``ttl``).
 
+    Combinations accepted on purpose (each knob bounds a different thing):
+        - ``negative_ttl > ttl``: how long an absence may be reported is a choice of its own
+          (absent ids probed by a scanner may be cached longer than values that change), and
+          the 5 s default stays valid with a short ``ttl`` (``@cached(cache, ttl=1)``). A
+          row created meanwhile is reported absent for up to ``negative_ttl``: where absences
+          must be as fresh as values, give ``negative_ttl <= ttl`` too.
+        - ``lock_ttl > ttl``: the lease bounds how long a dead holder blocks its waiters, not
+          how long a value lives; it is renewed while the loader runs, and the lock key is
+          gone once the fill (or the holder's failure) releases it.
+        - ``wait_timeout < load_timeout`` (or below ``load_timeout + lock_ttl``): how a
+          latency-bound caller caps its wait for another process's load. The cost is a
+          second load of the key in each process that gave up (``on_wait_timeout="load"``) or
+          a `LockTimeout` (``"raise"``), never an empty result.
+
     Raises:
-        ConfigurationError: a field is negative, zero, NaN, infinite, over a year, or
-            ``soft_ttl >= ttl``. The message names the field and what is accepted.
+        ConfigurationError: a field is negative, zero, NaN, infinite, over a year, a TTL is
+            below 1 ms, or ``soft_ttl >= ttl``. The message names the field and what is
+            accepted.
 
     Example:
         >>> Policy(ttl=30.0, soft_ttl=25.0)
@@ -96,9 +116,9 @@ class Policy:
     local_ttl: float | None = None
 
     def __post_init__(self) -> None:
-        _check_seconds("ttl", self.ttl)
+        _check_seconds("ttl", self.ttl, minimum=MIN_TTL)
         _check_seconds("soft_ttl", self.soft_ttl, optional=True)
-        _check_seconds("negative_ttl", self.negative_ttl, optional=True)
+        _check_seconds("negative_ttl", self.negative_ttl, optional=True, minimum=MIN_TTL)
         _check_seconds("lock_ttl", self.lock_ttl, minimum=0.05)
         _check_seconds("wait_timeout", self.wait_timeout)
         _check_seconds("load_timeout", self.load_timeout, optional=True)
@@ -139,7 +159,7 @@ class Policy:
         explicit ``None`` is stored even where negative results are not cached.
         """
         if ttl is not None:
-            _check_seconds("ttl", ttl)
+            _check_seconds("ttl", ttl, minimum=MIN_TTL)
             soft = None if self.soft_ttl is None else self.soft_ttl * ttl / self.ttl
             return replace(self, ttl=ttl, soft_ttl=soft, negative_ttl=ttl, jitter=0.0)
         if negative and self.negative_ttl is None:
