@@ -31,7 +31,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import Any, Final, Generic, Literal, NoReturn, Self, TypeVar, cast
 
@@ -43,6 +42,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from ._checks import check_instance, check_int
+from ._episodes import Episode
 from ._types import LuaScript, ScriptArg, Subscriber
 from .errors import BackendError, BackendTimeout, BackendUnavailable, ConfigurationError
 from .guards.breaker import Breaker, BreakerState, CircuitBreaker
@@ -84,9 +84,6 @@ FOREIGN: Final = b""
 #: What redis-py and sockets raise. redis-py's cluster errors (a slot no node covers, say) do
 #: not derive from RedisError.
 _REDIS_ERRORS = (redis_errors.RedisError, redis_errors.RedisClusterException, OSError)
-
-#: Refused writes less than this many seconds apart are one episode: one warning.
-REFUSAL_EPISODE: Final = 60.0
 
 _NO_TIME: Final = "Redis did not answer in time"
 _NO_TURN: Final = (
@@ -469,7 +466,8 @@ class RedisBackend:
         self.errors = 0
         #: Writes Redis refused (OOM under noeviction, READONLY): `Statistics.writes_refused`.
         self.writes_refused = 0
-        self._last_refusal = -REFUSAL_EPISODE  # monotonic time of the last refused write
+        # Refused writes less than a minute apart are one episode: one warning, a count a minute.
+        self._refusals = Episode("writes to Redis")
 
     @classmethod
     def of(
@@ -554,22 +552,16 @@ class RedisBackend:
 
     def _note(self, exc: BaseException) -> None:
         """
-        Count writes Redis refused; one warning per episode (a refusal after a quiet minute
-        starts a new one), not one per write.
+        Count writes Redis refused; said once per episode (a refusal after a quiet minute
+        starts a new one) and summed up each minute while it lasts, not once per write.
         """
         if not isinstance(exc, redis_errors.OutOfMemoryError | redis_errors.ReadOnlyError):
             return
         self.writes_refused += 1
-        now = time.monotonic()
-        if now - self._last_refusal >= REFUSAL_EPISODE:
-            logger.warning(
-                "Redis refuses writes (%s: %s): values are served but not cached until it "
-                "accepts them again (%d refused so far)",
-                type(exc).__name__,
-                exc,
-                self.writes_refused,
-            )
-        self._last_refusal = now
+        self._refusals.failed(
+            f"Redis refuses writes ({type(exc).__name__}: {exc}): values are served but not "
+            f"cached until it accepts them again ({self.writes_refused} refused so far)"
+        )
 
     async def _direct(self, command: Callable[[], Awaitable[T]], route: Route = None) -> T:
         """

@@ -5,12 +5,12 @@ it and forced refreshes through the rebuild protocol, and what a failed one says
 
 from __future__ import annotations
 
-import logging
 import random
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from ._checks import check_int
+from ._episodes import Episode
 from .codec import Entry
 from .guards.refresh import Refresher, xfetch_due
 from .metrics import Counters, Emitter
@@ -18,8 +18,6 @@ from .policy import Policy
 from .rebuild import OnFill, Rebuilder
 
 __all__ = ("Refreshes",)
-
-logger = logging.getLogger("aiocacheguard")
 
 Loader = Callable[[], Awaitable[Any]]
 
@@ -57,7 +55,8 @@ class Refreshes:
         self._forced: Refresher[bytes] = Refresher(max_concurrent=max_concurrent, clock=clock)
         self._written = written
         self._on_fill = on_fill
-        self._failures = 0  # in a row, Cache-wide: one warning per episode
+        # Cache-wide: refreshes of other keys succeeding in between do not start a new one.
+        self._episode = Episode("background refreshes", clock=clock)
 
     def maybe_start(
         self, rkey: bytes, entry: Entry, loader: Loader, policy: Policy, now: float
@@ -95,17 +94,14 @@ class Refreshes:
             try:
                 value = await self._refresh(rkey, loader, policy, seen)
             except Exception as exc:
-                # Never raised into a caller: the stale value stays served. One warning per
-                # episode of failures; each is still counted and an event.
+                # Never raised into a caller: the stale value stays served. Said once per
+                # episode of failures (then summed up each minute); each is still counted
+                # and an event.
                 self._counters.refresh_errors += 1
-                self._failures += 1
-                level = logging.WARNING if self._failures == 1 else logging.DEBUG
-                logger.log(level, "background refresh of %r failed: %r", rkey, exc)
+                self._episode.failed(f"background refresh of {rkey!r} failed: {exc!r}")
                 self._emit("refresh_failed", rkey, exc)
                 raise
-            if self._failures:
-                logger.info("background refreshes work again (%d failed)", self._failures)
-                self._failures = 0
+            self._episode.succeeded()
             return value
 
         return work

@@ -135,6 +135,31 @@ def test_probes_that_never_report_do_not_keep_it_half_open() -> None:
     assert breaker.allow()
 
 
+def test_a_long_outage_is_said_once_a_minute_not_once_a_probe(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An hour down with open_for=2 s used to log two warnings per probe: 3,600 lines."""
+    caplog.set_level(logging.WARNING, "aiocacheguard")
+    now = [0.0]
+    breaker = CircuitBreaker(Breaker(consecutive_failures=1, open_for=2.0), clock=lambda: now[0])
+    assert breaker.allow()
+    breaker.record(False)  # Redis becomes unreachable
+    for _ in range(1800):  # an hour of failed probes
+        now[0] += 2.0
+        assert breaker.allow()
+        breaker.record(False)
+    now[0] += 2.0
+    while not breaker.closed:  # Redis is back: the probes succeed
+        assert breaker.allow()
+        breaker.record(True)
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert lines[0].endswith("closed -> open (calls skip Redis for 2s)")
+    summaries = [line for line in lines if "still failing" in line]
+    assert 59 <= len(summaries) <= 61 and len(lines) == len(summaries) + 2, len(lines)
+    assert "1800 failed probes since Redis became unreachable 3600s ago" in summaries[-1]
+    assert lines[-1].endswith("(Redis answers again, after 3602s and 1800 failed probes)")
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [

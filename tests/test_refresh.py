@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import random
 from collections.abc import AsyncIterator
@@ -321,3 +322,54 @@ async def test_refreshes_are_bounded(client: redis.Redis, namespace: str, clock:
             await wait_until(lambda: len(cache._refreshes._refresher) == 0)
         assert cache.statistics().refreshes == 10 and loader.calls == 10
         assert await asyncio.gather(*(cache.get(f"k{i}") for i in range(10))) == ["new"] * 10
+
+
+async def test_failing_refreshes_are_said_once_per_episode_with_counts(
+    client: redis.Redis,
+    namespace: str,
+    clock: Clock,
+    events: Events,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Refreshes of other keys succeeding in between used to start a new warning each time."""
+    caplog.set_level(logging.INFO, "aiocacheguard")
+    policy = Policy(ttl=1000.0, soft_ttl=10.0, jitter=0.0)
+    async with Cache(client, namespace=namespace, policy=policy, clock=clock, hook=events) as c:
+        for i in range(40):
+            await seed(c, clock, value=f"old {i}", key=f"k{i}")
+        failing = GatedLoader(error=ConnectionError("database down"))
+        failing.release.set()
+        working = GatedLoader("new 1")
+        working.release.set()
+
+        async def refresh(i: int, loader: GatedLoader, stale: str = "old") -> None:
+            kind = "refreshed" if loader is working else "refresh_failed"
+            before = events.count(kind)
+            assert await c.get_or_load(f"k{i}", loader) == f"{stale} {i}"  # served stale
+            await events.wait_for(kind, before + 1)
+
+        for i in range(40):  # failures and successes of other keys, one after another
+            await refresh(i, working if i % 2 else failing)
+
+        def lines(level: int) -> list[str]:
+            return [r.getMessage() for r in caplog.records if r.levelno == level]
+
+        assert len(lines(logging.WARNING)) == 1, lines(logging.WARNING)  # was 20
+        assert "database down" in lines(logging.WARNING)[0]
+        # A long episode is summed up once a minute, with its count.
+        clock.now += 30.0
+        await refresh(0, failing)
+        clock.now += 31.0
+        await refresh(2, failing)
+        assert len(lines(logging.WARNING)) == 2
+        assert (
+            "21 more in the last 61s (22 since the episode began 61s ago)"
+            in (lines(logging.WARNING)[1])
+        )
+        # A success after a quiet minute ends it, with the total.
+        clock.now += 61.0
+        working.value = "newer"
+        await refresh(1, working, stale="new")
+        (ended,) = [line for line in lines(logging.INFO) if "work again" in line]
+        assert "22 failed over 61s" in ended
+        assert c.statistics().refresh_errors == 22

@@ -42,6 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .._checks import check_int, check_number, check_seconds
+from .._episodes import EPISODE_SECONDS
 
 __all__ = ("Breaker", "BreakerState", "CircuitBreaker")
 
@@ -102,12 +103,15 @@ class CircuitBreaker:
 
     __slots__ = (
         "_clock",
+        "_failed_probes",
         "_failures",
         "_in_a_row",
         "_on_transition",
         "_opened_at",
+        "_outage_began",
         "_outcomes",
         "_probes",
+        "_said_at",
         "_successes",
         "_where",
         "config",
@@ -133,6 +137,10 @@ class CircuitBreaker:
         self._failures = 0  # failures in the window
         self._in_a_row = 0
         self._opened_at = 0.0
+        # The current (or last) outage, for its log lines: when it began, when it was last
+        # said, and the probes that failed in it.
+        self._outage_began = self._said_at = 0.0
+        self._failed_probes = 0
         self._probes = 0  # half-open calls admitted (those not yet succeeded are out)
         self._successes = 0  # half-open calls that succeeded
         #: Times the breaker opened; calls refused while it was open.
@@ -217,16 +225,45 @@ class CircuitBreaker:
         old, self.state = self.state, new
         if old is new:
             return
-        logger.warning(
+        self._say(old, new)
+        if self._on_transition is not None:
+            self._on_transition(old, new)
+
+    def _say(self, old: BreakerState, new: BreakerState) -> None:
+        """
+        An outage is said when it begins and when it ends, and summed up once a minute in
+        between: a long one probes (two transitions) every ``open_for`` seconds, and each
+        probe that fails is counted, at debug level, not warned about.
+        """
+        now = self._clock()
+        level, detail = logging.DEBUG, ""
+        if old is BreakerState.CLOSED:
+            self._outage_began = self._said_at = now
+            self._failed_probes = 0
+            level, detail = logging.WARNING, f" (calls skip Redis for {self.config.open_for:g}s)"
+        elif new is BreakerState.CLOSED:
+            level = logging.WARNING
+            detail = (
+                f" (Redis answers again, after {now - self._outage_began:.0f}s and "
+                f"{self._failed_probes} failed probes)"
+            )
+        elif new is BreakerState.OPEN:
+            self._failed_probes += 1
+            detail = " (a probe failed)"
+            if now - self._said_at >= EPISODE_SECONDS:
+                self._said_at = now
+                level = logging.WARNING
+                detail = (
+                    f" (still failing: {self._failed_probes} failed probes since Redis became "
+                    f"unreachable {now - self._outage_began:.0f}s ago)"
+                )
+        else:
+            detail = " (probing Redis)"
+        logger.log(
+            level,
             "circuit breaker in front of %s: %s -> %s%s",
             self._where,
             old.value,
             new.value,
-            {
-                BreakerState.OPEN: f" (calls skip Redis for {self.config.open_for:g}s)",
-                BreakerState.HALF_OPEN: " (probing Redis)",
-                BreakerState.CLOSED: " (Redis answers again)",
-            }[new],
+            detail,
         )
-        if self._on_transition is not None:
-            self._on_transition(old, new)
