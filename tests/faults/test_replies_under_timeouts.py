@@ -1,0 +1,113 @@
+"""
+Family (i): replies are never crossed under timeouts. A command given up on (its budget
+spent, or its caller cancelled) leaves a reply on the wire; if its connection were reused,
+the next command would read that reply: another key's value (CVE-2023-28858/28859, the
+March 2023 ChatGPT incident, redis-py's ``test_cwe_404.py``).
+
+Setup: 300 keys, every tenth holding 100 KB (so some replies span many chunks); a proxy
+whose reply latency switches between 0 and 0.15 s every 40 ms, against a command budget of
+0.1 s, so commands time out mid-reply on every connection; a third of the callers are also
+cancelled at random moments by their own ``wait_for``. 6 rounds of 300 concurrent calls
+(``get``, and ``get_or_load`` whose loader returns the key's own value).
+
+Asserted: every result is the caller's own key's value (from Redis or its loader), a
+`BackendTimeout`/`BackendUnavailable`, or the caller's own cancellation: never another key's
+value, whatever the timing; faults really happened (hundreds of timeouts) and values really
+came from Redis; after the faults, every key reads back right; nothing is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from typing import Any
+
+import redis.asyncio as redis
+
+from aiocacheguard import BackendError, Cache, Policy
+from aiocacheguard.testing import FaultProxy
+
+from .checks import assert_nothing_left, through
+
+KEYS = 300
+
+
+def value_of(i: int) -> str:
+    return f"value of k{i}:" + ("x" * 100_000 if i % 10 == 0 else "")
+
+
+async def test_no_caller_ever_gets_another_keys_value(
+    client: redis.Redis, proxy: FaultProxy, namespace: str
+) -> None:
+    async with Cache(client, namespace=namespace, policy=Policy(ttl=120.0)) as writer:
+        for i in range(KEYS):
+            await writer.set(f"k{i}", value_of(i))
+    rng = random.Random(14)
+    name = f"{namespace}-faulty"
+    faulty = through(proxy.port, name)
+    outcomes: dict[str, int] = {"right": 0, "loaded": 0, "error": 0, "cancelled": 0}
+    # No breaker: every call goes to Redis, however many time out.
+    async with Cache(
+        faulty, namespace=namespace, policy=Policy(ttl=120.0), command_timeout=0.1, breaker=None
+    ) as cache:
+
+        async def call(i: int, via_loader: bool, cancel_after: float | None) -> None:
+            async def load() -> str:
+                return "loaded " + value_of(i)
+
+            work: Any = cache.get_or_load(f"k{i}", load) if via_loader else cache.get(f"k{i}")
+            try:
+                if cancel_after is None:
+                    got = await work
+                else:
+                    got = await asyncio.wait_for(work, cancel_after)
+            except BackendError:
+                outcomes["error"] += 1
+                return
+            except TimeoutError:
+                outcomes["cancelled"] += 1
+                return
+            assert got in (value_of(i), "loaded " + value_of(i)), f"k{i} got {got[:20]!r}"
+            outcomes["right" if got == value_of(i) else "loaded"] += 1
+
+        async def toggle(stop: asyncio.Event) -> None:
+            while not stop.is_set():
+                proxy.downstream_latency = 0.15 if proxy.downstream_latency == 0 else 0.0
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 0.04)
+
+        stop = asyncio.Event()
+        toggler = asyncio.create_task(toggle(stop))
+        for _ in range(6):
+            calls = [
+                call(
+                    rng.randrange(KEYS),
+                    rng.random() < 0.5,
+                    rng.uniform(0.0, 0.2) if rng.random() < 0.33 else None,
+                )
+                for _ in range(300)
+            ]
+            await asyncio.gather(*calls)
+        stop.set()
+        await toggler
+        await proxy.heal()
+        assert outcomes["error"] + outcomes["cancelled"] >= 100, outcomes  # faults happened
+        assert outcomes["right"] >= 100, outcomes  # and Redis answered between them
+        # Every connection left is in step: every key reads back right (the replies delayed
+        # before the heal may still time some reads out; those are read again).
+        unread = set(range(KEYS))
+        async with asyncio.timeout(10):
+            while unread:
+                for i, got in zip(
+                    list(unread),
+                    await asyncio.gather(
+                        *(cache.get(f"k{i}") for i in unread), return_exceptions=True
+                    ),
+                    strict=True,
+                ):
+                    if not isinstance(got, BackendError):
+                        assert got == value_of(i), f"k{i} got {str(got)[:20]!r}"
+                        unread.discard(i)
+    await faulty.aclose()
+    await assert_nothing_left(client, namespace, name=name)
