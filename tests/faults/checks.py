@@ -56,7 +56,10 @@ async def assert_nothing_left(
         }
         if not any(left.values()):
             return
-        assert asyncio.get_running_loop().time() < deadline, f"left after {within}s: {left}"
+        if asyncio.get_running_loop().time() >= deadline:
+            shown = {kind: v[:5] if isinstance(v, list) else v for kind, v in left.items()}
+            counts = {kind: len(v) if isinstance(v, list) else v for kind, v in left.items()}
+            raise AssertionError(f"left after {within}s: {counts}, e.g. {shown}")
         await asyncio.sleep(0.02)
 
 
