@@ -28,6 +28,7 @@ import redis.asyncio as redis
 from aiocacheguard import BackendError, Cache, Policy
 from aiocacheguard.testing import FaultProxy
 
+from ..helpers import wait_until
 from .checks import assert_nothing_left, through
 
 KEYS = 300
@@ -109,5 +110,56 @@ async def test_no_caller_ever_gets_another_keys_value(
                     if not isinstance(got, BackendError):
                         assert got == value_of(i), f"k{i} got {str(got)[:20]!r}"
                         unread.discard(i)
+    await faulty.aclose()
+    await assert_nothing_left(client, namespace, name=name)
+
+
+async def test_resets_and_truncated_replies_never_cross_replies(
+    client: redis.Redis, proxy: FaultProxy, namespace: str
+) -> None:
+    """
+    Connections reset (RST) in the middle of replies, or replies cut short and the connection
+    closed: each read gets its own key's value or a `BackendError`, and the next reads are
+    right. 10 rounds of 300 reads; a reset once 100 KB of replies have flowed, or the next
+    reply cut at a random length. (A batch shares its fate: most reads of a cut batch fail.)
+    """
+    async with Cache(client, namespace=namespace, policy=Policy(ttl=120.0)) as writer:
+        for i in range(KEYS):
+            await writer.set(f"k{i}", value_of(i))
+    rng = random.Random(28)
+    name = f"{namespace}-reset"
+    faulty = through(proxy.port, name)
+    outcomes = {"right": 0, "error": 0}
+    async with Cache(
+        faulty, namespace=namespace, policy=Policy(ttl=120.0), command_timeout=0.5, breaker=None
+    ) as cache:
+
+        async def read(i: int) -> None:
+            try:
+                got = await cache.get(f"k{i}")
+            except BackendError:
+                outcomes["error"] += 1
+                return
+            assert got == value_of(i), f"k{i} got {str(got)[:20]!r}"
+            outcomes["right"] += 1
+
+        for n in range(10):
+            keys = [rng.randrange(KEYS) for _ in range(300)]
+            if n % 2:
+                proxy.truncate_next_reply(rng.randrange(1, 4096))
+                await asyncio.gather(*(read(i) for i in keys))
+            else:
+                flowing = proxy.statistics().bytes_downstream + 100_000
+                reads = asyncio.gather(*(read(i) for i in keys))
+
+                def mid_reply(after: int = flowing) -> bool:
+                    return proxy.statistics().bytes_downstream > after
+
+                await wait_until(mid_reply)
+                proxy.reset()
+                await reads
+        assert outcomes["error"] >= 10 and outcomes["right"] >= 300, outcomes
+        got = await asyncio.gather(*(cache.get(f"k{i}") for i in range(KEYS)))
+        assert got == [value_of(i) for i in range(KEYS)]
     await faulty.aclose()
     await assert_nothing_left(client, namespace, name=name)
