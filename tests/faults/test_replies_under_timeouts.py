@@ -13,7 +13,8 @@ cancelled at random moments by their own ``wait_for``. 4 rounds of 300 concurren
 Asserted: every result is the caller's own key's value (from Redis or its loader), a
 `BackendTimeout`/`BackendUnavailable`, or the caller's own cancellation: never another key's
 value, whatever the timing; faults really happened (hundreds of timeouts) and values really
-came from Redis; after the faults, every key reads back right; nothing is left.
+came from Redis (bounds: 100 faults, 20 right answers; measured 110-350 timed out, 76-620
+right); after the faults, every key reads back right; nothing is left.
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ async def test_no_caller_ever_gets_another_keys_value(
         await toggler
         await proxy.heal()
         assert outcomes["error"] + outcomes["cancelled"] >= 100, outcomes  # faults happened
-        assert outcomes["right"] >= 100, outcomes  # and Redis answered between them
+        assert outcomes["right"] >= 20, outcomes  # and Redis answered between them
         # Every connection left is in step: every key reads back right (the replies delayed
         # before the heal may still time some reads out; those are read again).
         unread = set(range(KEYS))
