@@ -5,16 +5,16 @@ the next command would read that reply: another key's value (CVE-2023-28858/2885
 March 2023 ChatGPT incident, redis-py's ``test_cwe_404.py``).
 
 Setup: 300 keys, every tenth holding 100 KB (so some replies span many chunks); a proxy
-whose reply latency switches between 0 and 0.15 s every 40 ms, against a command budget of
-0.1 s, so commands time out mid-reply on every connection; a third of the callers are also
+whose reply latency switches between 0 and 0.35 s every 60 ms, against a command budget of
+0.25 s, so commands time out mid-reply on every connection; a third of the callers are also
 cancelled at random moments by their own ``wait_for``. 4 rounds of 300 concurrent calls
 (``get``, and ``get_or_load`` whose loader returns the key's own value).
 
 Asserted: every result is the caller's own key's value (from Redis or its loader), a
 `BackendTimeout`/`BackendUnavailable`, or the caller's own cancellation: never another key's
 value, whatever the timing; faults really happened (hundreds of timeouts) and values really
-came from Redis (bounds: 100 faults, 20 right answers; measured 110-350 timed out, 76-620
-right); after the faults, every key reads back right; nothing is left.
+came from Redis (bounds: 100 faults, 20 right answers; measured 210-730 timed out or
+cancelled, 46-880 right); after the faults, every key reads back right; nothing is left.
 """
 
 from __future__ import annotations
@@ -33,6 +33,10 @@ from ..helpers import wait_until
 from .checks import assert_nothing_left, through
 
 KEYS = 300
+#: The command budget, and the reply latency switched on and off beyond it. The budget counts
+#: from the ask, so it is wide enough for 300 callers on a busy 2-CPU machine.
+BUDGET = 0.25
+SLOW = 0.35
 
 
 def value_of(i: int) -> str:
@@ -51,7 +55,7 @@ async def test_no_caller_ever_gets_another_keys_value(
     outcomes: dict[str, int] = {"right": 0, "loaded": 0, "error": 0, "cancelled": 0}
     # No breaker: every call goes to Redis, however many time out.
     async with Cache(
-        faulty, namespace=namespace, policy=Policy(ttl=120.0), command_timeout=0.1, breaker=None
+        faulty, namespace=namespace, policy=Policy(ttl=120.0), command_timeout=BUDGET, breaker=None
     ) as cache:
 
         async def call(i: int, via_loader: bool, cancel_after: float | None) -> None:
@@ -75,9 +79,9 @@ async def test_no_caller_ever_gets_another_keys_value(
 
         async def toggle(stop: asyncio.Event) -> None:
             while not stop.is_set():
-                proxy.downstream_latency = 0.15 if proxy.downstream_latency == 0 else 0.0
+                proxy.downstream_latency = SLOW if proxy.downstream_latency == 0 else 0.0
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), 0.04)
+                    await asyncio.wait_for(stop.wait(), 0.06)
 
         stop = asyncio.Event()
         toggler = asyncio.create_task(toggle(stop))
@@ -86,7 +90,7 @@ async def test_no_caller_ever_gets_another_keys_value(
                 call(
                     rng.randrange(KEYS),
                     rng.random() < 0.5,
-                    rng.uniform(0.0, 0.2) if rng.random() < 0.33 else None,
+                    rng.uniform(0.0, 0.4) if rng.random() < 0.33 else None,
                 )
                 for _ in range(300)
             ]
