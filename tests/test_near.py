@@ -13,7 +13,8 @@ import json
 import logging
 import sys
 import time
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import pytest
@@ -46,7 +47,32 @@ async def reads(client: redis.Redis) -> int:
 
 
 async def held(cache: Cache, key: str, value: object) -> None:
-    """Wait until the L1 serves ``value`` for ``key`` (a Redis read fills it)."""
+    """
+    Wait until the L1 serves ``value`` for ``key`` (a Redis read fills it), once the
+    announcements of every earlier write have arrived: a late echo of the Cache's own write
+    would otherwise drop the entry after this returned.
+    """
+    near = cache._near
+    assert near is not None
+    if not isinstance(cache._backend.client, RedisCluster):
+        # One listener, in Redis's order: a write after all others is announced after them.
+        barrier = cache.keys.value(f"barrier-{uuid.uuid4().hex}")
+        arrived = asyncio.Event()
+        previous = near.on_change
+
+        def watch(keys: Sequence[bytes] | None) -> None:
+            if previous is not None:
+                previous(keys)
+            if keys is None or barrier in keys:
+                arrived.set()
+
+        near.on_change = watch
+        try:
+            await cache._backend.client.set(barrier, b"")
+            async with asyncio.timeout(5):
+                await arrived.wait()
+        finally:
+            near.on_change = previous
 
     async def served() -> bool:
         before = cache.statistics().local_hits
