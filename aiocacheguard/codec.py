@@ -5,13 +5,12 @@ entries, decoded once for every caller that shares them.
 
 from __future__ import annotations
 
-import logging
 import random
-import time
 from collections.abc import Callable
 from typing import Any, Final
 
 from ._checks import check_int
+from ._episodes import Episode
 from ._types import Serializer
 from .errors import ValueTooLargeError
 from .policy import Policy
@@ -20,18 +19,12 @@ from .serializers import typed_decoder
 
 __all__ = ("DEFAULT_MAX_VALUE_BYTES", "Entry", "RecordCodec")
 
-logger = logging.getLogger("aiocacheguard")
-
 #: The default limit on a record's size: 16 MiB. Measured on loopback, a 20 MB value blocks
 #: the event loop for about 43 ms while it is decoded, and a 100 MB one takes 0.79 s of the
 #: default 1 s budget to read: a cache entry that large slows every caller of the process and
 #: lives one slow read away from a timeout, so it is refused unless the Cache says otherwise.
 #: Redis itself accepts strings up to 512 MB (``proto-max-bulk-len``).
 DEFAULT_MAX_VALUE_BYTES: Final = 16 * 1024 * 1024
-
-#: Loaders' values refused as too large less than this many seconds apart are one episode:
-#: one warning.
-TOO_LARGE_EPISODE: Final = 60.0
 
 
 _UNDECODED: Any = object()
@@ -131,7 +124,7 @@ class RecordCodec:
 
     __slots__ = (
         "_decoders",
-        "_last_too_large",
+        "_too_large_episode",
         "clock",
         "decode_errors",
         "max_value_bytes",
@@ -159,7 +152,7 @@ class RecordCodec:
         self.decode_errors = 0
         #: Records past ``max_value_bytes``: refused on write, or found on read (a miss).
         self.too_large = 0
-        self._last_too_large = -TOO_LARGE_EPISODE  # monotonic time of the last refused fill
+        self._too_large_episode = Episode("loaded values too large to cache")
         self._decoders: dict[object, Callable[[bytes], Any] | None] = {}
 
     def counters(self) -> dict[str, int]:
@@ -223,18 +216,13 @@ class RecordCodec:
 
     def not_cached(self, rkey: bytes, error: ValueTooLargeError) -> None:
         """
-        A loader's value too large to cache (served, not written): one warning per episode
-        (a refusal after a quiet minute starts a new one), not one per load.
+        A loader's value too large to cache (served, not written): said once per episode with
+        counts (`aiocacheguard._episodes`), not once per load.
         """
-        now = time.monotonic()
-        if now - self._last_too_large >= TOO_LARGE_EPISODE:
-            logger.warning(
-                "a loaded value is not cached (key %r): %s (%d refused so far)",
-                rkey,
-                error,
-                self.too_large,
-            )
-        self._last_too_large = now
+        self._too_large_episode.failed(
+            f"a loaded value is not cached (key {rkey!r}): {error} "
+            f"({self.too_large} refused so far)"
+        )
 
     def decode(self, data: bytes) -> Entry | None:
         """
