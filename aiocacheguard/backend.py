@@ -671,12 +671,7 @@ class RedisBackend:
         if isinstance(client, RedisCluster):
             return await self._read_cluster(client, keys)
         if len(keys) == 1:
-            try:
-                return [cast("bytes | None", await client.get(keys[0]))]
-            except redis_errors.ResponseError as exc:
-                if _is_wrongtype(exc):
-                    return [FOREIGN]
-                raise
+            return [await self._get_standalone(keys[0])]
         return cast("list[bytes | BaseException | None]", list(await client.mget(keys)))
 
     async def _read_cluster(
