@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import types
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import Any, Final, Generic, Literal, NoReturn, Self, TypeVar, cast
 
@@ -40,6 +41,7 @@ from redis.asyncio.cluster import ClusterNode, PipelineCommand, RedisCluster
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.observability.providers import get_observability_instance
 
 from ._checks import check_instance, check_int
 from ._episodes import Episode
@@ -124,15 +126,33 @@ def _node_of(cluster: RedisCluster, key: bytes) -> ClusterNode:
     return cluster.nodes_manager.get_node_from_slot(cluster.keyslot(key))
 
 
-def _expire(task: asyncio.Task[Any], fired: list[bool]) -> None:
-    """A direct command's budget ran out: cancel its task (`RedisBackend._direct`)."""
-    fired.append(True)
-    task.cancel()
+def _lean_pool(client: RedisClient) -> redis.ConnectionPool | None:
+    """
+    The pool a lone GET takes its connection from itself (`RedisBackend._get_standalone`), or
+    None where that would leave out something the client does around a command: a cluster or
+    a subclass of the client, a single-connection client, a ``execute_command`` wrapped by
+    instrumentation (OpenTelemetry's patches the class), or redis-py's own metrics turned on
+    (checked when the Cache is made).
+    """
+    if type(client) is not redis.Redis or client.single_connection_client:
+        return None
+    if type(redis.Redis.__dict__.get("execute_command")) is not types.FunctionType:
+        return None
+    try:
+        if get_observability_instance().get_provider_manager() is not None:
+            return None
+    except Exception:  # whatever redis-py's metrics do, the client's own path is safe
+        return None
+    return client.connection_pool
 
 
 def _is_wrongtype(exc: BaseException) -> bool:
     return isinstance(exc, redis_errors.ResponseError) and str(exc).startswith("WRONGTYPE")
 
+
+#: The loop may run a timer up to its clock's resolution early: the watchdog treats a deadline
+#: that close as reached.
+_WATCH_SLACK: Final = 0.001
 
 #: Where a command goes: the name of the Redis Cluster primary that owns its key, or None
 #: (a single Redis, or a cluster whose slot map is not known yet). Each route has its own fate:
@@ -445,6 +465,12 @@ class RedisBackend:
         self.client = client
         self.breaker = breaker
         self._cluster = client if isinstance(client, RedisCluster) else None
+        self._pool = _lean_pool(client)
+        # The lone command running (`_direct`), its deadline, and the one timer watching it.
+        self._lone: asyncio.Task[Any] | None = None
+        self._lone_deadline = 0.0
+        self._lone_fired = False
+        self._watchdog: asyncio.TimerHandle | None = None
         self._breakers: dict[str, CircuitBreaker] = {}  # a cluster primary's, by its name
         self.command_timeout = command_timeout
         self.max_in_flight = max_in_flight
@@ -569,34 +595,57 @@ class RedisBackend:
 
         The hit path of a lone caller, so it is lean: no slot is taken (nothing else of this
         backend is outstanding, so at most ``max_in_flight + 1`` commands are), and the budget
-        is one timer that cancels the task, not an ``asyncio.timeout`` (which cost about as
-        much as the rest of the library's share of a hit). Its semantics are asyncio.timeout's:
-        a cancellation from elsewhere stays a cancellation.
+        is kept by one watchdog timer per backend (`_watch`), not by an ``asyncio.timeout`` or a
+        timer per command (which cost about as much as the rest of the library's share of a
+        hit). A lone command starts only when nothing else is outstanding, so one runs at a
+        time. Its semantics are asyncio.timeout's: a cancellation from elsewhere stays a
+        cancellation.
         """
         refused = self.refused(route)
         if refused is not None:
             raise refused
         task = asyncio.current_task()
-        assert task is not None
-        fired: list[bool] = []
-        timer = asyncio.get_running_loop().call_later(self.command_timeout, _expire, task, fired)
+        assert task is not None and self._lone is None, "one lone command at a time"
+        loop = asyncio.get_running_loop()
+        self._lone = task
+        self._lone_fired = False
+        deadline = self._lone_deadline = loop.time() + self.command_timeout
+        if self._watchdog is None:
+            self._watchdog = loop.call_at(deadline, self._watch)
         try:
             result = await command()
         except asyncio.CancelledError:
-            if fired and task.uncancel() == 0:  # our timer's, and nobody else's
+            if self._lone_fired and task.uncancel() == 0:  # the watchdog's, and nobody else's
                 exc: BaseException = TimeoutError()
                 self._failed(exc, route)
             raise
         except _REDIS_ERRORS as exc:
-            if fired:
-                task.uncancel()  # the timer fired as the command failed: not a cancellation
+            if self._lone_fired:
+                task.uncancel()  # the budget ran out as the command failed: not a cancellation
             self._failed(exc, route)
         finally:
-            timer.cancel()
-        if fired:
-            task.uncancel()  # it fired as the command completed: the result stands
+            self._lone = None
+        if self._lone_fired:
+            task.uncancel()  # the budget ran out as the command completed: the result stands
         self.record(None, route)
         return result
+
+    def _watch(self) -> None:
+        """
+        The watchdog of lone commands: cancel the one running if its budget is spent, else
+        wake again at its deadline; with none running, sleep until the next one starts. Under
+        a steady stream of hits it wakes once a budget, not once a command.
+        """
+        self._watchdog = None
+        task = self._lone
+        if task is None:
+            return
+        loop = asyncio.get_running_loop()
+        if self._lone_deadline - loop.time() <= _WATCH_SLACK:
+            self._lone_fired = True
+            task.cancel()
+        else:
+            self._watchdog = loop.call_at(self._lone_deadline, self._watch)
 
     def _failed(self, exc: BaseException, route: Route) -> NoReturn:
         self.errors += 1
@@ -649,8 +698,28 @@ class RedisBackend:
             return await self.client.evalsha(script.sha, len(keys), *keys, *args)
 
     async def _get_standalone(self, key: bytes) -> bytes | None:
+        """
+        GET on a single Redis. Where the client allows it (`_lean_pool`), on a connection of
+        its pool taken here: redis-py's ``execute_command`` costs a lone hit about as much again
+        as the rest of the library's share (its retry wrapper, its metrics hooks). What it does
+        for the command is kept: a connection that fails is dropped by redis-py itself, a
+        cancelled read drops its connection too (no reply is left to cross), and a failure is
+        retried through the client, with its retry policy, where that policy retries.
+        """
         try:
-            return cast("bytes | None", await self.client.get(key))
+            pool = self._pool
+            if pool is None:
+                return cast("bytes | None", await self.client.get(key))
+            connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+            try:
+                await connection.send_packed_command(connection.pack_command("GET", key))
+                return cast("bytes | None", await connection.read_response())
+            except (redis_errors.ConnectionError, redis_errors.TimeoutError):
+                if not connection.retry.get_retries():
+                    raise
+            finally:
+                await pool.release(connection)
+            return cast("bytes | None", await self.client.get(key))  # the client's retries
         except redis_errors.ResponseError as exc:
             if _is_wrongtype(exc):
                 return FOREIGN
@@ -779,6 +848,9 @@ class RedisBackend:
 
     async def aclose(self) -> None:
         """Stop the batchers and the subscriber; queued commands are cancelled."""
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         await self._reads.aclose()
         await self._scripts.aclose()
         if self._pubsub is not None:
