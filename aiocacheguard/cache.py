@@ -225,11 +225,10 @@ class Cache(BulkOperations):
         """
         self._check_open()
         rkey = self.keys.value(key)
-        self._counters.coalesced += rkey in self._reads  # sharing a read on its way
-        entry = await self._reads.read(rkey, self.policy.local_ttl)
-        if entry is None or not entry.fresh(self._codec.clock()) or not entry.usable(returns):
+        entry = await self._reads.read(rkey, self.policy.local_ttl, coalesced=True)
+        if entry is None or not entry.fresh(self._codec.clock()):
             return default
-        return entry.result(returns)
+        return entry.result_or(default, returns)
 
     async def set(self, key: Key, value: Any, *, ttl: float | None = None) -> None:
         """

@@ -82,6 +82,16 @@ class Entry:
         value = typed[returns] = decode(self.record.payload)
         return value
 
+    def result_or(self, default: Any, returns: object = None) -> Any:
+        """`result`, or ``default`` where it is not `usable` (counted like it)."""
+        if self.record.negative:
+            return None
+        try:
+            return self.result(returns)
+        except Exception:  # any error of the serializer's decoder: bytes it cannot read
+            self._codec.decode_errors += 1
+            return default
+
     def usable(self, returns: object) -> bool:
         """
         Whether `result` can give ``returns``: a payload that does not decode (corrupt, or of

@@ -49,10 +49,13 @@ class Reader:
         """Whether a read of the key is on its way."""
         return rkey in self._reads
 
-    async def read(self, rkey: bytes, local_ttl: float | None = None) -> Entry | None:
+    async def read(
+        self, rkey: bytes, local_ttl: float | None = None, *, coalesced: bool = False
+    ) -> Entry | None:
         """
         The key's entry; None when nothing usable is stored (counted as a miss). ``local_ttl``
-        bounds how long the L1 may serve what Redis returns (0: not kept).
+        bounds how long the L1 may serve what Redis returns (0: not kept). With ``coalesced``,
+        sharing a read on its way is counted (`Statistics.coalesced`).
 
         Raises:
             BackendError: Redis failed or did not answer within its budget.
@@ -62,7 +65,23 @@ class Reader:
             entry = near.get(rkey)
             if entry is not None:
                 return entry
-        return await self._reads.run(rkey, partial(self._fetch, rkey, local_ttl))
+        reads = self._reads
+        shared = reads.lead(rkey)
+        if shared is None:  # a read of the key is on its way: share it
+            if coalesced:
+                self._counters.coalesced += 1
+            return await reads.run(rkey, partial(self._fetch, rkey, local_ttl))
+        # SharedCall.run's leader inlined: this is every lone hit's path.
+        entry = None
+        error: BaseException | None = None
+        try:
+            entry = await self._fetch(rkey, local_ttl)
+            return entry
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            reads.end(rkey, shared, entry, error)
 
     def local(self, rkey: bytes, now: float, policy: Policy, returns: object) -> Entry | None:
         """

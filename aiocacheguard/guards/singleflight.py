@@ -120,9 +120,27 @@ class SharedCall(Generic[K, T]):
             error = exc
             raise
         finally:
-            if calls.get(key) is shared:
-                del calls[key]
-            shared.settle(result, error)
+            self.end(key, shared, result, error)
+
+    def lead(self, key: K) -> _Shared[T] | None:
+        """
+        `run` without its coroutine, for a hot path: start the key's call in the caller's own
+        code, or None when one is running (then `run` joins it). The caller makes the call and
+        must `end` it with its outcome, whatever happens (``try``/``finally``).
+        """
+        calls = self._calls
+        if key in calls:
+            return None
+        shared = calls[key] = _Shared()
+        return shared
+
+    def end(
+        self, key: K, shared: _Shared[T], result: T | None, error: BaseException | None
+    ) -> None:
+        """The call `lead` started ended: its joiners get ``result``, or ``error``."""
+        if self._calls.get(key) is shared:
+            del self._calls[key]
+        shared.settle(result, error)
 
     def forget(self, key: K) -> None:
         """Later callers make their own call (the one running may predate a write)."""
