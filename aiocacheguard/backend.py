@@ -33,7 +33,7 @@ import functools
 import logging
 import types
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
-from typing import Any, Final, Generic, Literal, NoReturn, Self, TypeVar, cast
+from typing import Any, Final, Generic, Literal, NoReturn, Self, TypeGuard, TypeVar, cast
 
 import redis.asyncio as redis
 import redis.exceptions as redis_errors
@@ -57,6 +57,7 @@ __all__ = (
     "TrackingConnection",
     "budgeted",
     "client_from_url",
+    "is_cluster",
     "to_backend_error",
 )
 
@@ -119,6 +120,11 @@ async def budgeted(command: Awaitable[T], budget: float) -> T:
             return await command
     except (*_REDIS_ERRORS, TimeoutError) as exc:
         raise to_backend_error(exc) from exc
+
+
+def is_cluster(client: RedisClient) -> TypeGuard[RedisCluster]:
+    """Whether ``client`` is a Redis Cluster client (every other module asks this here)."""
+    return isinstance(client, RedisCluster)
 
 
 def _node_of(cluster: RedisCluster, key: bytes) -> ClusterNode:

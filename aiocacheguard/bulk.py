@@ -31,18 +31,16 @@ import asyncio
 import re
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, TypeGuard, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 
 import anyio
 
 from ._aio import aiter_of
 from ._types import Key
-from .backend import MAX_BATCH, MAX_BATCHES, RedisClient, budgeted
+from .backend import MAX_BATCH, MAX_BATCHES, RedisClient, budgeted, is_cluster
 from .errors import ConfigurationError
 
 if TYPE_CHECKING:
-    from redis.asyncio.cluster import RedisCluster
-
     from .cache import Cache
 
 __all__ = (
@@ -245,10 +243,6 @@ class Node:
 
     name: str
     run: Callable[..., Awaitable[Any]]
-
-
-def is_cluster(client: RedisClient) -> TypeGuard[RedisCluster]:
-    return hasattr(client, "get_primaries")
 
 
 async def nodes_of(client: RedisClient, budget: float = COMMAND_TIMEOUT) -> list[Node]:

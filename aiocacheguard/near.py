@@ -60,7 +60,7 @@ import logging
 from collections.abc import Callable, Sequence
 
 from ._checks import check_instance
-from .backend import RedisClient, TrackingConnection, budgeted
+from .backend import RedisClient, TrackingConnection, budgeted, is_cluster
 from .codec import Entry
 from .errors import BackendError
 from .guards.local import LocalCache, LocalStore
@@ -219,7 +219,7 @@ class NearCache:
 
     async def _start(self) -> None:
         client = self._client
-        if not hasattr(client, "get_primaries"):
+        if not is_cluster(client):
             self._track()
             return
         # A cluster: learn the primaries, track them, and follow changes of the set.
@@ -252,7 +252,7 @@ class NearCache:
                 for listener in self.listeners:
                     await listener.aclose()
                 self.listeners, self._listening = [], 0
-                await budgeted(client.nodes_manager.initialize(), self._budget)  # type: ignore[union-attr]
+                await budgeted(client.nodes_manager.initialize(), self._budget)
             except BackendError:
                 continue  # asked again at the next check
             self._tracked = primaries

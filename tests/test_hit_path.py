@@ -64,7 +64,7 @@ class CountingRedis(redis.Redis):
 
     async def execute_command(self, *args: Any, **options: Any) -> Any:
         self.commands.append(args[0])
-        return await super().execute_command(*args, **options)
+        return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
 
 
 async def test_a_client_subclass_runs_every_hit_through_its_execute_command(

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-from ..backend import RedisClient, budgeted
-from ..bulk import COMMAND_TIMEOUT, is_cluster
+from ..backend import RedisClient, budgeted, is_cluster
+from ..bulk import COMMAND_TIMEOUT
 
 #: Serializer tags of the built-in serializers (`aiocacheguard.serializers`), by name.
 SERIALIZERS: Final = {1: "json", 2: "msgpack", 3: "pickle", 4: "msgspec-json", 5: "msgspec-msgpack"}
