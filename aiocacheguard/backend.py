@@ -57,7 +57,9 @@ __all__ = (
     "TrackingConnection",
     "budgeted",
     "client_from_url",
+    "connect_url",
     "is_cluster",
+    "sentinel_primary",
     "to_backend_error",
 )
 
@@ -418,6 +420,30 @@ def client_from_url(url: str) -> redis.Redis:
         raise ConfigurationError(
             "url", url, f"a redis://, rediss:// or unix:// URL ({exc})"
         ) from None
+
+
+def connect_url(url: str, *, cluster: bool = False, **options: Any) -> RedisClient:
+    """
+    A client for a ``redis://``, ``rediss://`` or ``unix://`` URL (a cluster client with
+    ``cluster``), with redis-py's ``options``: the command line's clients.
+
+    Raises:
+        ValueError: redis-py cannot use the URL.
+    """
+    if cluster:
+        return RedisCluster.from_url(url, **options)
+    return redis.Redis.from_url(url, **options)
+
+
+def sentinel_primary(
+    sentinels: list[tuple[str, int]], service: str, db: int, **options: Any
+) -> redis.Redis:
+    """A client for the primary the Sentinels name for ``service``, followed through failovers
+    (``options`` for the primary and the Sentinels alike)."""
+    sentinel = redis.Sentinel(  # type: ignore[no-untyped-call]
+        sentinels, sentinel_kwargs=dict(options), **options
+    )
+    return cast(redis.Redis, sentinel.master_for(service, db=db))
 
 
 def _pool_limit(client: RedisClient) -> int | None:

@@ -26,15 +26,12 @@ import traceback
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any, Final, cast
+from typing import IO, Any, Final
 from urllib.parse import unquote, urlsplit
-
-import redis.asyncio as redis
-from redis.asyncio.cluster import RedisCluster
 
 from .. import bulk, ops
 from .._types import Serializer
-from ..backend import RedisClient
+from ..backend import RedisClient, connect_url, sentinel_primary
 from ..cache import Cache
 from ..errors import CacheGuardError, ConfigurationError, InvalidKeyError
 from ..policy import Policy
@@ -245,9 +242,7 @@ def connect(url: str, *, cluster: bool = False) -> RedisClient:
             f"--redis-url {url!r}: expected redis://, rediss://, unix:// or redis+sentinel://"
         )
     try:
-        if cluster:
-            return RedisCluster.from_url(url, **options)
-        return redis.Redis.from_url(url, **options)
+        return connect_url(url, cluster=cluster, **options)
     except ValueError as exc:
         raise UsageError(f"--redis-url {url!r}: {exc}") from None
 
@@ -287,13 +282,9 @@ def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, int, dict[
     return sentinels, path[0], int(path[1]) if len(path) == 2 else 0, auth
 
 
-def _sentinel(url: str, options: dict[str, Any]) -> redis.Redis:
+def _sentinel(url: str, options: dict[str, Any]) -> RedisClient:
     sentinels, service, db, auth = parse_sentinel_url(url)
-    options = {**options, **auth}
-    sentinel = redis.Sentinel(  # type: ignore[no-untyped-call]
-        sentinels, sentinel_kwargs=dict(options), **options
-    )
-    return cast(redis.Redis, sentinel.master_for(service, db=db))
+    return sentinel_primary(sentinels, service, db, **options, **auth)
 
 
 # --------------------------------------------------------------------------------------------
