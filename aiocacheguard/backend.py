@@ -534,7 +534,7 @@ class RedisBackend:
         command_timeout: float,
         max_in_flight: int | None,
         breaker: Breaker | None,
-        on_transition: Callable[[BreakerState, BreakerState], None] | None = None,
+        on_transition: Callable[[BreakerState, BreakerState, str | None], None] | None = None,
     ) -> RedisBackend:
         """A backend with a circuit breaker of its own (a replica's failures say nothing of
         its primary's, so each client gets one)."""
@@ -579,7 +579,7 @@ class RedisBackend:
             return breaker
         node = self._breakers.get(route)
         if node is None:
-            node = self._breakers[route] = breaker.sibling(f"Redis Cluster node {route}")
+            node = self._breakers[route] = breaker.sibling(route)
         return node
 
     def refused(self, route: Route = None, *, probe: bool = True) -> BackendUnavailable | None:

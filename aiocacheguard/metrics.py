@@ -44,16 +44,20 @@ class Event:
             ``"takeover"``: this process took a rebuild lock whose holder's lease had run
             out; ``"lock_lost"``: a fill was refused because the lock had passed on;
             ``"breaker_opened"``, ``"breaker_half_open"``, ``"breaker_closed"``: the circuit
-            breaker in front of Redis changed state (``key`` is ``b""``).
+            breaker in front of Redis changed state (``key`` is ``b""``; on a Redis Cluster,
+            ``node`` says which primary's breaker).
         key: The Redis key of the entry.
         error: The loader's exception, where there is one.
         duration: Seconds the loader ran, for ``"loaded"``.
+        node: ``host:port`` of the Redis Cluster primary whose circuit breaker changed state;
+            None for the breaker of Redis as a whole, and for other events.
     """
 
     kind: EventKind
     key: bytes
     error: BaseException | None = None
     duration: float | None = None
+    node: str | None = None
 
 
 class Hook(Protocol):
@@ -77,17 +81,18 @@ class Emitter:
         error: BaseException | None = None,
         *,
         duration: float | None = None,
+        node: str | None = None,
     ) -> None:
         if self._hook is None:
             return
         try:
-            self._hook(Event(kind, key, error, duration))
+            self._hook(Event(kind, key, error, duration, node))
         except Exception:
             logger.exception("the Cache's event hook raised; ignored")
 
-    def breaker_moved(self, old: Any, new: Any) -> None:
+    def breaker_moved(self, old: Any, new: Any, node: str | None = None) -> None:
         """A circuit breaker's ``on_transition``: each change as an event (key ``b""``)."""
-        self(_BREAKER_EVENTS[new.value], b"")
+        self(_BREAKER_EVENTS[new.value], b"", node=node)
 
 
 _BREAKER_EVENTS: dict[str, EventKind] = {

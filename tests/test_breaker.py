@@ -22,10 +22,12 @@ from aiocacheguard import (
     Breaker,
     Cache,
     ConfigurationError,
+    Event,
     LoadTimeout,
     Policy,
 )
 from aiocacheguard.guards.breaker import BreakerState, CircuitBreaker
+from aiocacheguard.metrics import Emitter
 from aiocacheguard.testing import FaultProxy, RedisSentinelServer, RedisServer
 
 from .helpers import GatedLoader, wait_until
@@ -53,7 +55,7 @@ def test_consecutive_failures_open_it_and_it_refuses_without_io() -> None:
     breaker = CircuitBreaker(
         Breaker(consecutive_failures=3, open_for=2.0),
         clock=clock,
-        on_transition=lambda old, new: moves.append((old, new)),
+        on_transition=lambda old, new, node: moves.append((old, new)),
     )
     for _ in range(2):
         assert breaker.allow()
@@ -63,6 +65,22 @@ def test_consecutive_failures_open_it_and_it_refuses_without_io() -> None:
     assert state_of(breaker) is BreakerState.OPEN and breaker.opened == 1
     assert not breaker.allow() and breaker.short_circuited == 1
     assert moves == [(BreakerState.CLOSED, BreakerState.OPEN)]
+
+
+def test_a_cluster_primarys_breaker_says_its_node_in_its_events() -> None:
+    events: list[Event] = []
+    emit = Emitter(events.append)
+    root = CircuitBreaker(
+        Breaker(consecutive_failures=1), clock=Clock(), on_transition=emit.breaker_moved
+    )
+    node = root.sibling("10.0.0.7:7001")
+    node.record(False)
+    root.record(False)
+    assert [(e.kind, e.key, e.node) for e in events] == [
+        ("breaker_opened", b"", "10.0.0.7:7001"),
+        ("breaker_opened", b"", None),
+    ]
+    assert node.node == "10.0.0.7:7001" and root.node is None
 
 
 def test_failure_rate_over_the_window_opens_it() -> None:

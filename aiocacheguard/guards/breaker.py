@@ -92,7 +92,8 @@ class Breaker:
 
 class CircuitBreaker:
     """
-    The state of one breaker. ``on_transition(old, new)`` is called on every change.
+    The state of one breaker. ``on_transition(old, new, node)`` is called on every change
+    (``node``: the Redis Cluster primary a `sibling` guards, else None).
 
     Example:
         >>> breaker = CircuitBreaker(Breaker(consecutive_failures=2), clock=lambda: 0.0)
@@ -115,6 +116,7 @@ class CircuitBreaker:
         "_successes",
         "_where",
         "config",
+        "node",
         "opened",
         "short_circuited",
         "state",
@@ -125,13 +127,15 @@ class CircuitBreaker:
         config: Breaker,
         *,
         clock: Callable[[], float] = time.monotonic,
-        on_transition: Callable[[BreakerState, BreakerState], None] | None = None,
-        where: str = "Redis",
+        on_transition: Callable[[BreakerState, BreakerState, str | None], None] | None = None,
+        node: str | None = None,
     ) -> None:
         self.config = config
         self._clock = clock
         self._on_transition = on_transition
-        self._where = where  # what it guards, for the log
+        #: The Redis Cluster primary it guards (``host:port``); None: Redis as a whole.
+        self.node = node
+        self._where = "Redis" if node is None else f"Redis Cluster node {node}"  # for the log
         self.state = BreakerState.CLOSED
         self._outcomes: collections.deque[bool] = collections.deque(maxlen=config.window)
         self._failures = 0  # failures in the window
@@ -168,13 +172,13 @@ class CircuitBreaker:
         self._probes += 1
         return True
 
-    def sibling(self, where: str) -> CircuitBreaker:
+    def sibling(self, node: str) -> CircuitBreaker:
         """
-        A breaker of its own, with the same settings, clock and callback, for another part of
-        the deployment (a Redis Cluster primary): one dead node must not cut off the others.
+        A breaker of its own, with the same settings, clock and callback, for a Redis Cluster
+        primary (``host:port``): one dead node must not cut off the others.
         """
         return CircuitBreaker(
-            self.config, clock=self._clock, on_transition=self._on_transition, where=where
+            self.config, clock=self._clock, on_transition=self._on_transition, node=node
         )
 
     @property
@@ -227,7 +231,7 @@ class CircuitBreaker:
             return
         self._say(old, new)
         if self._on_transition is not None:
-            self._on_transition(old, new)
+            self._on_transition(old, new, self.node)
 
     def _say(self, old: BreakerState, new: BreakerState) -> None:
         """
