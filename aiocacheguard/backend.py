@@ -134,17 +134,23 @@ def _node_of(cluster: RedisCluster, key: bytes) -> ClusterNode:
     return cluster.nodes_manager.get_node_from_slot(cluster.keyslot(key))
 
 
+#: redis-py's own ``Redis.execute_command``, to notice instrumentation that replaces it later.
+_EXECUTE_COMMAND: Final = redis.Redis.execute_command
+
+
 def _lean_pool(client: RedisClient) -> redis.ConnectionPool | None:
     """
     The pool a lone GET takes its connection from itself (`RedisBackend._get_standalone`), or
     None where that would leave out something the client does around a command: a cluster or
-    a subclass of the client, a single-connection client, a ``execute_command`` wrapped by
-    instrumentation (OpenTelemetry's patches the class), or redis-py's own metrics turned on
-    (checked when the Cache is made).
+    a subclass of the client, a single-connection client, an ``execute_command`` wrapped by
+    instrumentation (OpenTelemetry's patches the class; checked again at each GET), or
+    redis-py's own metrics turned on (checked when the Cache is made).
     """
     if type(client) is not redis.Redis or client.single_connection_client:
         return None
-    if type(redis.Redis.__dict__.get("execute_command")) is not types.FunctionType:
+    if redis.Redis.execute_command is not _EXECUTE_COMMAND:  # instrumented since import
+        return None
+    if type(_EXECUTE_COMMAND) is not types.FunctionType:  # instrumented before import
         return None
     try:
         if get_observability_instance().get_provider_manager() is not None:
@@ -740,7 +746,7 @@ class RedisBackend:
         """
         try:
             pool = self._pool
-            if pool is None:
+            if pool is None or redis.Redis.execute_command is not _EXECUTE_COMMAND:
                 return cast("bytes | None", await self.client.get(key))
             connection = await pool.get_connection()  # type: ignore[no-untyped-call]
             try:

@@ -96,3 +96,26 @@ async def test_a_single_connection_client_keeps_to_its_one_connection(
                 assert proxy.statistics().connections_accepted == 1
         finally:
             await client.aclose()
+
+
+async def test_execute_command_instrumented_after_the_cache_was_made_sees_every_hit(
+    redis_server: RedisServer, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What OpenTelemetry's redis instrumentation does: replace the class's execute_command.
+    seen: list[Any] = []
+    original = redis.Redis.execute_command
+
+    async def traced(self: redis.Redis, *args: Any, **options: Any) -> Any:
+        seen.append(args[0])
+        return await original(self, *args, **options)  # type: ignore[no-untyped-call]
+
+    client = redis.Redis(port=redis_server.port)
+    try:
+        async with Cache(client, namespace=namespace, policy=Policy(ttl=30.0)) as cache:
+            await cache.set("k", VALUE)
+            monkeypatch.setattr(redis.Redis, "execute_command", traced)
+            for _ in range(5):
+                assert await cache.get("k") == VALUE
+            assert seen.count("GET") == 5
+    finally:
+        await client.aclose()
