@@ -134,30 +134,32 @@ def _node_of(cluster: RedisCluster, key: bytes) -> ClusterNode:
     return cluster.nodes_manager.get_node_from_slot(cluster.keyslot(key))
 
 
-#: redis-py's own ``Redis.execute_command``, to notice instrumentation that replaces it later.
+#: ``Redis.execute_command`` as this process first saw it: instrumentation that replaces it
+#: later is noticed by identity, and one already in place by its name (`_lean_pool`).
 _EXECUTE_COMMAND: Final = redis.Redis.execute_command
+_REDIS_PY_OWN: Final = (
+    type(_EXECUTE_COMMAND) is types.FunctionType
+    and _EXECUTE_COMMAND.__module__ == "redis.asyncio.client"
+    and _EXECUTE_COMMAND.__qualname__ == "Redis.execute_command"
+)
 
 
 def _lean_pool(client: RedisClient) -> redis.ConnectionPool | None:
     """
-    The pool a lone GET takes its connection from itself (`RedisBackend._get_standalone`), or
-    None where that would leave out something the client does around a command: a cluster or
-    a subclass of the client, a single-connection client, an ``execute_command`` wrapped by
-    instrumentation (OpenTelemetry's patches the class; checked again at each GET), or
-    redis-py's own metrics turned on (checked when the Cache is made).
+    The pool a lone GET may take its connection from itself (`RedisBackend._lean`), or None
+    where that would always leave out something the client does around a command: a cluster
+    client or a subclass, a single-connection client, or an ``execute_command`` that is not
+    redis-py's own (instrumentation such as Sentry's replaces it on the class).
     """
     if type(client) is not redis.Redis or client.single_connection_client:
         return None
-    if redis.Redis.execute_command is not _EXECUTE_COMMAND:  # instrumented since import
-        return None
-    if type(_EXECUTE_COMMAND) is not types.FunctionType:  # instrumented before import
-        return None
-    try:
-        if get_observability_instance().get_provider_manager() is not None:
-            return None
-    except Exception:  # whatever redis-py's metrics do, the client's own path is safe
-        return None
-    return client.connection_pool
+    return client.connection_pool if _REDIS_PY_OWN else None
+
+
+async def _send_get(connection: AbstractConnection, key: bytes) -> Any:
+    """One GET on ``connection``, as ``execute_command`` sends it (a health check included)."""
+    await connection.send_packed_command(connection.pack_command("GET", key))
+    return await connection.read_response()
 
 
 def _is_wrongtype(exc: BaseException) -> bool:
@@ -509,6 +511,7 @@ class RedisBackend:
         self._lone_deadline = 0.0
         self._lone_fired = False
         self._watchdog: asyncio.TimerHandle | None = None
+        self._watch_loop: asyncio.AbstractEventLoop | None = None
         self._breakers: dict[str, CircuitBreaker] = {}  # a cluster primary's, by its name
         self.command_timeout = command_timeout
         self.max_in_flight = max_in_flight
@@ -648,8 +651,8 @@ class RedisBackend:
         self._lone = task
         self._lone_fired = False
         deadline = self._lone_deadline = loop.time() + self.command_timeout
-        if self._watchdog is None:
-            self._watchdog = loop.call_at(deadline, self._watch)
+        if self._watchdog is None or self._watch_loop is not loop:  # (a loop that ended: anew)
+            self._watchdog, self._watch_loop = loop.call_at(deadline, self._watch), loop
         try:
             result = await command()
         except asyncio.CancelledError:
@@ -737,31 +740,50 @@ class RedisBackend:
 
     async def _get_standalone(self, key: bytes) -> bytes | None:
         """
-        GET on a single Redis. Where the client allows it (`_lean_pool`), on a connection of
-        its pool taken here: redis-py's ``execute_command`` costs a lone hit about as much again
-        as the rest of the library's share (its retry wrapper, its metrics hooks). What it does
-        for the command is kept: a connection that fails is dropped by redis-py itself, a
-        cancelled read drops its connection too (no reply is left to cross), and a failure is
-        retried through the client, with its retry policy, where that policy retries.
+        GET on a single Redis. Where nothing would be left out (`_lean`), on a connection of
+        the client's pool taken here: redis-py's ``execute_command`` costs a lone hit about as
+        much again as the rest of the library's share (mostly its metrics hooks). What it does
+        for the command is kept: the client's retry policy (its attempts, errors and backoff,
+        the failed connection dropped before each retry), and a cancelled or failed read drops
+        its connection (redis-py's own doing), so no reply is left to cross.
         """
         try:
-            pool = self._pool
-            if pool is None or redis.Redis.execute_command is not _EXECUTE_COMMAND:
+            pool = self._lean()
+            if pool is None:
                 return cast("bytes | None", await self.client.get(key))
             connection = await pool.get_connection()  # type: ignore[no-untyped-call]
             try:
-                await connection.send_packed_command(connection.pack_command("GET", key))
-                return cast("bytes | None", await connection.read_response())
-            except (redis_errors.ConnectionError, redis_errors.TimeoutError):
-                if not connection.retry.get_retries():
-                    raise
+                return cast(
+                    "bytes | None",
+                    await connection.retry.call_with_retry(
+                        lambda: _send_get(connection, key), lambda _: connection.disconnect()
+                    ),
+                )
             finally:
                 await pool.release(connection)
-            return cast("bytes | None", await self.client.get(key))  # the client's retries
         except redis_errors.ResponseError as exc:
             if _is_wrongtype(exc):
                 return FOREIGN
             raise
+
+    def _lean(self) -> redis.ConnectionPool | None:
+        """
+        `_lean_pool`, unless since then ``execute_command`` was replaced on the class or
+        patched on the client (``mock.patch.object``), ``get`` patched on the client, or
+        redis-py's own metrics turned on: checked at each GET, for a few attribute reads.
+        """
+        pool = self._pool
+        if pool is None or redis.Redis.execute_command is not _EXECUTE_COMMAND:
+            return None
+        patched = self.client.__dict__
+        if "execute_command" in patched or "get" in patched:
+            return None
+        try:
+            if get_observability_instance().get_provider_manager() is not None:
+                return None
+        except Exception:  # whatever redis-py's metrics do, the client's own path is safe
+            return None
+        return pool
 
     async def _read_one(self, key: bytes) -> bytes | None:
         (value,) = await self._mget([key])
@@ -886,7 +908,7 @@ class RedisBackend:
 
     async def aclose(self) -> None:
         """Stop the batchers and the subscriber; queued commands are cancelled."""
-        if self._watchdog is not None:
+        if self._watchdog is not None and self._lone is None:  # else it still keeps a budget
             self._watchdog.cancel()
             self._watchdog = None
         await self._reads.aclose()

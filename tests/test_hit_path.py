@@ -5,15 +5,22 @@ without ``execute_command``, yet with what the client does for a command kept.
 
 from __future__ import annotations
 
+import asyncio
+import subprocess
+import sys
+import time
 from typing import Any
 
 import pytest
-import redis.asyncio as redis
+import redis
+import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from aiocacheguard import BackendUnavailable, Cache, Policy
+from aiocacheguard import BackendTimeout, BackendUnavailable, Cache, Policy
 from aiocacheguard.testing import FaultProxy, RedisServer
+
+from .helpers import wait_until
 
 VALUE = {"id": 7, "name": "seven"}
 
@@ -24,7 +31,7 @@ async def test_a_reply_cut_mid_hit_is_retried_as_the_clients_retry_policy_says(
     # redis-py's default client retries a command whose connection failed; the lean GET
     # must too (through the client), or a dropped connection becomes an error for the caller.
     async with FaultProxy(redis_server.port) as proxy:
-        client = redis.Redis(port=proxy.port)  # redis-py's default retries
+        client = aioredis.Redis(port=proxy.port)  # redis-py's default retries
         try:
             async with Cache(client, namespace=namespace, policy=Policy(ttl=30.0)) as cache:
                 await cache.set("k", VALUE)
@@ -42,7 +49,7 @@ async def test_a_reply_cut_mid_hit_fails_when_the_client_does_not_retry(
     redis_server: RedisServer, namespace: str
 ) -> None:
     async with FaultProxy(redis_server.port) as proxy:
-        client = redis.Redis(port=proxy.port, retry=Retry(NoBackoff(), 0))
+        client = aioredis.Redis(port=proxy.port, retry=Retry(NoBackoff(), 0))
         try:
             async with Cache(
                 client, namespace=namespace, policy=Policy(ttl=30.0), breaker=None
@@ -57,7 +64,7 @@ async def test_a_reply_cut_mid_hit_fails_when_the_client_does_not_retry(
             await client.aclose()
 
 
-class CountingRedis(redis.Redis):
+class CountingRedis(aioredis.Redis):
     """A client subclass that does something around each command (as instrumentation does)."""
 
     commands: list[Any]
@@ -87,7 +94,7 @@ async def test_a_single_connection_client_keeps_to_its_one_connection(
     redis_server: RedisServer, namespace: str
 ) -> None:
     async with FaultProxy(redis_server.port) as proxy:
-        client = redis.Redis(port=proxy.port, single_connection_client=True)
+        client = aioredis.Redis(port=proxy.port, single_connection_client=True)
         try:
             async with Cache(client, namespace=namespace, policy=Policy(ttl=30.0)) as cache:
                 await cache.set("k", VALUE)
@@ -103,19 +110,180 @@ async def test_execute_command_instrumented_after_the_cache_was_made_sees_every_
 ) -> None:
     # What OpenTelemetry's redis instrumentation does: replace the class's execute_command.
     seen: list[Any] = []
-    original = redis.Redis.execute_command
+    original = aioredis.Redis.execute_command
 
-    async def traced(self: redis.Redis, *args: Any, **options: Any) -> Any:
+    async def traced(self: aioredis.Redis, *args: Any, **options: Any) -> Any:
         seen.append(args[0])
         return await original(self, *args, **options)  # type: ignore[no-untyped-call]
 
-    client = redis.Redis(port=redis_server.port)
+    client = aioredis.Redis(port=redis_server.port)
     try:
         async with Cache(client, namespace=namespace, policy=Policy(ttl=30.0)) as cache:
             await cache.set("k", VALUE)
-            monkeypatch.setattr(redis.Redis, "execute_command", traced)
+            monkeypatch.setattr(aioredis.Redis, "execute_command", traced)
             for _ in range(5):
                 assert await cache.get("k") == VALUE
             assert seen.count("GET") == 5
     finally:
         await client.aclose()
+
+
+async def test_execute_command_patched_on_the_client_sees_every_hit(
+    redis_server: RedisServer, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # mock.patch.object(client, "execute_command", ...), as tests of applications do.
+    client = aioredis.Redis(port=redis_server.port, retry=Retry(NoBackoff(), 0))
+    try:
+        async with Cache(client, namespace=namespace, policy=Policy(ttl=30.0)) as cache:
+            await cache.set("k", VALUE)
+
+            async def down(*args: Any, **options: Any) -> Any:
+                raise redis.ConnectionError("patched: Redis is down")
+
+            monkeypatch.setattr(client, "execute_command", down)
+            with pytest.raises(BackendUnavailable):
+                await cache.get("k")
+    finally:
+        await client.aclose()
+
+
+_SEEN_IN_A_FRESH_PROCESS = """
+import asyncio, sys
+import redis.asyncio as aioredis
+import redis.asyncio.client as client_module
+seen = []
+if sys.argv[2] == "instrumented-before-import":
+    # As Sentry's redis integration does: a plain function put on the class.
+    original = aioredis.Redis.execute_command
+    async def traced(self, *args, **options):
+        seen.append(args[0])
+        return await original(self, *args, **options)
+    aioredis.Redis.execute_command = traced
+else:
+    # redis-py's own metrics, turned on after the Cache is made: every command through
+    # execute_command reports its duration.
+    recorded = client_module.record_operation_duration
+    async def spy(command_name, *args, **kwargs):
+        seen.append(command_name)
+        return await recorded(command_name, *args, **kwargs)
+    client_module.record_operation_duration = spy
+from aiocacheguard import Cache, Policy
+
+async def main():
+    client = aioredis.Redis(port=int(sys.argv[1]))
+    async with Cache(client, namespace="lean-" + sys.argv[2], policy=Policy(ttl=30.0)) as cache:
+        await cache.set("k", 1)
+        if sys.argv[2] == "metrics-on-after-the-cache":
+            from redis.observability.config import OTelConfig
+            from redis.observability.providers import get_observability_instance
+            get_observability_instance().init(OTelConfig())
+        before = seen.count("GET")
+        for _ in range(5):
+            assert await cache.get("k") == 1
+        print(seen.count("GET") - before)
+    await client.aclose()
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("scenario", ["instrumented-before-import", "metrics-on-after-the-cache"])
+def test_what_redis_py_reports_of_commands_sees_every_hit(
+    redis_server: RedisServer, scenario: str
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _SEEN_IN_A_FRESH_PROCESS, str(redis_server.port), scenario],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-1] == "5"
+
+
+@pytest.mark.parametrize("retries", [0, 1, 2])
+async def test_a_failing_hit_is_tried_as_often_as_the_client_retry_policy_says(
+    redis_server: RedisServer, namespace: str, retries: int
+) -> None:
+    async with FaultProxy(redis_server.port) as proxy:
+        client = aioredis.Redis(port=proxy.port, retry=Retry(NoBackoff(), retries))
+        try:
+            async with Cache(
+                client, namespace=namespace, policy=Policy(ttl=30.0), breaker=None
+            ) as cache:
+                await cache.set("k", VALUE)
+                gets: list[bytes] = []
+
+                async def cut_every_get() -> None:  # step mode: each GET's reply is cut short
+                    while True:
+                        (chunk,) = (await proxy.wait_held(1, timeout=30.0))[:1]
+                        if chunk.data.startswith(b"*2\r\n$3\r\nGET"):
+                            gets.append(chunk.data)
+                            proxy.truncate_next_reply(2)
+                        proxy.release(1)
+
+                proxy.hold()
+                cutter = asyncio.create_task(cut_every_get())
+                try:
+                    with pytest.raises(BackendUnavailable):
+                        await cache.get("k")
+                finally:
+                    cutter.cancel()
+                    await proxy.heal()
+                assert len(gets) == 1 + retries
+        finally:
+            await client.aclose()
+
+
+async def test_aclose_leaves_a_lone_read_in_flight_its_budget(
+    redis_server: RedisServer, namespace: str
+) -> None:
+    async with FaultProxy(redis_server.port) as proxy:
+        client = aioredis.Redis(port=proxy.port, retry=Retry(NoBackoff(), 0))
+        cache = Cache(
+            client, namespace=namespace, policy=Policy(ttl=30.0), command_timeout=0.3,
+            breaker=None,
+        )  # fmt: skip
+        try:
+            await cache.set("k", 1)
+            proxy.blackhole()
+            reading = asyncio.create_task(cache.get("k"))
+            await wait_until(lambda: proxy.statistics().bytes_swallowed > 0)  # GET on the wire
+            await cache.aclose()
+            done, _ = await asyncio.wait({reading}, timeout=2.0)  # (redis-py gives up at 5 s)
+            assert done, "the read lost its budget when the Cache closed"
+            with pytest.raises(BackendTimeout):
+                reading.result()
+        finally:
+            await proxy.heal()
+            await client.aclose()
+
+
+def test_a_cache_used_from_a_second_event_loop_keeps_its_budget(namespace: str) -> None:
+    # A Cache belongs to one loop, but a second one must not lose every budget silently.
+    with RedisServer() as server:
+        client = aioredis.Redis(port=server.port, retry=Retry(NoBackoff(), 0))
+        cache = Cache(
+            client, namespace=namespace, policy=Policy(ttl=30.0), command_timeout=0.3,
+            breaker=None,
+        )  # fmt: skip
+
+        async def first() -> None:
+            await cache.set("k", 1)
+            assert await cache.get("k") == 1
+            await client.connection_pool.disconnect()
+
+        async def second() -> float:
+            assert await cache.get("k") == 1
+            redis.Redis(port=server.port).execute_command("CLIENT", "PAUSE", 2000, "ALL")  # type: ignore[no-untyped-call]
+            started = time.monotonic()
+            with pytest.raises(BackendTimeout):
+                await cache.get("k")
+            took = time.monotonic() - started
+            await cache.aclose()
+            await client.aclose()
+            return took
+
+        asyncio.run(first())
+        assert asyncio.run(second()) < 1.5
