@@ -832,7 +832,9 @@ class RedisBackend:
                 await node.execute_pipeline(commands)
             except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
                 cluster.nodes_manager.move_node_to_end_of_cached_nodes(node.name)
-                cluster._initialize = True  # as redis-py's own commands do on this error
+                # As redis-py's own commands do on this error; `aclose` reads the map if no
+                # read comes first (see `_reread_slot_map`).
+                cluster._initialize = True
                 for command in commands:
                     results[command.position] = exc
                 return
@@ -858,6 +860,26 @@ class RedisBackend:
             return FOREIGN if _is_wrongtype(exc) else exc
         except (*_REDIS_ERRORS, TimeoutError) as exc:
             return exc
+
+    async def _reread_slot_map(self, cluster: RedisCluster) -> None:
+        """
+        Read the cluster's slot map now if a connection error asked for it, so that the client
+        can be closed.
+
+        A command that finds its node unreachable marks the client to read the slot map again
+        before its next command (``_initialize``): redis-py's own commands do (the scripts, a
+        redirected read), and so does `_read_cluster`. While that mark is set, redis-py 8.1's
+        ``RedisCluster.aclose()`` returns without closing anything, so a client closed after
+        the Cache kept every connection to every node open. The re-read its next command would
+        do first is done here, under one budget: it clears the mark, or, failing, redis-py
+        closes every connection itself. A client never initialized or already closed (it has
+        no default node then) is left alone: reading the map would open connections again.
+        """
+        if not cluster._initialize or cluster.nodes_manager.default_node is None:
+            return
+        with contextlib.suppress(*_REDIS_ERRORS, TimeoutError):
+            async with asyncio.timeout(self.command_timeout):
+                await cluster.initialize()
 
     async def _eval_batch(self, calls: list[_ScriptCall]) -> list[Any]:
         results = await self._evalsha(calls)
@@ -907,7 +929,10 @@ class RedisBackend:
         return self._pubsub
 
     async def aclose(self) -> None:
-        """Stop the batchers and the subscriber; queued commands are cancelled."""
+        """
+        Stop the batchers and the subscriber; queued commands are cancelled. A cluster client
+        is left in a state its own ``aclose()`` closes (`_reread_slot_map`).
+        """
         if self._watchdog is not None and self._lone is None:  # else it still keeps a budget
             self._watchdog.cancel()
             self._watchdog = None
@@ -915,6 +940,8 @@ class RedisBackend:
         await self._scripts.aclose()
         if self._pubsub is not None:
             await self._pubsub.aclose()
+        if self._cluster is not None:
+            await self._reread_slot_map(self._cluster)
 
 
 class _PubSub:

@@ -9,19 +9,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import os
 import signal
 import time
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 
 import pytest
 import redis
+import redis.asyncio
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
-from aiocacheguard import Cache, Policy
+from aiocacheguard import BackendError, Cache, Policy
 from aiocacheguard.guards.breaker import BreakerState
 from aiocacheguard.testing import RedisClusterServer, RedisServer
+
+from .checks import assert_nothing_left
 
 BUDGET = 0.5
 
@@ -112,3 +117,59 @@ async def test_a_dead_primary_fails_only_its_own_keys(namespace: str, how: str) 
             assert len(states) == 4  # the Cache's own, and one per primary
             assert states.count(BreakerState.CLOSED) == 3  # only the dead primary's is not
         await client.aclose()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("failing", ["read", "write"])
+async def test_a_cache_closed_after_a_dead_primary_failed_it_leaves_no_socket(
+    namespace: str, failing: str
+) -> None:
+    """
+    A command that finds its primary dead asks the cluster client to read the slot map again
+    before its next command: our per-primary reads do (``_read_cluster``), and so do redis-py's
+    own commands, which carry the scripts (writes). While that re-read is pending, redis-py
+    8.1's ``RedisCluster.aclose()`` closes nothing, so a Cache closed then, and its client
+    after it, left every socket of the client open: a ResourceWarning in whichever later test
+    collected them. Once in CI, after `test_a_dead_primary_fails_only_its_own_keys`, whose last
+    round can be the one where the dead node's breaker lets a probe through.
+    """
+    name = f"cache-{namespace}"
+    with RedisClusterServer() as deployment:
+        for node in deployment.nodes:
+            with redis.Redis(port=node.port) as admin:
+                admin.config_set("cluster-require-full-coverage", "no")
+        client = RedisCluster(
+            startup_nodes=[ClusterNode(h, p) for h, p in deployment.startup_nodes],
+            client_name=name,
+        )
+        await client.initialize()
+        dead, healthy = deployment.nodes[2], deployment.nodes[:2]
+        async with Cache(
+            client, namespace=namespace, policy=Policy(ttl=60.0), command_timeout=BUDGET
+        ) as cache:
+            keys: dict[int, str] = {}  # a key of each primary
+            for i in range(1000):
+                slot = client.keyslot(cache.keys.value(f"k{i}"))
+                keys.setdefault(int(client.nodes_manager.get_node_from_slot(slot).port), f"k{i}")
+            for key in keys.values():  # a connection open to every primary
+                await cache.set(key, "cached")
+            dead.stop()
+            doomed = keys[dead.port]
+            # The first command finds its connection closed by the server, the second cannot
+            # connect: by then the client waits to read its slot map again.
+            for _ in range(2):
+                with pytest.raises(BackendError):
+                    if failing == "read":
+                        await cache.get(doomed)
+                    else:
+                        await cache.set(doomed, "new")
+        await client.aclose()
+        for node in healthy:  # Redis's view: every connection of the client was closed
+            async with redis.asyncio.Redis(port=node.port) as direct:
+                await assert_nothing_left(direct, namespace, name=name)
+    # And Python's: nothing unclosed left for a later test's garbage collection to find.
+    del client, cache
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gc.collect()
+    assert not [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
