@@ -512,6 +512,7 @@ class RedisBackend:
         self._lone_fired = False
         self._watchdog: asyncio.TimerHandle | None = None
         self._watch_loop: asyncio.AbstractEventLoop | None = None
+        self._failed_node: str | None = None  # a cluster primary a read failed on, asked last
         self._breakers: dict[str, CircuitBreaker] = {}  # a cluster primary's, by its name
         self.command_timeout = command_timeout
         self.max_in_flight = max_in_flight
@@ -813,10 +814,13 @@ class RedisBackend:
         Not through the cluster client's ``mget_nonatomic``: its pipeline fails as a whole
         when one node fails, and before failing it closes the connections to every node
         (``RedisCluster.aclose``) and sleeps, so one dead primary took the reads of the healthy
-        ones with it. What redis-py does for a failed node is kept: it goes last in the list
-        of nodes to ask for the slot map, and the map is read again before the next read.
+        ones with it. What redis-py does for a failed node is kept: the map is read again
+        before the next read, and the failed node is asked for it last (redis-py asks the
+        others in random order).
         """
-        await cluster.initialize()  # a no-op unless a failure asked for a new slot map
+        # A no-op unless a failure asked for a new slot map.
+        failed, self._failed_node = self._failed_node, None
+        await cluster.initialize(last_failed_node_name=failed)
         results: list[bytes | BaseException | None] = [None] * len(keys)
         nodes: dict[str, tuple[ClusterNode, list[PipelineCommand]]] = {}
         for position, key in enumerate(keys):
@@ -832,6 +836,7 @@ class RedisBackend:
                 await node.execute_pipeline(commands)
             except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
                 cluster.nodes_manager.move_node_to_end_of_cached_nodes(node.name)
+                self._failed_node = node.name
                 # As redis-py's own commands do on this error; `aclose` reads the map if no
                 # read comes first (see `_reread_slot_map`).
                 cluster._initialize = True

@@ -57,66 +57,68 @@ async def test_a_dead_primary_fails_only_its_own_keys(namespace: str, how: str) 
         client = RedisCluster(
             startup_nodes=[ClusterNode(h, p) for h, p in deployment.startup_nodes]
         )
-        await client.initialize()
-        dead = deployment.nodes[2]
-        async with Cache(
-            client, namespace=namespace, policy=Policy(ttl=60.0), command_timeout=BUDGET
-        ) as cache:
+        try:
+            await client.initialize()
+            dead = deployment.nodes[2]
+            async with Cache(
+                client, namespace=namespace, policy=Policy(ttl=60.0), command_timeout=BUDGET
+            ) as cache:
 
-            def port_of(key: str) -> int:
-                slot = client.keyslot(cache.keys.value(key))
-                return int(client.nodes_manager.get_node_from_slot(slot).port)
+                def port_of(key: str) -> int:
+                    slot = client.keyslot(cache.keys.value(key))
+                    return int(client.nodes_manager.get_node_from_slot(slot).port)
 
-            healthy: list[str] = []
-            doomed = ""
-            for i in range(1000):
-                key = f"k{i}"
-                if port_of(key) == dead.port:
-                    doomed = doomed or key
-                elif len(healthy) < 9:
-                    healthy.append(key)
-            assert doomed and len(healthy) == 9
-            assert len({port_of(k) for k in healthy}) == 2
-            for key in [*healthy, doomed]:
-                await cache.set(key, f"cached {key}")
-            calls: Counter[str] = Counter()
+                healthy: list[str] = []
+                doomed = ""
+                for i in range(1000):
+                    key = f"k{i}"
+                    if port_of(key) == dead.port:
+                        doomed = doomed or key
+                    elif len(healthy) < 9:
+                        healthy.append(key)
+                assert doomed and len(healthy) == 9
+                assert len({port_of(k) for k in healthy}) == 2
+                for key in [*healthy, doomed]:
+                    await cache.set(key, f"cached {key}")
+                calls: Counter[str] = Counter()
 
-            async def load(key: str) -> str:
-                calls[key] += 1
-                return f"loaded {key}"
+                async def load(key: str) -> str:
+                    calls[key] += 1
+                    return f"loaded {key}"
 
-            async def timed(key: str) -> tuple[str, float]:
-                began = time.monotonic()
-                value = await cache.get_or_load(key, functools.partial(load, key))
-                return value, time.monotonic() - began
+                async def timed(key: str) -> tuple[str, float]:
+                    began = time.monotonic()
+                    value = await cache.get_or_load(key, functools.partial(load, key))
+                    return value, time.monotonic() - began
 
-            with gone(dead, how):
-                rounds = 0
-                began = time.monotonic()
-                # Rounds past the cluster's node timeout (2 s), and until the dead node's
-                # breaker has opened and short-circuited some reads.
-                while time.monotonic() - began < 3.0 or cache.statistics().short_circuited == 0:
-                    assert time.monotonic() - began < 20.0, cache.statistics()
-                    calls.clear()
-                    got = await asyncio.gather(*(timed(k) for k in [*healthy, doomed]))
-                    rounds += 1
-                    values = [value for value, _ in got]
-                    assert values == [f"cached {k}" for k in healthy] + [f"loaded {doomed}"]
-                    assert calls == {doomed: 1}, calls  # the healthy keys are hits
-                    # A hit does not wait for the dead node: before, the whole batch failed
-                    # (or, timed out, was retried key by key): 1.3 s and loads, or hits late.
-                    slowest_hit = max(elapsed for _, elapsed in got[:-1])
-                    assert slowest_hit < 0.25, (rounds, slowest_hit)
-                    assert got[-1][1] < BUDGET + 0.5, got[-1]  # the dead key: one budget
-            stats = cache.statistics()
-            assert stats.hits == 9 * rounds
-            # The dead node's breaker opened; the cluster's own (and the other nodes') did not.
-            assert stats.breaker_opened >= 1 and stats.short_circuited >= 1
-            assert cache.breaker is not None and cache.breaker.state is BreakerState.CLOSED
-            states = [b.state for b in cache._backend.breakers()]
-            assert len(states) == 4  # the Cache's own, and one per primary
-            assert states.count(BreakerState.CLOSED) == 3  # only the dead primary's is not
-        await client.aclose()
+                with gone(dead, how):
+                    rounds = 0
+                    began = time.monotonic()
+                    # Rounds past the cluster's node timeout (2 s), and until the dead node's
+                    # breaker has opened and short-circuited some reads.
+                    while time.monotonic() - began < 3.0 or cache.statistics().short_circuited == 0:
+                        assert time.monotonic() - began < 20.0, cache.statistics()
+                        calls.clear()
+                        got = await asyncio.gather(*(timed(k) for k in [*healthy, doomed]))
+                        rounds += 1
+                        values = [value for value, _ in got]
+                        assert values == [f"cached {k}" for k in healthy] + [f"loaded {doomed}"]
+                        assert calls == {doomed: 1}, calls  # the healthy keys are hits
+                        # A hit does not wait for the dead node: before, the whole batch failed
+                        # (or, timed out, was retried key by key): 1.3 s and loads, or hits late.
+                        slowest_hit = max(elapsed for _, elapsed in got[:-1])
+                        assert slowest_hit < 0.25, (rounds, slowest_hit)
+                        assert got[-1][1] < BUDGET + 0.5, got[-1]  # the dead key: one budget
+                stats = cache.statistics()
+                assert stats.hits == 9 * rounds
+                # The dead node's breaker opened; the cluster's own (and the other nodes') did not.
+                assert stats.breaker_opened >= 1 and stats.short_circuited >= 1
+                assert cache.breaker is not None and cache.breaker.state is BreakerState.CLOSED
+                states = [b.state for b in cache._backend.breakers()]
+                assert len(states) == 4  # the Cache's own, and one per primary
+                assert states.count(BreakerState.CLOSED) == 3  # only the dead primary's is not
+        finally:
+            await client.aclose()  # also when an assertion failed: no socket left to warn later
 
 
 @pytest.mark.slow
