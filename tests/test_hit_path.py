@@ -287,3 +287,72 @@ def test_a_cache_used_from_a_second_event_loop_keeps_its_budget(namespace: str) 
 
         asyncio.run(first())
         assert asyncio.run(second()) < 1.5
+
+
+async def test_the_lone_gets_connection_goes_back_to_the_pool_when_the_cache_closes(
+    redis_server: RedisServer, namespace: str
+) -> None:
+    pool = aioredis.BlockingConnectionPool(port=redis_server.port, max_connections=10, timeout=0.5)
+    client = aioredis.Redis(connection_pool=pool)
+    try:
+        async with Cache(client, namespace=namespace, policy=Policy(ttl=30.0)) as cache:
+            await cache.set("k", VALUE)
+            for _ in range(20):
+                assert await cache.get("k") == VALUE
+        taken = [await pool.get_connection() for _ in range(10)]  # type: ignore[no-untyped-call]
+        for connection in taken:
+            await pool.release(connection)
+    finally:
+        await client.aclose()
+        await pool.aclose()  # a pool given to the client is not closed by it
+
+
+async def test_a_pool_too_small_to_keep_a_connection_still_serves_batches_beside_lone_gets(
+    redis_server: RedisServer, namespace: str
+) -> None:
+    # One connection in all: a lone GET must give it back for the batch waiting behind it.
+    pool = aioredis.BlockingConnectionPool(port=redis_server.port, max_connections=1, timeout=5)
+    client = aioredis.Redis(connection_pool=pool)
+    try:
+        async with Cache(
+            client, namespace=namespace, policy=Policy(ttl=30.0), command_timeout=2.0
+        ) as cache:
+            keys = [f"k{i}" for i in range(20)]
+            for key in keys:
+                await cache.set(key, key)
+            assert await cache.get("k0") == "k0"  # a lone GET first
+            assert await asyncio.gather(*(cache.get(key) for key in keys)) == keys
+    finally:
+        await client.aclose()
+        await pool.aclose()  # a pool given to the client is not closed by it
+
+
+async def test_aclose_during_a_lone_read_gives_its_kept_connection_back_when_it_ends(
+    redis_server: RedisServer, namespace: str
+) -> None:
+    async with FaultProxy(redis_server.port) as proxy:
+        pool = aioredis.BlockingConnectionPool(
+            port=proxy.port, max_connections=10, timeout=0.5, retry=Retry(NoBackoff(), 0)
+        )
+        client = aioredis.Redis(connection_pool=pool)
+        cache = Cache(
+            client, namespace=namespace, policy=Policy(ttl=30.0), command_timeout=0.3,
+            breaker=None,
+        )  # fmt: skip
+        try:
+            await cache.set("k", 1)
+            assert await cache.get("k") == 1  # the lone GET keeps its connection
+            proxy.blackhole()
+            reading = asyncio.create_task(cache.get("k"))
+            await wait_until(lambda: proxy.statistics().bytes_swallowed > 0)
+            await cache.aclose()
+            with pytest.raises(BackendTimeout):
+                await reading
+            await proxy.heal()
+            taken = [await pool.get_connection() for _ in range(10)]  # type: ignore[no-untyped-call]
+            for connection in taken:
+                await pool.release(connection)
+        finally:
+            await proxy.heal()
+            await client.aclose()
+            await pool.aclose()
