@@ -6,7 +6,6 @@ import asyncio
 import random
 import time
 from collections.abc import Awaitable, Callable
-from functools import partial
 from typing import Any, Final, Self, TypeVar, cast
 
 from ._checks import check_instance, check_seconds, check_serializer
@@ -309,19 +308,26 @@ class Cache(BulkOperations):
         if local is not None and (held := local.get(rkey)) is not None and held.usable(returns):
             self._refreshes.maybe_start(rkey, held, loader, policy, self._codec.clock())
             return cast(T, held.result(returns))
-        # Join this process's flight for the key: one is loading it, or a read is on its way
+        # Join this process's flight for the key if one is loading it or a read is on its way
         # (the flight shares that read), so thousands of callers are woken once, not twice.
+        # Else read the record in this caller's task (a hit creates no task); serve it if fresh.
+        entry: Any = _UNREAD
         if rkey in self._loads or rkey in self._reads:
             self._counters.coalesced += 1
-            flight = partial(self._flight, rkey, loader, policy, returns)
-            return cast(T, await self._loads.run(rkey, flight))
-        # Read the record in this caller's task (a hit creates no task); serve it if fresh.
-        served, entry = await self._read_for(rkey, loader, policy, returns)
-        if served:
-            return cast(T, entry)
-        # Missing, expired or unreachable: one flight per key loads it (see `_flight`).
-        flight = partial(self._flight, rkey, loader, policy, returns, entry)
-        return cast(T, await self._loads.run(rkey, flight))
+        else:
+            served, entry = await self._read_for(rkey, loader, policy, returns)
+            if served:
+                return cast(T, entry)
+        # Missing, expired or unreachable: one flight per key loads it (see `_flight`). This is
+        # SingleFlight.run written out: in a stampede every caller holds what it waits with
+        # until the outcome lands, and a future is all it needs, not a coroutine of its own.
+        flight = self._loads.join(rkey, self._flight, rkey, loader, policy, returns, entry)
+        waiter = flight.waiter()
+        try:
+            return cast(T, await waiter)
+        except BaseException:
+            flight.leave(waiter)  # cancelled: the last caller out cancels the flight
+            raise
 
     async def refresh(
         self,

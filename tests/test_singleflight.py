@@ -14,7 +14,7 @@ import functools
 import pytest
 import redis.asyncio as redis
 
-from aiocacheguard import Cache, Policy
+from aiocacheguard import Cache, CacheClosedError, Policy
 from aiocacheguard.guards.singleflight import SingleFlight
 
 from .helpers import GatedLoader, command_calls, library_tasks, wait_until
@@ -213,3 +213,29 @@ async def test_forget_starts_a_new_flight_for_later_callers() -> None:
     gate.set()
     assert (await first, await second) == (1, 2)
     await flights.aclose()
+
+
+async def test_the_last_caller_of_a_detached_flight_cancels_it() -> None:
+    # Leaving is exact: it finds the flight its caller joined, not whatever flight the key has.
+    flights: SingleFlight[str, int] = SingleFlight(name="unit")
+    cancelled = asyncio.Event()
+
+    async def work() -> int:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return 1
+
+    first = asyncio.create_task(flights.run("k", work))
+    await asyncio.sleep(0)
+    flights.forget("k")
+    second = asyncio.create_task(flights.run("k", work))  # a new flight
+    await asyncio.sleep(0)
+    first.cancel()
+    await asyncio.wait_for(cancelled.wait(), 5)
+    assert not second.done() and "k" in flights
+    await flights.aclose()
+    with pytest.raises(CacheClosedError):
+        await second

@@ -27,14 +27,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Coroutine, Hashable
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, Generic, TypeVar, TypeVarTuple, cast
 
 from ..errors import CacheClosedError
 
-__all__ = ("SharedCall", "SingleFlight")
+__all__ = ("Flight", "SharedCall", "SingleFlight")
 
 K = TypeVar("K", bound=Hashable)
 T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
 
 
 class _Abandoned(Exception):
@@ -151,20 +152,52 @@ class SharedCall(Generic[K, T]):
         self._calls.clear()
 
 
-class _Flight(Generic[T]):
-    __slots__ = ("task", "waiters")
+class Flight(Generic[K, T]):
+    """
+    One key's flight, as `SingleFlight.join` hands it out: the task doing the work, and one
+    future per caller waiting for its outcome. Cancelling a caller cancels only its own future;
+    the task delivers its outcome to every future still waiting. Cheaper than one
+    asyncio.shield per caller, which costs a second callback hop per waiter.
+    """
 
-    def __init__(self, task: asyncio.Task[T]) -> None:
+    __slots__ = ("_flights", "key", "task", "waiters")
+
+    def __init__(self, key: K, task: asyncio.Task[T], flights: dict[K, Flight[K, T]]) -> None:
+        self.key = key
         self.task = task
-        # One future per waiting caller. Cancelling a caller cancels only its own future;
-        # the shared task delivers its outcome to every future still waiting. Cheaper than
-        # one asyncio.shield per caller, which costs a second callback hop per waiter.
         self.waiters: set[asyncio.Future[T]] = set()
+        self._flights = flights  # the owner's map, which the last caller out removes it from
+
+    def waiter(self) -> asyncio.Future[T]:
+        """A future of the flight's outcome, for one caller to await, and to `leave` if it stops."""
+        waiter: asyncio.Future[T] = self.task.get_loop().create_future()
+        self.waiters.add(waiter)
+        return waiter
+
+    def leave(self, waiter: asyncio.Future[T]) -> None:
+        """
+        The caller of ``waiter`` stops waiting (it was cancelled). If nobody waits any more,
+        the work is cancelled and the key is free at once for a new flight.
+        """
+        self.waiters.discard(waiter)
+        if not self.waiters and not self.task.done():
+            self.task.cancel()
+            self.detach()
+
+    def detach(self) -> None:
+        """Later callers of the key start a new flight; this one runs on for its waiters."""
+        if self._flights.get(self.key) is self:
+            del self._flights[self.key]
 
 
 class SingleFlight(Generic[K, T]):
     """
     A map of in-flight tasks, one per key.
+
+    `run` is the whole protocol in one call. A caller that cannot afford a coroutine of its
+    own per wait (thousands of callers of one key each hold theirs until the outcome lands)
+    takes the steps of `run` itself: `join`, await `Flight.waiter`, and `Flight.leave` if that
+    await raises.
 
     Example:
         >>> async def main() -> list[int]:
@@ -186,7 +219,7 @@ class SingleFlight(Generic[K, T]):
 
     def __init__(self, *, name: str) -> None:
         self._name = name
-        self._flights: dict[K, _Flight[T]] = {}
+        self._flights: dict[K, Flight[K, T]] = {}
         self._tasks: set[asyncio.Task[T]] = set()  # detached flights included
         self._closed = False
 
@@ -196,33 +229,40 @@ class SingleFlight(Generic[K, T]):
     def __contains__(self, key: object) -> bool:
         return key in self._flights
 
-    async def run(self, key: K, work: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    async def run(self, key: K, work: Callable[[*Ts], Coroutine[Any, Any, T]], *args: *Ts) -> T:
         """
-        Join the flight for ``key``, starting it with ``work()`` if there is none.
+        Join the flight for ``key``, starting it with ``work(*args)`` if there is none.
 
         Raises:
             Whatever ``work`` raised; `CacheClosedError` if `aclose` cancelled the flight while
             this caller waited.
         """
+        flight = self.join(key, work, *args)
+        waiter = flight.waiter()
+        try:
+            return await waiter
+        except BaseException:
+            flight.leave(waiter)
+            raise
+
+    def join(
+        self, key: K, work: Callable[[*Ts], Coroutine[Any, Any, T]], *args: *Ts
+    ) -> Flight[K, T]:
+        """
+        The flight for ``key``, started with ``work(*args)`` if there is none; never awaits.
+
+        Raises:
+            CacheClosedError: `aclose` was called, and there is no flight to join.
+        """
         flight = self._flights.get(key)
         if flight is None:
             if self._closed:  # a caller whose read was on its way when aclose() ran
                 raise CacheClosedError("the cache was closed while this call waited")
-            task = asyncio.create_task(work(), name=f"aiocacheguard-{self._name}")
-            flight = _Flight(task)
-            self._flights[key] = flight
+            task = asyncio.create_task(work(*args), name=f"aiocacheguard-{self._name}")
+            flight = self._flights[key] = Flight(key, task, self._flights)
             self._tasks.add(task)
-            task.add_done_callback(lambda t: self._finished(key, flight))
-        waiter: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        flight.waiters.add(waiter)
-        try:
-            return await waiter
-        finally:
-            flight.waiters.discard(waiter)
-            if not flight.waiters and not flight.task.done():
-                # The last caller left (cancelled): nobody wants the work any more.
-                flight.task.cancel()
-                self._forget(key, flight)
+            task.add_done_callback(lambda t: self._finished(flight))
+        return flight
 
     def forget(self, key: K) -> None:
         """
@@ -231,14 +271,10 @@ class SingleFlight(Generic[K, T]):
         """
         flight = self._flights.get(key)
         if flight is not None:
-            self._forget(key, flight)
+            flight.detach()
 
-    def _forget(self, key: K, flight: _Flight[T]) -> None:
-        if self._flights.get(key) is flight:
-            del self._flights[key]
-
-    def _finished(self, key: K, flight: _Flight[T]) -> None:
-        self._forget(key, flight)
+    def _finished(self, flight: Flight[K, T]) -> None:
+        flight.detach()
         task = flight.task
         self._tasks.discard(task)
         if task.cancelled():
