@@ -176,8 +176,9 @@ class Flight(Generic[K, T]):
 
     def leave(self, waiter: asyncio.Future[T]) -> None:
         """
-        The caller of ``waiter`` stops waiting (it was cancelled). If nobody waits any more,
-        the work is cancelled and the key is free at once for a new flight.
+        The caller of ``waiter`` stops waiting (it was cancelled; once the outcome is out,
+        this changes nothing). If nobody waits any more, the work is cancelled and the key is
+        free at once for a new flight.
         """
         self.waiters.discard(waiter)
         if not self.waiters and not self.task.done():
