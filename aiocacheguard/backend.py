@@ -530,17 +530,10 @@ class RedisBackend:
         self._lone_fired = False
         self._watchdog: asyncio.TimerHandle | None = None
         self._watch_loop: asyncio.AbstractEventLoop | None = None
-        # The lone GET's own connection, taken from the client's pool (`_get_lone`), kept only
-        # where the pool has room for it beside the batches and a pub/sub connection: a small
-        # pool would otherwise wait for a connection this one keeps idle.
-        self._connection: AbstractConnection | None = None
-        self._closed = False
         self._failed_node: str | None = None  # a cluster primary a read failed on, asked last
         self._breakers: dict[str, CircuitBreaker] = {}  # a cluster primary's, by its name
         self.command_timeout = command_timeout
         self.max_in_flight = max_in_flight
-        limit = _pool_limit(client)
-        self._hold = limit is None or limit >= max_in_flight + 3
         self.slots = asyncio.Semaphore(max_in_flight)
         self._cluster_slots = asyncio.Semaphore(max_in_flight)
         self._outstanding = 0
@@ -668,9 +661,11 @@ class RedisBackend:
         time. Its semantics are asyncio.timeout's: a cancellation from elsewhere stays a
         cancellation.
         """
-        refused = self.refused(route)
-        if refused is not None:
-            raise refused
+        breaker = self.breaker if route is None else self._breaker(route)
+        if breaker is not None and breaker.state is not BreakerState.CLOSED:
+            refused = self.refused(route)  # (a closed breaker allows every call, as is)
+            if refused is not None:
+                raise refused
         task = asyncio.current_task()
         assert task is not None and self._lone is None, "one lone command at a time"
         loop = asyncio.get_running_loop()
@@ -694,7 +689,8 @@ class RedisBackend:
             self._lone = None
         if self._lone_fired:
             task.uncancel()  # the budget ran out as the command completed: the result stands
-        self.record(None, route)
+        if breaker is not None:
+            breaker.record(True)
         return result
 
     def _watch(self) -> None:
@@ -766,51 +762,34 @@ class RedisBackend:
 
     async def _get_lone(self, key: bytes) -> bytes | None:
         """
-        The lone GET (`_direct`, one at a time): where nothing would be left out (`_lean`), on
-        a connection of the client's pool, not through ``execute_command``: the backend's own
-        while the pool has room for it beside ``max_in_flight`` batches (`_hold`).
-        redis-py's command path costs a lone hit about as much again as the library's own share
-        (its metrics hooks, and taking and returning a pooled connection under the pool's lock
-        with the metrics of each): this way a hit costs less than a raw ``client.get``.
+        The lone GET (`_direct`): where nothing would be left out (`_lean`), on a connection
+        borrowed from the client's pool, not through ``execute_command``, whose retry wrapper
+        and metrics hooks cost a lone hit about as much again as the library's own share.
 
-        What the client does for a command is kept: the pool's check that the connection is up
-        and holds no stray data (a dropped or closed one reconnects), the client's retry policy (its
-        attempts, errors and backoff, the connection dropped before each retry), and a
-        cancelled or failed read drops the connection (redis-py's own doing), so no reply is
-        left to cross. A connection kept counts against the pool's size like any other; it goes
-        back to the pool when the backend closes.
+        What the client does for a command is kept: the pool lends and takes back the
+        connection (its checks, its failover and credential handling), the client's retry
+        policy is followed (its attempts, errors and backoff, the connection dropped before
+        each retry), and a cancelled or failed read drops the connection (redis-py's own
+        doing), so no reply is left to cross. Not kept between GETs: a connection held out of
+        the pool misses what the pool does to idle ones (a Sentinel failover's disconnect,
+        rotated credentials, reconnects it marks).
         """
         pool = self._lean()
-        if pool is None or self._closed:
+        if pool is None:
             return await self._get_standalone(key)
-        held = connection = self._connection
         try:
-            if connection is None:
-                connection = await pool.get_connection()  # type: ignore[no-untyped-call]
-            else:
-                # The pool's own check (ensure_connection) lets a closed connection through
-                # where redis-py 8.1 expects maintenance notifications (RESP3 by default): a
-                # connection kept idle through an outage would then fail its next GET.
-                if connection.is_connected and await connection.can_read():
-                    await connection.disconnect()  # closed by the server, or bytes left on it
-                await connection.connect()  # type: ignore[no-untyped-call]  # (if it is not)
+            connection = await pool.get_connection()  # type: ignore[no-untyped-call]
             try:
-                return cast("bytes | None", await _send_get(connection, key))
-            except Exception as exc:  # the policy says what is retried: its first attempt
-                return cast("bytes | None", await _retried(connection, key, exc))
+                try:
+                    return cast("bytes | None", await _send_get(connection, key))
+                except Exception as exc:  # the policy says what is retried: its first attempt
+                    return cast("bytes | None", await _retried(connection, key, exc))
+            finally:
+                await pool.release(connection)
         except redis_errors.ResponseError as exc:
             if _is_wrongtype(exc):
                 return FOREIGN
             raise
-        finally:
-            if held is not None:
-                if self.closed():  # closed while this read was on its way: it goes back now
-                    await self._release_connection()
-            elif connection is not None:
-                if self._hold and not self.closed():
-                    self._connection = connection  # kept for the next lone GET
-                else:
-                    await pool.release(connection)
 
     async def _get_standalone(self, key: bytes) -> bytes | None:
         """GET on a single Redis, through the client (the lone GET's is `_get_lone`)."""
@@ -820,15 +799,6 @@ class RedisBackend:
             if _is_wrongtype(exc):
                 return FOREIGN
             raise
-
-    def closed(self) -> bool:
-        """Whether `aclose` was called."""
-        return self._closed
-
-    async def _release_connection(self) -> None:
-        connection, self._connection = self._connection, None
-        if connection is not None and self._pool is not None:
-            await self._pool.release(connection)
 
     def _lean(self) -> redis.ConnectionPool | None:
         """
@@ -1001,12 +971,9 @@ class RedisBackend:
         Stop the batchers and the subscriber; queued commands are cancelled. A cluster client
         is left in a state its own ``aclose()`` closes (`_reread_slot_map`).
         """
-        self._closed = True
-        if self._lone is None:  # else the lone command keeps its budget and its connection
-            if self._watchdog is not None:
-                self._watchdog.cancel()
-                self._watchdog = None
-            await self._release_connection()
+        if self._watchdog is not None and self._lone is None:  # else it still keeps a budget
+            self._watchdog.cancel()
+            self._watchdog = None
         await self._reads.aclose()
         await self._scripts.aclose()
         if self._pubsub is not None:
