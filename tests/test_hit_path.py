@@ -6,9 +6,11 @@ without ``execute_command``, yet with what the client does for a command kept.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -25,43 +27,53 @@ from .helpers import wait_until
 VALUE = {"id": 7, "name": "seven"}
 
 
+@contextlib.asynccontextmanager
+async def proxied(
+    redis_server: RedisServer, retries: int | None = None, **options: Any
+) -> AsyncIterator[tuple[FaultProxy, aioredis.Redis]]:
+    """A client through a FaultProxy: redis-py's default retries, or ``retries`` of them."""
+    if retries is not None:
+        options["retry"] = Retry(NoBackoff(), retries)
+    async with FaultProxy(redis_server.port) as proxy:
+        client = aioredis.Redis(port=proxy.port, **options)
+        try:
+            yield proxy, client
+        finally:
+            await proxy.heal()
+            await client.aclose()
+
+
 async def test_a_reply_cut_mid_hit_is_retried_as_the_clients_retry_policy_says(
     redis_server: RedisServer, namespace: str
 ) -> None:
     # redis-py's default client retries a command whose connection failed; the lean GET
     # must too (through the client), or a dropped connection becomes an error for the caller.
-    async with FaultProxy(redis_server.port) as proxy:
-        client = aioredis.Redis(port=proxy.port)  # redis-py's default retries
-        try:
-            async with Cache(client, namespace=namespace, policy=Policy(ttl=30.0)) as cache:
-                await cache.set("k", VALUE)
-                accepted = proxy.statistics().connections_accepted
-                for _ in range(3):
-                    proxy.truncate_next_reply(5)  # the GET's reply is cut, its connection closed
-                    assert await cache.get("k") == VALUE
-                assert proxy.statistics().connections_accepted - accepted == 3  # 3 cut, 3 redone
-                assert cache.statistics().redis_errors == 0
-        finally:
-            await client.aclose()
+    async with (
+        proxied(redis_server) as (proxy, client),  # redis-py's default retries
+        Cache(client, namespace=namespace, policy=Policy(ttl=30.0)) as cache,
+    ):
+        await cache.set("k", VALUE)
+        accepted = proxy.statistics().connections_accepted
+        for _ in range(3):
+            proxy.truncate_next_reply(5)  # the GET's reply is cut, its connection closed
+            assert await cache.get("k") == VALUE
+        assert proxy.statistics().connections_accepted - accepted == 3  # 3 cut, 3 redone
+        assert cache.statistics().redis_errors == 0
 
 
 async def test_a_reply_cut_mid_hit_fails_when_the_client_does_not_retry(
     redis_server: RedisServer, namespace: str
 ) -> None:
-    async with FaultProxy(redis_server.port) as proxy:
-        client = aioredis.Redis(port=proxy.port, retry=Retry(NoBackoff(), 0))
-        try:
-            async with Cache(
-                client, namespace=namespace, policy=Policy(ttl=30.0), breaker=None
-            ) as cache:
-                await cache.set("k", VALUE)
-                proxy.truncate_next_reply(5)
-                with pytest.raises(BackendUnavailable):
-                    await cache.get("k")
-                assert cache.statistics().redis_errors == 1
-                assert await cache.get("k") == VALUE  # the next one, on a new connection
-        finally:
-            await client.aclose()
+    async with (
+        proxied(redis_server, retries=0) as (proxy, client),
+        Cache(client, namespace=namespace, policy=Policy(ttl=30.0), breaker=None) as cache,
+    ):
+        await cache.set("k", VALUE)
+        proxy.truncate_next_reply(5)
+        with pytest.raises(BackendUnavailable):
+            await cache.get("k")
+        assert cache.statistics().redis_errors == 1
+        assert await cache.get("k") == VALUE  # the next one, on a new connection
 
 
 class CountingRedis(aioredis.Redis):
@@ -93,16 +105,14 @@ async def test_a_client_subclass_runs_every_hit_through_its_execute_command(
 async def test_a_single_connection_client_keeps_to_its_one_connection(
     redis_server: RedisServer, namespace: str
 ) -> None:
-    async with FaultProxy(redis_server.port) as proxy:
-        client = aioredis.Redis(port=proxy.port, single_connection_client=True)
-        try:
-            async with Cache(client, namespace=namespace, policy=Policy(ttl=30.0)) as cache:
-                await cache.set("k", VALUE)
-                for _ in range(5):
-                    assert await cache.get("k") == VALUE
-                assert proxy.statistics().connections_accepted == 1
-        finally:
-            await client.aclose()
+    async with (
+        proxied(redis_server, single_connection_client=True) as (proxy, client),
+        Cache(client, namespace=namespace, policy=Policy(ttl=30.0)) as cache,
+    ):
+        await cache.set("k", VALUE)
+        for _ in range(5):
+            assert await cache.get("k") == VALUE
+        assert proxy.statistics().connections_accepted == 1
 
 
 async def test_execute_command_instrumented_after_the_cache_was_made_sees_every_hit(
@@ -206,34 +216,30 @@ def test_what_redis_py_reports_of_commands_sees_every_hit(
 async def test_a_failing_hit_is_tried_as_often_as_the_client_retry_policy_says(
     redis_server: RedisServer, namespace: str, retries: int
 ) -> None:
-    async with FaultProxy(redis_server.port) as proxy:
-        client = aioredis.Redis(port=proxy.port, retry=Retry(NoBackoff(), retries))
+    async with (
+        proxied(redis_server, retries=retries) as (proxy, client),
+        Cache(client, namespace=namespace, policy=Policy(ttl=30.0), breaker=None) as cache,
+    ):
+        await cache.set("k", VALUE)
+        gets: list[bytes] = []
+
+        async def cut_every_get() -> None:  # step mode: each GET's reply is cut short
+            while True:
+                (chunk,) = (await proxy.wait_held(1, timeout=30.0))[:1]
+                if chunk.data.startswith(b"*2\r\n$3\r\nGET"):
+                    gets.append(chunk.data)
+                    proxy.truncate_next_reply(2)
+                proxy.release(1)
+
+        proxy.hold()
+        cutter = asyncio.create_task(cut_every_get())
         try:
-            async with Cache(
-                client, namespace=namespace, policy=Policy(ttl=30.0), breaker=None
-            ) as cache:
-                await cache.set("k", VALUE)
-                gets: list[bytes] = []
-
-                async def cut_every_get() -> None:  # step mode: each GET's reply is cut short
-                    while True:
-                        (chunk,) = (await proxy.wait_held(1, timeout=30.0))[:1]
-                        if chunk.data.startswith(b"*2\r\n$3\r\nGET"):
-                            gets.append(chunk.data)
-                            proxy.truncate_next_reply(2)
-                        proxy.release(1)
-
-                proxy.hold()
-                cutter = asyncio.create_task(cut_every_get())
-                try:
-                    with pytest.raises(BackendUnavailable):
-                        await cache.get("k")
-                finally:
-                    cutter.cancel()
-                    await proxy.heal()
-                assert len(gets) == 1 + retries
+            with pytest.raises(BackendUnavailable):
+                await cache.get("k")
         finally:
-            await client.aclose()
+            cutter.cancel()
+            await proxy.heal()
+        assert len(gets) == 1 + retries
 
 
 async def test_aclose_leaves_a_lone_read_in_flight_its_budget(
