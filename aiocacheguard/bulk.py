@@ -94,17 +94,16 @@ async def set_many(cache: Cache, mapping: Mapping[KeyT, Any], *, ttl: float | No
     Raises:
         InvalidKeyError: a key is empty, too long or not str/bytes (nothing is written).
         ConfigurationError: ``ttl`` is out of range.
-        SerializationError: a value cannot be encoded, or is too large (`ValueTooLargeError`):
-            it is not sent, and the others of its chunk are written.
+        SerializationError: a value cannot be encoded, or is too large (`ValueTooLargeError`)
+            (nothing is written).
         BackendError: Redis failed or did not answer within the Cache's ``command_timeout``.
     """
-    items = list(mapping.items())
-    for key, _ in items:
-        cache.keys.value(key)
+    cache._check_open()
+    # Every key, TTL and value is checked, and every value encoded, before anything is sent.
+    writes = [cache._prepared_set(key, value, ttl) for key, value in mapping.items()]
     await _ready(cache)
-    for start in range(0, len(items), CHUNK):
-        chunk = items[start : start + CHUNK]
-        await _all(cache.set(key, value, ttl=ttl) for key, value in chunk)
+    for start in range(0, len(writes), CHUNK):
+        await _all(write() for write in writes[start : start + CHUNK])
 
 
 async def _ready(cache: Cache) -> None:

@@ -241,12 +241,24 @@ class Cache(BulkOperations):
             BackendError: Redis failed or did not answer within ``command_timeout``.
         """
         self._check_open()
+        await self._prepared_set(key, value, ttl)()
+
+    def _prepared_set(
+        self, key: Key, value: Any, ttl: float | None
+    ) -> Callable[[], Awaitable[None]]:
+        """`set` in two steps: all that can fail before I/O now, the write when called."""
         rkey = self.keys.value(key)
-        policy = self.policy.for_write(ttl=ttl, negative=value is None)
-        try:
-            await self._rebuilder.write(rkey, value, policy, on_fill=self._on_fill)
-        finally:
-            self._detach(rkey)
+        stored = self._rebuilder.encode(
+            value, self.policy.for_write(ttl=ttl, negative=value is None)
+        )
+
+        async def write() -> None:
+            try:
+                await self._rebuilder.store(rkey, value, stored, on_fill=self._on_fill)
+            finally:
+                self._detach(rkey)
+
+        return write
 
     async def delete(self, key: Key) -> bool:
         """

@@ -165,8 +165,28 @@ class Rebuilder:
                 the codec's limit (`ValueTooLargeError`); before any I/O.
             BackendError: Redis failed.
         """
+        await self.store(rkey, value, self.encode(value, policy), on_fill=on_fill)
+
+    def encode(self, value: Any, policy: Policy) -> tuple[bytes, float]:
+        """
+        The record of an explicit write and its TTL: `write`'s first step, with no I/O.
+
+        Raises:
+            SerializationError: as `write`.
+        """
         encoded = self._codec.encode(value, policy, compute_time=0.0)
         assert encoded is not None, "an explicit write always stores (Policy.for_write)"
+        return encoded
+
+    async def store(
+        self,
+        rkey: bytes,
+        value: Any,
+        encoded: tuple[bytes, float],
+        *,
+        on_fill: OnFill | None = None,
+    ) -> None:
+        """`write`'s second step: store what `encode` made of ``value``."""
         written = store(self._runner, rkey, *encoded)
         if on_fill is not None and value is not None:
             await asyncio.gather(written, on_fill(rkey, value))  # as a fill does

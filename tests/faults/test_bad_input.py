@@ -62,6 +62,10 @@ OTHER_CALLS: dict[str, tuple[Call, type[CacheGuardError]]] = {
     "set ttl=True": (lambda c: c.set("k", 1, ttl=True), ConfigurationError),
     "set_many ttl=0": (lambda c: c.set_many({"k": 1}, ttl=0), ConfigurationError),
     "set unencodable": (lambda c: c.set("k", object()), SerializationError),
+    "set_many, one unencodable": (
+        lambda c: c.set_many({"a": 1, "k": object()}),
+        SerializationError,
+    ),
     "loader not callable": (
         lambda c: c.get_or_load("k", "load"),  # type: ignore[arg-type]
         ConfigurationError,
