@@ -293,17 +293,31 @@ class RebuildLock:
 
     @contextlib.asynccontextmanager
     async def kept_alive(self) -> AsyncIterator[None]:
-        """Renew the lease every ``lock_ttl / 3`` while the block runs."""
-        task = asyncio.create_task(self._renew_forever(), name="aiocacheguard-renew")
+        """
+        Renew the lease every ``lock_ttl / 3`` while the block runs.
+
+        The renewal also stops at a flag, not only at its cancellation: redis-py sends under
+        ``asyncio.wait_for``, which on Python 3.11 loses a cancellation that lands as the send
+        completes (CPython gh-86296). The renewal then went on renewing, and waiting for it
+        here hung the flight and every caller of the key (seen once in CI: a 60 s timeout with
+        the loop waking every ``lock_ttl / 3``).
+        """
+        stop = asyncio.Event()
+        task = asyncio.create_task(self._renew_forever(stop), name="aiocacheguard-renew")
         try:
             yield
         finally:
+            stop.set()
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
 
-    async def _renew_forever(self) -> None:
+    async def _renew_forever(self, stop: asyncio.Event) -> None:
         interval = self.lock_ttl / 3
         while not self.lost:
-            await asyncio.sleep(interval)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval):
+                    await stop.wait()
+            if stop.is_set():
+                return
             with contextlib.suppress(BackendError):  # try again; the lease has 2 more thirds
                 await self.renew()
