@@ -153,26 +153,13 @@ class Rebuilder:
         )
         return (replacing.result(returns), False) if value is _BUSY else (value, loaded)
 
-    async def write(
-        self, rkey: bytes, value: Any, policy: Policy, *, on_fill: OnFill | None = None
-    ) -> None:
+    def encode(self, value: Any, policy: Policy) -> tuple[bytes, float]:
         """
-        An explicit write (``Cache.set``): stored whoever holds the lock, so the rebuild in
-        progress anywhere is superseded (its fill refused) and its waiters read this value.
+        An explicit write's (``Cache.set``) record and its TTL, with no I/O; `store` writes it.
 
         Raises:
             SerializationError: the value cannot be encoded, or its record is larger than
-                the codec's limit (`ValueTooLargeError`); before any I/O.
-            BackendError: Redis failed.
-        """
-        await self.store(rkey, value, self.encode(value, policy), on_fill=on_fill)
-
-    def encode(self, value: Any, policy: Policy) -> tuple[bytes, float]:
-        """
-        The record of an explicit write and its TTL: `write`'s first step, with no I/O.
-
-        Raises:
-            SerializationError: as `write`.
+                the codec's limit (`ValueTooLargeError`).
         """
         encoded = self._codec.encode(value, policy, compute_time=0.0)
         assert encoded is not None, "an explicit write always stores (Policy.for_write)"
@@ -186,7 +173,13 @@ class Rebuilder:
         *,
         on_fill: OnFill | None = None,
     ) -> None:
-        """`write`'s second step: store what `encode` made of ``value``."""
+        """
+        Store what `encode` made of ``value``, whoever holds the lock, so the rebuild in
+        progress anywhere is superseded (its fill refused) and its waiters read this value.
+
+        Raises:
+            BackendError: Redis failed.
+        """
         written = store(self._runner, rkey, *encoded)
         if on_fill is not None and value is not None:
             await asyncio.gather(written, on_fill(rkey, value))  # as a fill does
