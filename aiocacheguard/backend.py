@@ -522,7 +522,7 @@ class RedisBackend:
             check_int("max_in_flight", max_in_flight, minimum=1)
         self.client = client
         self.breaker = breaker
-        self._cluster = client if isinstance(client, RedisCluster) else None
+        self._cluster = client if is_cluster(client) else None
         self._pool = _lean_pool(client)
         # The lone command running (`_direct`), its deadline, and the one timer watching it.
         self._lone: asyncio.Task[Any] | None = None
@@ -661,7 +661,7 @@ class RedisBackend:
         time. Its semantics are asyncio.timeout's: a cancellation from elsewhere stays a
         cancellation.
         """
-        breaker = self.breaker if route is None else self._breaker(route)
+        breaker = self._breaker(route)
         if breaker is not None and breaker.state is not BreakerState.CLOSED:
             refused = self.refused(route)  # (a closed breaker allows every call, as is)
             if refused is not None:
@@ -831,7 +831,7 @@ class RedisBackend:
         MGET answers nil for those), or in its place the error of a cluster node that failed.
         """
         client = self.client
-        if isinstance(client, RedisCluster):
+        if is_cluster(client):
             return await self._read_cluster(client, keys)
         if len(keys) == 1:
             return [await self._get_standalone(keys[0])]
@@ -915,9 +915,8 @@ class RedisBackend:
         """
         if not cluster._initialize or cluster.nodes_manager.default_node is None:
             return
-        with contextlib.suppress(*_REDIS_ERRORS, TimeoutError):
-            async with asyncio.timeout(self.command_timeout):
-                await cluster.initialize()
+        with contextlib.suppress(BackendError):
+            await budgeted(cluster.initialize(), self.command_timeout)
 
     async def _eval_batch(self, calls: list[_ScriptCall]) -> list[Any]:
         results = await self._evalsha(calls)
@@ -935,7 +934,7 @@ class RedisBackend:
 
     async def _evalsha(self, calls: list[_ScriptCall]) -> list[Any]:
         client = self.client
-        if isinstance(client, RedisCluster):
+        if is_cluster(client):
             # redis-py's cluster pipelines refuse EVALSHA: send them side by side instead;
             # the cluster client routes each by its keys' slot. Errors come back in place, as
             # from a pipeline.
@@ -1127,7 +1126,7 @@ class TrackingConnection:
         Sentinel client (the Sentinel pool finds the primary), one per primary of an
         initialized cluster (each primary announces the writes of its own slots only).
         """
-        if isinstance(client, RedisCluster):
+        if isinstance(client, RedisCluster):  # (a TypeGuard would not narrow the else)
             return [
                 functools.partial(cls._of, node.connection_class, node.connection_kwargs)
                 for node in client.get_primaries()
