@@ -148,25 +148,19 @@ async def hit_path(url: str, args: argparse.Namespace, rng: random.Random) -> di
     for op in sequential.values():  # warm up connections and code paths (and fill the L1)
         await ops_per_second(op, 500)
     assert near.statistics().local_hits > 0, "the L1 is not serving"
-    samples = await interleaved(
-        rng,
-        {
-            name: (lambda op=op, n=args.ops * (20 if "L1" in name else 1): ops_per_second(op, n))
+
+    def rates(reads: int) -> dict[str, Callable[[], Awaitable[float]]]:
+        """Each contender's ops/s over ``reads`` reads (20 times as many from the L1)."""
+        return {
+            name: (lambda op=op, n=reads * (20 if "L1" in name else 1): ops_per_second(op, n))
             for name, op in sequential.items()
-        },
-        args.repeats,
-    )
+        }
+
+    samples = await interleaved(rng, rates(args.ops), args.repeats)
     # The same in short blocks, many rounds: on a shared machine the rate drifts within one
     # repetition of --ops reads, so each round's contenders (shuffled) are compared with each
     # other, and the median of those per-round ratios is reported beside the ratio of medians.
-    blocks = await interleaved(
-        rng,
-        {
-            name: (lambda op=op, n=args.block * (20 if "L1" in name else 1): ops_per_second(op, n))
-            for name, op in sequential.items()
-        },
-        args.repeats * args.ops // args.block,
-    )
+    blocks = await interleaved(rng, rates(args.block), args.repeats * args.ops // args.block)
     raw_rate = statistics.median(samples["raw"])
     for name in ("get", "get_or_load", "get L1", "get_or_load L1"):
         rate = statistics.median(samples[name])
