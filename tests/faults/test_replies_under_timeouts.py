@@ -13,8 +13,10 @@ cancelled at random moments by their own ``wait_for``. 4 rounds of 300 concurren
 Asserted: every result is the caller's own key's value (from Redis or its loader), a
 `BackendTimeout`/`BackendUnavailable`, or the caller's own cancellation: never another key's
 value, whatever the timing; faults really happened (hundreds of timeouts) and values really
-came from Redis (bounds: 100 faults, 20 right answers; measured 210-730 timed out or
-cancelled, 46-880 right); after the faults, every key reads back right; nothing is left.
+came from Redis (bounds: 100 faults, 1 right answer; measured 210-730 timed out or
+cancelled, 95-880 right on an idle 2-CPU machine, but 4-6 right with three busy processes
+beside the suite, whose slow turns spend the budgets before Redis answers); after the
+faults, every key reads back right; nothing is left.
 """
 
 from __future__ import annotations
@@ -43,6 +45,26 @@ def value_of(i: int) -> str:
     return f"value of k{i}:" + ("x" * 100_000 if i % 10 == 0 else "")
 
 
+async def read_back_right(cache: Cache, within: float = 10.0) -> int:
+    """
+    Read every key until each has read back right, reading again those that failed with a
+    `BackendError` (a connection the last fault broke fails once, as it is found); any other
+    value fails. Returns how many reads failed on the way.
+    """
+    unread, failed = set(range(KEYS)), 0
+    async with asyncio.timeout(within):
+        while unread:
+            batch = sorted(unread)
+            got = await asyncio.gather(*(cache.get(f"k{i}") for i in batch), return_exceptions=True)
+            for i, value in zip(batch, got, strict=True):
+                if isinstance(value, BackendError):
+                    failed += 1
+                    continue
+                assert value == value_of(i), f"k{i} got {str(value)[:20]!r}"
+                unread.discard(i)
+    return failed
+
+
 async def test_no_caller_ever_gets_another_keys_value(
     client: redis.Redis, proxy: FaultProxy, namespace: str
 ) -> None:
@@ -51,12 +73,18 @@ async def test_no_caller_ever_gets_another_keys_value(
             await writer.set(f"k{i}", value_of(i))
     rng = random.Random(14)
     name = f"{namespace}-faulty"
-    faulty = through(proxy.port, name)
     outcomes: dict[str, int] = {"right": 0, "loaded": 0, "error": 0, "cancelled": 0}
     # No breaker: every call goes to Redis, however many time out.
-    async with Cache(
-        faulty, namespace=namespace, policy=Policy(ttl=120.0), command_timeout=BUDGET, breaker=None
-    ) as cache:
+    async with (
+        through(proxy.port, name) as faulty,
+        Cache(
+            faulty,
+            namespace=namespace,
+            policy=Policy(ttl=120.0),
+            command_timeout=BUDGET,
+            breaker=None,
+        ) as cache,
+    ):
 
         async def call(i: int, via_loader: bool, cancel_after: float | None) -> None:
             async def load() -> str:
@@ -99,23 +127,10 @@ async def test_no_caller_ever_gets_another_keys_value(
         await toggler
         await proxy.heal()
         assert outcomes["error"] + outcomes["cancelled"] >= 100, outcomes  # faults happened
-        assert outcomes["right"] >= 20, outcomes  # and Redis answered between them
+        assert outcomes["right"] >= 1, outcomes  # and Redis answered between them
         # Every connection left is in step: every key reads back right (the replies delayed
         # before the heal may still time some reads out; those are read again).
-        unread = set(range(KEYS))
-        async with asyncio.timeout(10):
-            while unread:
-                for i, got in zip(
-                    list(unread),
-                    await asyncio.gather(
-                        *(cache.get(f"k{i}") for i in unread), return_exceptions=True
-                    ),
-                    strict=True,
-                ):
-                    if not isinstance(got, BackendError):
-                        assert got == value_of(i), f"k{i} got {str(got)[:20]!r}"
-                        unread.discard(i)
-    await faulty.aclose()
+        await read_back_right(cache)
     await assert_nothing_left(client, namespace, name=name)
 
 
@@ -124,20 +139,28 @@ async def test_resets_and_truncated_replies_never_cross_replies(
 ) -> None:
     """
     Connections reset (RST) in the middle of replies, or replies cut short and the connection
-    closed: each read gets its own key's value or a `BackendError`, and the next reads are
-    right. 10 rounds of 300 reads; a reset once 100 KB of replies have flowed, or the next
-    reply cut at a random length. (A batch shares its fate: most reads of a cut batch fail.)
+    closed: each read gets its own key's value or a `BackendError`, and after each fault every
+    key reads back right. 10 rounds of 300 reads; a reset once 100 KB of replies have flowed,
+    or the next reply cut at a random length. (A batch shares its fate: most reads of a cut
+    batch fail.)
+
+    After each fault the keys are read back until each was right: that is the assertion that
+    no connection was left out of step, and it also lets the connections the fault broke be
+    found (a reset reaches an idle pooled connection a few loop turns late, and the client has
+    no retries), so the next fault meets healthy connections.
     """
     async with Cache(client, namespace=namespace, policy=Policy(ttl=120.0)) as writer:
         for i in range(KEYS):
             await writer.set(f"k{i}", value_of(i))
     rng = random.Random(28)
     name = f"{namespace}-reset"
-    faulty = through(proxy.port, name)
-    outcomes = {"right": 0, "error": 0}
-    async with Cache(
-        faulty, namespace=namespace, policy=Policy(ttl=120.0), command_timeout=0.5, breaker=None
-    ) as cache:
+    outcomes = {"right": 0, "error": 0, "mid-reply resets": 0}
+    async with (
+        through(proxy.port, name) as faulty,
+        Cache(
+            faulty, namespace=namespace, policy=Policy(ttl=120.0), command_timeout=0.5, breaker=None
+        ) as cache,
+    ):
 
         async def read(i: int) -> None:
             try:
@@ -155,19 +178,19 @@ async def test_resets_and_truncated_replies_never_cross_replies(
                 await asyncio.gather(*(read(i) for i in keys))
             else:
                 flowing = proxy.statistics().bytes_downstream + 100_000
-                reads = asyncio.gather(*(read(i) for i in keys))
+                reads = asyncio.ensure_future(asyncio.gather(*(read(i) for i in keys)))
 
-                def mid_reply(after: int = flowing) -> bool:
-                    return proxy.statistics().bytes_downstream > after
+                def mid_reply(after: int = flowing, reads: asyncio.Future[Any] = reads) -> bool:
+                    return proxy.statistics().bytes_downstream > after or reads.done()
 
                 await wait_until(mid_reply)
-                proxy.reset()
+                if not reads.done():
+                    proxy.reset()
+                    outcomes["mid-reply resets"] += 1
                 await reads
-        # A fault fails every read of the batches in flight (a batch shares its fate), so a
-        # round may leave only its first, direct read right: the reads after the faults,
-        # below, are what shows that no connection was left out of step.
+            await read_back_right(cache)
+        # Each fault failed reads (a batch shares its fate, so a round may leave only its
+        # first, direct read right), and the reads between faults were right.
         assert outcomes["error"] >= 10 and outcomes["right"] >= 5, outcomes
-        got = await asyncio.gather(*(cache.get(f"k{i}") for i in range(KEYS)))
-        assert got == [value_of(i) for i in range(KEYS)]
-    await faulty.aclose()
+        assert outcomes["mid-reply resets"] >= 3, outcomes
     await assert_nothing_left(client, namespace, name=name)
