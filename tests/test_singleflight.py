@@ -239,3 +239,28 @@ async def test_the_last_caller_of_a_detached_flight_cancels_it() -> None:
     await flights.aclose()
     with pytest.raises(CacheClosedError):
         await second
+
+
+async def test_callers_of_a_flight_are_woken_in_the_order_they_came() -> None:
+    # First come, first served: with 1,000 callers the last one woken is the p99, and a caller
+    # that has waited longest should not also be woken last by accident of hashing.
+    flights: SingleFlight[str, int] = SingleFlight(name="unit")
+    gate = asyncio.Event()
+    served: list[int] = []
+
+    async def work() -> int:
+        await gate.wait()
+        return 1
+
+    async def caller(n: int) -> None:
+        await flights.run("k", work)
+        served.append(n)
+
+    callers = [asyncio.create_task(caller(n)) for n in range(N)]
+    await wait_until(
+        lambda: (flight := flights.flight("k")) is not None and len(flight.waiters) == N
+    )
+    gate.set()
+    await asyncio.gather(*callers)
+    assert served == list(range(N))
+    await flights.aclose()

@@ -165,13 +165,14 @@ class Flight(Generic[K, T]):
     def __init__(self, key: K, task: asyncio.Task[T], flights: dict[K, Flight[K, T]]) -> None:
         self.key = key
         self.task = task
-        self.waiters: set[asyncio.Future[T]] = set()
+        # Insertion-ordered, so the callers are woken in the order they came.
+        self.waiters: dict[asyncio.Future[T], None] = {}
         self._flights = flights  # the owner's map, which the last caller out removes it from
 
     def waiter(self) -> asyncio.Future[T]:
         """A future of the flight's outcome, for one caller to await, and to `leave` if it stops."""
         waiter: asyncio.Future[T] = self.task.get_loop().create_future()
-        self.waiters.add(waiter)
+        self.waiters[waiter] = None
         return waiter
 
     def leave(self, waiter: asyncio.Future[T]) -> None:
@@ -180,7 +181,7 @@ class Flight(Generic[K, T]):
         this changes nothing). If nobody waits any more, the work is cancelled and the key is
         free at once for a new flight.
         """
-        self.waiters.discard(waiter)
+        self.waiters.pop(waiter, None)
         if not self.waiters and not self.task.done():
             self.task.cancel()
             self.detach()
@@ -229,6 +230,10 @@ class SingleFlight(Generic[K, T]):
 
     def __contains__(self, key: object) -> bool:
         return key in self._flights
+
+    def flight(self, key: K) -> Flight[K, T] | None:
+        """The running flight of ``key`` to wait on (`Flight.waiter`), or None."""
+        return self._flights.get(key)
 
     async def run(self, key: K, work: Callable[[*Ts], Coroutine[Any, Any, T]], *args: *Ts) -> T:
         """
