@@ -324,7 +324,8 @@ class Cache(BulkOperations):
         # (the flight shares that read), so thousands of callers are woken once, not twice.
         # Else read the record in this caller's task (a hit creates no task); serve it if fresh.
         entry: Any = _UNREAD
-        if rkey in self._loads or rkey in self._reads:
+        flight = self._loads.flight(rkey)
+        if flight is not None or rkey in self._reads:
             self._counters.coalesced += 1
         else:
             served, entry = await self._read_for(rkey, loader, policy, returns)
@@ -333,7 +334,8 @@ class Cache(BulkOperations):
         # Missing, expired or unreachable: one flight per key loads it (see `_flight`). This is
         # SingleFlight.run written out: in a stampede every caller holds what it waits with
         # until the outcome lands, and a future is all it needs, not a coroutine of its own.
-        flight = self._loads.join(rkey, self._flight, rkey, loader, policy, returns, entry)
+        if flight is None:  # (a flight found above is still the key's: no await since)
+            flight = self._loads.join(rkey, self._flight, rkey, loader, policy, returns, entry)
         waiter = flight.waiter()
         try:
             return cast(T, await waiter)
