@@ -35,3 +35,15 @@ def test_soak_runs_checks_and_records(tmp_path: Path) -> None:
     assert results["violations"] == 0
     assert results["fault"]["healed_s"] is not None
     assert results["verdict"]["checks"]["at_rest"]["pass"]
+
+
+def test_stampede_timeline_reports_each_round_and_the_ratio() -> None:
+    result = subprocess.run(
+        [sys.executable, "benchmarks/stampede_timeline.py", "-n", "200", "--rounds", "2",
+         "--loader-ms", "5"],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert sum(line.lstrip().startswith(("guard ", "ideal ")) for line in lines) == 4, lines
+    assert "guard/ideal" in lines[-1], lines
