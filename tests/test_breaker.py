@@ -506,11 +506,15 @@ async def test_once_open_a_call_costs_about_the_loader_alone(
         calls: list[int] = []
         while cache.statistics().breaker_opened == 0:  # a few budgets until it opens
             await cache.get_or_load("k", functools.partial(count_calls, calls, 1))
+        refused, sent = cache.statistics().short_circuited, proxy.statistics().bytes_swallowed
         started = time.monotonic()
         for i in range(200):
             assert await cache.get_or_load(f"k{i}", functools.partial(count_calls, calls, i)) == i
         per_call = (time.monotonic() - started) / 200
-        assert per_call < 0.001, per_call  # before the breaker: 0.2 s (the budget) each
+        # Not one byte sent towards the dead server: no call waited for it.
+        assert cache.statistics().short_circuited >= refused + 200
+        assert proxy.statistics().bytes_swallowed == sent
+        assert per_call < 0.02, per_call  # before the breaker: 0.2 s (the budget) each
     await client.aclose()
 
 
