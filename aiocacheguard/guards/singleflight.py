@@ -3,10 +3,10 @@ In-process single-flight: concurrent calls for one key share one task.
 
 The shared task is created and owned by the `SingleFlight` (and so by the Cache), never by the
 first caller. Each caller waits on a future of its own that the task resolves (the effect of
-async-lru's `asyncio.shield` per caller, at half the scheduling cost), and the set of waiting
-futures lets the last caller out cancel the work when nobody wants it any more. cashews'
-``thunder_protection``, by contrast, cancels every waiter's load when the first caller is
-cancelled.
+async-lru's `asyncio.shield` per caller, at half the scheduling cost). The waiting futures,
+kept in arrival order (the order they are woken in), let the last caller out cancel the work
+when nobody wants it any more. cashews' ``thunder_protection``, by contrast, cancels every
+waiter's load when the first caller is cancelled.
 
 Guarantees:
     - While a flight for a key runs, every `SingleFlight.run` for that key joins it: the work

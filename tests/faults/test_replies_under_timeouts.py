@@ -48,21 +48,25 @@ def value_of(i: int) -> str:
 async def read_back_right(cache: Cache, within: float = 10.0) -> int:
     """
     Read every key until each has read back right, reading again those that failed with a
-    `BackendError` (a connection the last fault broke fails once, as it is found); any other
-    value fails. Returns how many reads failed on the way.
+    `BackendError`; any other value fails. Each pass reads in the order opposite to the one
+    before, so a reply left on a connection by a failed read would land on another key.
+    Returns how many passes it took.
     """
-    unread, failed = set(range(KEYS)), 0
+    unread, passes = list(range(KEYS)), 0
     async with asyncio.timeout(within):
         while unread:
-            batch = sorted(unread)
-            got = await asyncio.gather(*(cache.get(f"k{i}") for i in batch), return_exceptions=True)
-            for i, value in zip(batch, got, strict=True):
+            passes += 1
+            got = await asyncio.gather(
+                *(cache.get(f"k{i}") for i in unread), return_exceptions=True
+            )
+            failed = []
+            for i, value in zip(unread, got, strict=True):
                 if isinstance(value, BackendError):
-                    failed += 1
+                    failed.append(i)
                     continue
                 assert value == value_of(i), f"k{i} got {str(value)[:20]!r}"
-                unread.discard(i)
-    return failed
+            unread = failed[::-1]
+    return passes
 
 
 async def test_no_caller_ever_gets_another_keys_value(
@@ -102,7 +106,7 @@ async def test_no_caller_ever_gets_another_keys_value(
             except TimeoutError:
                 outcomes["cancelled"] += 1
                 return
-            assert got in (value_of(i), "loaded " + value_of(i)), f"k{i} got {got[:20]!r}"
+            assert got in (value_of(i), "loaded " + value_of(i)), f"k{i} got {str(got)[:20]!r}"
             outcomes["right" if got == value_of(i) else "loaded"] += 1
 
         async def toggle(stop: asyncio.Event) -> None:
@@ -188,7 +192,11 @@ async def test_resets_and_truncated_replies_never_cross_replies(
                     proxy.reset()
                     outcomes["mid-reply resets"] += 1
                 await reads
-            await read_back_right(cache)
+            # A connection the fault broke fails once, as it is found (a whole batch may go
+            # with it); then the reads are right. Measured: at most 2 passes in 150 rounds with
+            # three CPU burners beside; 3 leaves room for a budget spent on a busy machine.
+            passes = await read_back_right(cache)
+            assert passes <= 3, passes
         # Each fault failed reads (a batch shares its fate, so a round may leave only its
         # first, direct read right), and the reads between faults were right.
         assert outcomes["error"] >= 10 and outcomes["right"] >= 5, outcomes
