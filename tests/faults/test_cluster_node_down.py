@@ -107,7 +107,9 @@ async def test_a_dead_primary_fails_only_its_own_keys(namespace: str, how: str) 
                         # A hit does not wait for the dead node: before, the whole batch failed
                         # (or, timed out, was retried key by key): 1.3 s and loads, or hits late.
                         slowest_hit = max(elapsed for _, elapsed in got[:-1])
-                        assert slowest_hit < 0.25, (rounds, slowest_hit)
+                        # Waiting for the dead node costs a whole budget; a busy machine alone
+                        # made a hit 0.28 s (with three CPU burners beside the suite).
+                        assert slowest_hit < BUDGET * 0.9, (rounds, slowest_hit)
                         assert got[-1][1] < BUDGET + 0.5, got[-1]  # the dead key: one budget
                 stats = cache.statistics()
                 assert stats.hits == 9 * rounds
