@@ -1,5 +1,5 @@
 """
-The lone hit's own GET (`RedisBackend._get_standalone`): on a connection of the client's pool,
+The lone hit's own GET (`RedisBackend._get_lone`): on a connection of the client's pool,
 without ``execute_command``, yet with what the client does for a command kept.
 """
 
@@ -295,6 +295,20 @@ def test_a_cache_used_from_a_second_event_loop_keeps_its_budget(namespace: str) 
         assert asyncio.run(second()) < 1.5
 
 
+@contextlib.asynccontextmanager
+async def pooled(
+    port: int, **options: Any
+) -> AsyncIterator[tuple[aioredis.BlockingConnectionPool, aioredis.Redis]]:
+    """A client on a BlockingConnectionPool (``options``) of its own; both closed at the end."""
+    pool = aioredis.BlockingConnectionPool(port=port, **options)
+    client = aioredis.Redis(connection_pool=pool)
+    try:
+        yield pool, client
+    finally:
+        await client.aclose()
+        await pool.aclose()  # a pool given to the client is not closed by it
+
+
 async def every_connection_free(pool: aioredis.BlockingConnectionPool) -> None:
     """All of the pool's connections can be taken at once (it times out on one still lent)."""
     taken = [await pool.get_connection() for _ in range(pool.max_connections)]  # type: ignore[no-untyped-call]
@@ -305,54 +319,46 @@ async def every_connection_free(pool: aioredis.BlockingConnectionPool) -> None:
 async def test_the_lone_gets_connection_goes_back_to_the_pool_when_the_cache_closes(
     redis_server: RedisServer, namespace: str
 ) -> None:
-    pool = aioredis.BlockingConnectionPool(port=redis_server.port, max_connections=10, timeout=0.5)
-    client = aioredis.Redis(connection_pool=pool)
-    try:
+    async with pooled(redis_server.port, max_connections=10, timeout=0.5) as (pool, client):
         async with Cache(client, namespace=namespace, policy=Policy(ttl=30.0)) as cache:
             await cache.set("k", VALUE)
             for _ in range(20):
                 assert await cache.get("k") == VALUE
         await every_connection_free(pool)
-    finally:
-        await client.aclose()
-        await pool.aclose()  # a pool given to the client is not closed by it
 
 
 async def test_a_pool_too_small_to_keep_a_connection_still_serves_batches_beside_lone_gets(
     redis_server: RedisServer, namespace: str
 ) -> None:
     # One connection in all: a lone GET must give it back for the batch waiting behind it.
-    pool = aioredis.BlockingConnectionPool(port=redis_server.port, max_connections=1, timeout=5)
-    client = aioredis.Redis(connection_pool=pool)
-    try:
-        async with Cache(
-            client, namespace=namespace, policy=Policy(ttl=30.0), command_timeout=2.0
-        ) as cache:
-            keys = [f"k{i}" for i in range(20)]
-            for key in keys:
-                await cache.set(key, key)
-            assert await cache.get("k0") == "k0"  # a lone GET first
-            assert await asyncio.gather(*(cache.get(key) for key in keys)) == keys
-    finally:
-        await client.aclose()
-        await pool.aclose()  # a pool given to the client is not closed by it
+    async with (
+        pooled(redis_server.port, max_connections=1, timeout=5) as (_, client),
+        Cache(client, namespace=namespace, policy=Policy(ttl=30.0), command_timeout=2.0) as cache,
+    ):
+        keys = [f"k{i}" for i in range(20)]
+        for key in keys:
+            await cache.set(key, key)
+        assert await cache.get("k0") == "k0"  # a lone GET first
+        assert await asyncio.gather(*(cache.get(key) for key in keys)) == keys
 
 
-async def test_aclose_during_a_lone_read_gives_its_kept_connection_back_when_it_ends(
+async def test_aclose_during_a_lone_read_leaves_no_connection_out_of_the_pool(
     redis_server: RedisServer, namespace: str
 ) -> None:
-    async with FaultProxy(redis_server.port) as proxy:
-        pool = aioredis.BlockingConnectionPool(
-            port=proxy.port, max_connections=10, timeout=0.5, retry=Retry(NoBackoff(), 0)
-        )
-        client = aioredis.Redis(connection_pool=pool)
+    async with (
+        FaultProxy(redis_server.port) as proxy,
+        pooled(proxy.port, max_connections=10, timeout=0.5, retry=Retry(NoBackoff(), 0)) as (
+            pool,
+            client,
+        ),
+    ):
         cache = Cache(
             client, namespace=namespace, policy=Policy(ttl=30.0), command_timeout=0.3,
             breaker=None,
         )  # fmt: skip
         try:
             await cache.set("k", 1)
-            assert await cache.get("k") == 1  # the lone GET keeps its connection
+            assert await cache.get("k") == 1  # a lone GET, on a borrowed connection
             proxy.blackhole()
             reading = asyncio.create_task(cache.get("k"))
             await wait_until(lambda: proxy.statistics().bytes_swallowed > 0)
@@ -363,5 +369,3 @@ async def test_aclose_during_a_lone_read_gives_its_kept_connection_back_when_it_
             await every_connection_free(pool)
         finally:
             await proxy.heal()
-            await client.aclose()
-            await pool.aclose()
