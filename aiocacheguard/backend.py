@@ -466,9 +466,7 @@ def sentinel_primary(
 ) -> redis.Redis:
     """A client for the primary the Sentinels name for ``service``, followed through failovers
     (``options`` for the primary and the Sentinels alike)."""
-    sentinel = redis.Sentinel(  # type: ignore[no-untyped-call]
-        sentinels, sentinel_kwargs=dict(options), **options
-    )
+    sentinel = redis.Sentinel(sentinels, sentinel_kwargs=dict(options), **options)
     return cast(redis.Redis, sentinel.master_for(service, db=db))
 
 
@@ -1094,7 +1092,7 @@ class _PubSub:
             confirmed.cancel()
         with contextlib.suppress(redis_errors.RedisError, OSError, TimeoutError):
             async with asyncio.timeout(self._backend.command_timeout):
-                await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+                await self._pubsub.aclose()
 
 
 #: The channel Redis publishes invalidations on to a RESP2 redirect target.

@@ -436,7 +436,7 @@ async def promoted(deployment: RedisSentinelServer) -> bool:
 async def test_sentinel_replica_serves_while_the_primary_fails_over(namespace: str) -> None:
     """The primary stops mid-traffic: keys the replica holds are served from it, not loaded."""
     with RedisSentinelServer() as deployment:
-        sentinel = Sentinel(deployment.sentinels, socket_timeout=0.5)  # type: ignore[no-untyped-call]
+        sentinel = Sentinel(deployment.sentinels, socket_timeout=0.5)
         primary = sentinel.master_for(deployment.service, socket_timeout=0.5)
         replica = sentinel.slave_for(deployment.service, socket_timeout=0.5)
         calls: list[int] = []

@@ -32,7 +32,7 @@ async def deployment(request: pytest.FixtureRequest) -> AsyncIterator[Client]:
         client: Client = redis.Redis(port=server.port)
     elif request.param == "sentinel":
         deployment: RedisSentinelServer = request.getfixturevalue("redis_sentinel")
-        sentinel = Sentinel(deployment.sentinels, socket_timeout=1.0)  # type: ignore[no-untyped-call]
+        sentinel = Sentinel(deployment.sentinels, socket_timeout=1.0)
         client = sentinel.master_for(deployment.service, socket_timeout=1.0)
         yield client
         await client.aclose()
@@ -206,7 +206,7 @@ async def test_l1_is_invalidated_by_every_writer(deployment: Client, namespace: 
 async def test_sentinel_failover_keeps_callers_served(namespace: str) -> None:
     """Stop the primary: callers are served throughout, and writes resume on the promoted one."""
     with RedisSentinelServer() as deployment:
-        sentinel = Sentinel(deployment.sentinels, socket_timeout=0.5)  # type: ignore[no-untyped-call]
+        sentinel = Sentinel(deployment.sentinels, socket_timeout=0.5)
         client = sentinel.master_for(deployment.service, socket_timeout=0.5)
         calls = 0
 

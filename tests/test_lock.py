@@ -468,7 +468,7 @@ async def test_fill_message_carries_small_records(
         assert Record.decode(message["data"]).payload == b'"' + b"x" * size + b'"'
     else:
         assert message["data"] == b""  # too big to inline: waiters read the key
-    await pubsub.aclose()  # type: ignore[no-untyped-call]
+    await pubsub.aclose()
 
 
 async def test_waiter_survives_its_pubsub_connection_being_killed(

@@ -30,9 +30,11 @@ def test_readme_example_runs(redis_server: RedisServer) -> None:
 
 def test_readme_has_two_setup_commands_and_ci_runs_the_test_command() -> None:
     install, test = fenced("sh")
-    assert install.strip() == "pip install -e '.[dev]' && aiocacheguard bench"
+    assert install.strip() == "pip install -e '.[dev]' -c constraints.txt && aiocacheguard bench"
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert test.strip() in ci
+    # CI installs exactly what the README's install command installs: the pinned toolchain.
+    assert "python -m pip install -q -e '.[dev]' -c constraints.txt" in ci
 
 
 def test_quickstart_runs(redis_server: RedisServer) -> None:

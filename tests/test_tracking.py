@@ -258,7 +258,7 @@ async def test_resp3_pubsub_drops_the_invalidation_resp2_delivers_it(
             assert messages == []
     finally:
         await tracker.aclose()
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await pubsub.aclose()
         await target.aclose()
 
 
@@ -288,7 +288,7 @@ async def test_resp3_invalidations_do_arrive_as_push_frames(
         assert pushes == [[b"invalidate", [key]]]
     finally:
         await tracker.aclose()
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await pubsub.aclose()
         await target.aclose()
 
 
@@ -312,7 +312,7 @@ async def test_a_refusal_to_track_stops_the_listener_with_its_error(
 async def test_sentinel_the_listener_finds_the_primary_through_the_sentinels(
     redis_sentinel: RedisSentinelServer, prefix: bytes
 ) -> None:
-    sentinel = Sentinel(redis_sentinel.sentinels)  # type: ignore[no-untyped-call]
+    sentinel = Sentinel(redis_sentinel.sentinels)
     primary = sentinel.master_for(redis_sentinel.service)
     recorder = Recorder()
     try:

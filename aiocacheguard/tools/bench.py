@@ -142,10 +142,9 @@ def control_client(url: str, *, cluster: bool = False, timeout: float = 10.0) ->
     options: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": 2}
     if is_sentinel_url(url):
         sentinels, service, db, auth = parse_sentinel_url(url)
-        sentinel = redis.Sentinel(  # type: ignore[no-untyped-call]
-            sentinels, sentinel_kwargs={**options, **auth}, **options
-        )
-        return sentinel.master_for(service, db=db, **auth)  # type: ignore[no-untyped-call]
+        primary_options: dict[str, Any] = {"db": db, **auth}
+        sentinel = redis.Sentinel(sentinels, sentinel_kwargs={**options, **auth}, **options)
+        return sentinel.master_for(service, **primary_options)
     if cluster:
         return redis.RedisCluster.from_url(url, **options)
     return redis.Redis.from_url(url, **options)

@@ -36,7 +36,7 @@ KEYS = [f"k{i}" for i in range(10)]
 @pytest.mark.slow
 async def test_failover_mid_stampede(namespace: str) -> None:
     with RedisSentinelServer() as deployment:
-        sentinel = Sentinel(deployment.sentinels, socket_timeout=0.5)  # type: ignore[no-untyped-call]
+        sentinel = Sentinel(deployment.sentinels, socket_timeout=0.5)
         client = sentinel.master_for(deployment.service, socket_timeout=0.5)
         database = dict.fromkeys(KEYS, 0)
         calls: dict[str, int] = {}
