@@ -23,6 +23,11 @@ whole: each read is retried alone with a budget of its own, so one slow value fa
 read in such a batch may take up to two budgets). Not when Redis itself is what is slow: a
 retry still waiting for its turn when another batch times out or the circuit breaker opens
 fails at once, so in an outage no caller waits much more than one budget.
+
+A few paths go below redis-py's documented API (the Cluster read path's per-node pipelines,
+the lone GET's own connection, the tracking connection, the slot map re-read): each internal
+they use is checked by name and shape in tests/test_redis_py_internals.py, and pyproject.toml
+bounds redis-py to the range that passes it.
 """
 
 from __future__ import annotations
