@@ -6,8 +6,10 @@ namespace, so no test flushes or sees another's keys. Shared helpers live in hel
 
 from __future__ import annotations
 
+import asyncio
+import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 import redis.asyncio as redis
@@ -53,3 +55,13 @@ async def cache(client: redis.Redis, namespace: str) -> AsyncIterator[Cache]:
     async with Cache(client, namespace=namespace, policy=Policy(ttl=30.0)) as cache:
         yield cache
     assert not library_tasks(), "aclose() left library tasks behind"
+
+
+if os.environ.get("AIOCACHEGUARD_LOOP") == "uvloop":
+    # The matrix's uvloop cell (noxfile.py): every test runs on uvloop's event loop.
+    import uvloop
+
+    def pytest_asyncio_loop_factories(
+        config: pytest.Config, item: pytest.Item
+    ) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+        return {"uvloop": uvloop.new_event_loop}

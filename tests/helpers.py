@@ -124,6 +124,10 @@ async def limited_client(
     A client of a throwaway ACL user allowed everything but the ``denied`` commands (e.g.
     ``"client|tracking"``; Redis 7 checks the ACL of commands called from Lua too).
     """
+    if any("|" in command for command in denied):
+        version = str((await admin.info("server"))["redis_version"])
+        if int(version.split(".")[0]) < 7:
+            pytest.skip(f"Redis {version}'s ACL cannot deny one subcommand (Redis 7 can)")
     user = f"limited-{uuid.uuid4().hex[:8]}"
     await admin.acl_setuser(
         user,

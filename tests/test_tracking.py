@@ -80,6 +80,8 @@ async def test_the_listener_speaks_resp2_even_when_the_client_speaks_resp3(
 ) -> None:
     clients = await client.client_list()
     mine = next(c for c in clients if int(c["id"]) == listener.client_id)
+    if "resp" not in mine:
+        pytest.skip("CLIENT LIST names each connection's protocol from Redis 7 on")
     assert mine["resp"] == "2"
     assert "t" in mine["flags"] and "P" in mine["flags"]  # tracking, pub/sub
     assert int(mine["redir"]) == listener.client_id
