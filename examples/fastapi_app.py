@@ -77,7 +77,7 @@ async def get_user(user_id: int) -> dict[str, object] | None:
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    client = redis.Redis.from_url(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
+    client = redis.Redis.from_url(os.environ["REDIS_URL"])
     namespace = os.environ.get("CACHE_NAMESPACE", "users")
     try:
         async with Cache(client, namespace=namespace, policy=Policy(ttl=30.0)) as cache:

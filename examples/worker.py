@@ -24,7 +24,7 @@ from aiocacheguard import Cache, Policy
 
 async def main() -> int:
     """Refresh each changed user until ``stop``; returns how many were refreshed."""
-    client = redis.Redis.from_url(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
+    client = redis.Redis.from_url(os.environ["REDIS_URL"])
     namespace = os.environ.get("CACHE_NAMESPACE", "users")
     queue = f"{namespace}:changed"
     refreshed = 0

@@ -72,7 +72,7 @@ async def get_product(product_id: int) -> dict[str, object] | None:
 
 @asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
-    client = redis.Redis.from_url(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
+    client = redis.Redis.from_url(os.environ["REDIS_URL"])
     try:
         async with Cache(client, namespace="products", policy=Policy(ttl=30.0)) as cache:
             with products.bind(cache):
