@@ -136,8 +136,9 @@ async def warm(
     """
     Fill the cache before traffic arrives; returns how many items were written or loaded.
 
-    A ``(key, value)`` or ``(key, value, ttl)`` item is written with `Cache.set` (it replaces
-    what is cached). A ``(key, loader)`` item, where ``loader`` is an async function of no
+    A ``(key, value)`` or ``(key, value, ttl)`` item is written as `Cache.set` writes it (it
+    replaces what is cached), but with the policy's jitter on its TTL, an item's own ``ttl``
+    too, so that keys warmed together do not expire together. A ``(key, loader)`` item, where ``loader`` is an async function of no
     arguments, goes through `Cache.get_or_load`: loaded only if not cached already, once
     across every process warming the same key. ``items`` is read lazily, so it may be a
     generator over a file or a database cursor of any length.
@@ -199,7 +200,9 @@ async def _warm_one(cache: Cache, item: WarmItem) -> None:
     if callable(value):
         await cache.get_or_load(key, value)
     else:
-        await cache.set(key, value, ttl=ttl)
+        # Keys warmed together must not expire together: their TTLs get the policy's jitter,
+        # an item's own TTL too (a plain `Cache.set` with a ttl writes it exactly).
+        await cache._prepared_set(key, value, ttl, jitter=True)()
 
 
 async def clear(

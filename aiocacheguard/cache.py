@@ -244,12 +244,13 @@ class Cache(BulkOperations):
         await self._prepared_set(key, value, ttl)()
 
     def _prepared_set(
-        self, key: Key, value: Any, ttl: float | None
+        self, key: Key, value: Any, ttl: float | None, *, jitter: bool = False
     ) -> Callable[[], Awaitable[None]]:
-        """`set` in two steps: all that can fail before I/O now, the write when called."""
+        """`set` in two steps: all that can fail before I/O now, the write when called
+        (``jitter``: spread an explicit ``ttl`` as the policy spreads its own)."""
         rkey = self.keys.value(key)
         stored = self._rebuilder.encode(
-            value, self.policy.for_write(ttl=ttl, negative=value is None)
+            value, self.policy.for_write(ttl=ttl, negative=value is None, jitter=jitter)
         )
 
         async def write() -> None:

@@ -152,16 +152,18 @@ class Policy:
             raise ConfigurationError("policy", policy, "an aiocacheguard.Policy or None")
         return policy
 
-    def for_write(self, *, ttl: float | None, negative: bool) -> Policy:
+    def for_write(self, *, ttl: float | None, negative: bool, jitter: bool = False) -> Policy:
         """
         The policy of an explicit write (``Cache.set``): ``ttl`` replaces this TTL, without
-        jitter, keeping ``stale_if_error`` and the soft TTL at the same fraction of it; an
-        explicit ``None`` is stored even where negative results are not cached.
+        jitter (with this policy's where ``jitter``: a warm-up writing many keys at once),
+        keeping ``stale_if_error`` and the soft TTL at the same fraction of it; an explicit
+        ``None`` is stored even where negative results are not cached.
         """
         if ttl is not None:
             _check_seconds("ttl", ttl, minimum=MIN_TTL)
             soft = None if self.soft_ttl is None else self.soft_ttl * ttl / self.ttl
-            return replace(self, ttl=ttl, soft_ttl=soft, negative_ttl=ttl, jitter=0.0)
+            spread = self.jitter if jitter else 0.0
+            return replace(self, ttl=ttl, soft_ttl=soft, negative_ttl=ttl, jitter=spread)
         if negative and self.negative_ttl is None:
             return replace(self, negative_ttl=self.ttl)
         return self

@@ -156,6 +156,31 @@ def test_warm_reads_stdin_and_keeps_a_line_ttl(
     assert json.loads(out)["serializer"] == "json"
 
 
+def test_warm_spreads_ttls_and_gives_a_null_the_ttl_too(
+    capsys: pytest.CaptureFixture[str], server_url: str
+) -> None:
+    """Keys warmed together do not expire together (the policy's jitter on --ttl and on a
+    line's own ttl alike), and a cached "absent" (null) lives for --ttl, not 5 s."""
+    lines = "".join(f'{{"key": "j{i}", "value": {i}}}\n' for i in range(50))
+    lines += "".join(f'{{"key": "t{i}", "value": {i}, "ttl": 1000}}\n' for i in range(50))
+    lines += '{"key": "gone", "value": null}\n'
+    code, out, _ = run(
+        capsys, "warm", "-", "--redis-url", server_url, "--namespace", "shop", "--ttl", "1000",
+        stdin=lines,
+    )  # fmt: skip
+    assert code == 0 and "warmed 101 keys" in out
+    with redis.Redis.from_url(server_url) as client:
+        default = {client.pttl(f"{{shop:j{i}}}") for i in range(50)}
+        own = {client.pttl(f"{{shop:t{i}}}") for i in range(50)}
+        absent = client.pttl("{shop:gone}")
+    for ttls in (default, own):
+        assert all(0 < ttl <= 1_000_000 for ttl in ttls), ttls
+        # Jitter 0.1: spread over up to 100 s. Written within a second of each other, 50 keys
+        # without jitter fall in a 1 s band.
+        assert max(ttls) - min(ttls) > 10_000, (min(ttls), max(ttls))
+    assert 900_000 < absent <= 1_000_000, absent
+
+
 def test_clear_is_a_dry_run_without_yes(
     capsys: pytest.CaptureFixture[str], server_url: str, tmp_path: Path
 ) -> None:

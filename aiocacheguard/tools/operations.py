@@ -631,7 +631,9 @@ async def _warm(client: RedisClient, args: argparse.Namespace, out: Output) -> i
     cache = Cache(
         client,
         namespace=args.namespace,
-        policy=Policy(ttl=args.ttl, jitter=0.0),
+        # --ttl for every line without one, a cached "absent" (null) included; the default
+        # jitter spreads them all, so the warmed keys do not expire together.
+        policy=Policy(ttl=args.ttl, negative_ttl=args.ttl),
         serializer=SERIALIZERS[args.serializer](),
         command_timeout=COMMAND_TIMEOUT,
     )
