@@ -139,9 +139,9 @@ async def warm(
     A ``(key, value)`` or ``(key, value, ttl)`` item is written as `Cache.set` writes it (it
     replaces what is cached), but with the policy's jitter on its TTL, an item's own ``ttl``
     too, so that keys warmed together do not expire together. A ``(key, loader)`` item, where
-    ``loader`` is an async function of no arguments, goes through `Cache.get_or_load`: loaded only if not cached already, once
-    across every process warming the same key. ``items`` is read lazily, so it may be a
-    generator over a file or a database cursor of any length.
+    ``loader`` is an async function of no arguments, goes through `Cache.get_or_load`: loaded
+    only if not cached already, once across every process warming the same key. ``items`` is
+    read lazily, so it may be a generator over a file or a database cursor of any length.
 
     Args:
         concurrency: Writes or loads at once.
