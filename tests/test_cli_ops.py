@@ -281,6 +281,25 @@ def test_a_dead_url_is_one_line_and_nonzero(
     assert err.startswith(f"aiocacheguard {args[0]}: error: ") and "Traceback" not in err
 
 
+@pytest.mark.parametrize("command", ["stats", "inspect", "keys"])
+def test_a_server_that_never_answers_is_exit_1_not_bad_input(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    """A server that accepts connections but never answers (a hung process, a blackholed
+    route): the command times out, which is Redis failing (exit 1), not bad input (2)."""
+    from aiocacheguard.tools import operations
+
+    monkeypatch.setattr(operations, "COMMAND_TIMEOUT", 0.3)
+    with socket.socket() as mute:  # the kernel completes connections; nothing ever answers
+        mute.bind(("127.0.0.1", 0))
+        mute.listen(16)
+        url = f"redis://127.0.0.1:{mute.getsockname()[1]}/0"
+        extra = {"inspect": ["k"], "keys": ["*"]}.get(command, [])
+        code, out, err = run(capsys, command, *extra, "--redis-url", url, "--namespace", "ns")
+    assert code == 1 and out == "", (code, err)
+    assert err.startswith(f"aiocacheguard {command}: error: ") and "Traceback" not in err
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -33,7 +33,7 @@ from .. import bulk, ops
 from .._types import Serializer
 from ..backend import RedisClient, connect_url, sentinel_primary
 from ..cache import Cache
-from ..errors import CacheGuardError, ConfigurationError, InvalidKeyError
+from ..errors import BackendError, CacheGuardError, ConfigurationError, InvalidKeyError
 from ..policy import Policy
 from ..serializers import (
     JsonSerializer,
@@ -184,6 +184,8 @@ def run_operation(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"{name}: interrupted", file=sys.stderr)
         return 130
+    except BackendError as exc:  # before OSError: BackendTimeout is a TimeoutError
+        return _fail(name, exc, args, code=1)
     except (UsageError, ConfigurationError, InvalidKeyError, OSError) as exc:
         return _fail(name, exc, args, code=2)
     except Exception as exc:
