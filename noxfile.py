@@ -43,14 +43,16 @@ CORE = [
 ]
 
 
-def install_pinned(session: nox.Session, *, except_redis_py: bool = False) -> None:
+def install_pinned(
+    session: nox.Session, *, extra: str = "dev", except_redis_py: bool = False
+) -> None:
     constraints = CONSTRAINTS
     if except_redis_py:
         lines = Path(CONSTRAINTS).read_text().splitlines(keepends=True)
         kept = "".join(line for line in lines if not line.startswith("redis=="))
         constraints = str(Path(session.create_tmp()) / "constraints-but-redis.txt")
         Path(constraints).write_text(kept)
-    session.install("-e", ".[dev]", "-c", constraints)
+    session.install("-e", f".[{extra}]", "-c", constraints)
 
 
 def core(session: nox.Session, **env: str) -> None:
@@ -67,7 +69,7 @@ def tests(session: nox.Session) -> None:
 @nox.session(python=["3.12", "3.13"], tags=["matrix"])
 def python(session: nox.Session) -> None:
     """Matrix: the core modules on another interpreter."""
-    install_pinned(session)
+    install_pinned(session, extra="test")
     core(session)
 
 
@@ -75,7 +77,7 @@ def python(session: nox.Session) -> None:
 @nox.parametrize("version", ["floor", "newest"], ids=["floor", "newest"])
 def redis_py(session: nox.Session, version: str) -> None:
     """Matrix: the core modules on redis-py's declared floor, and on the newest it allows."""
-    install_pinned(session, except_redis_py=True)
+    install_pinned(session, extra="test", except_redis_py=True)
     wanted = f"redis[hiredis]=={REDIS_PY_FLOOR}" if version == "floor" else "redis[hiredis]<9"
     session.install("--upgrade", wanted)
     session.run("python", "-c", "import redis; print('redis-py', redis.__version__)")
