@@ -6,8 +6,10 @@ test runs the console entry point to prove the output of a real process.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -371,6 +373,41 @@ def test_ctrl_c_stops_cleanly(server_url: str) -> None:
         process.kill()
     assert process.returncode == 130 and out == ""
     assert err == "aiocacheguard stats: interrupted\n"
+
+
+def test_ctrl_c_during_a_bench_is_one_line_from_every_process(server_url: str) -> None:
+    """Ctrl-C in a terminal signals the whole process group, the bench's workers too: the
+    bench says it was interrupted, once, and no worker prints a traceback or outlives it."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "aiocacheguard", "bench", "--redis-url", server_url,
+         "-n", "20000", "-p", "2", "--strategy", "naive", "--rounds", "50", "--plain"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal gives a command
+    )  # fmt: skip
+    try:
+        with redis.Redis.from_url(server_url) as client:
+            deadline = time.monotonic() + 60
+            # Both workers connected: they are past their start-up, in the stampede.
+            while sum(c["cmd"] != "client|list" for c in client.client_list()) < 3:
+                assert time.monotonic() < deadline, "the workers never connected"
+                time.sleep(0.02)
+        os.killpg(process.pid, signal.SIGINT)
+        _, err = process.communicate(timeout=30)
+        deadline = time.monotonic() + 10
+        while True:  # every process of the group gone
+            try:
+                os.killpg(process.pid, 0)
+            except ProcessLookupError:
+                break
+            assert time.monotonic() < deadline, "a worker outlived the bench"
+            time.sleep(0.05)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130, err
+    assert err == "aiocacheguard bench: interrupted\n"
 
 
 class _Terminal(io.StringIO):

@@ -36,6 +36,7 @@ import multiprocessing
 import os
 import platform
 import random
+import signal
 import statistics
 import sys
 import time
@@ -271,7 +272,14 @@ def _run_round(
                 "factory": config.extra.get(strategy),
             }
             process = ctx.Process(target=_worker_entry, args=(job, child_end), daemon=True)
-            process.start()
+            # A worker starts with SIGINT ignored (a fresh interpreter keeps an ignored signal
+            # ignored): Ctrl-C reaches the terminal's whole process group, and only this
+            # process answers it, with one line; the workers are stopped below.
+            interrupt = signal.signal(signal.SIGINT, signal.SIG_IGN)
+            try:
+                process.start()
+            finally:
+                signal.signal(signal.SIGINT, interrupt)
             child_end.close()
             workers.append((process, parent_end))
         for process, conn in workers:
@@ -291,6 +299,10 @@ def _run_round(
                 raise BenchError(f"worker {process.pid} failed: {report['crash']}")
             reports.append(report)
         commands = _commands(control, config.cluster) - before
+    except BaseException:  # Ctrl-C or a failure: the workers' stampede is of no use now
+        for process, _ in workers:
+            process.kill()
+        raise
     finally:
         for process, conn in workers:
             conn.close()
