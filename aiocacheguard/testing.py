@@ -28,6 +28,7 @@ import ctypes
 import importlib.util
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -244,12 +245,14 @@ class RedisServer(_Throwaway):
         Start the server and wait until this process, not another, answers on its port.
 
         Raises:
-            ServerNotFoundError: no binary was found.
+            ServerNotFoundError: no binary was found, or the one named is not an executable.
             ServerError: the server exited or did not answer in time (the log is quoted).
         """
         if self._process is not None:
             raise ServerError("this RedisServer is already started")
         binary = self._binary or find_redis_server()
+        if shutil.which(binary) is None:  # a path given, or $AIOCACHEGUARD_REDIS_SERVER
+            raise ServerNotFoundError(f"no executable redis-server at {binary}: {INSTALL_HINT}")
         attempts = 1 if self._requested_port else 5
         last_error: ServerError | None = None
         for _ in range(attempts):  # a free port can be taken between probe and bind

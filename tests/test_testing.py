@@ -98,6 +98,28 @@ def test_no_binary_anywhere_says_how_to_install(monkeypatch: pytest.MonkeyPatch)
         RedisServer().start()
 
 
+def test_a_named_binary_that_is_not_there_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A wrong $AIOCACHEGUARD_REDIS_SERVER (or binary=) names the path, instead of a raw
+    FileNotFoundError from deep inside subprocess; the bench says it in one line."""
+    missing = str(tmp_path / "no-such-redis-server")
+    with pytest.raises(ServerNotFoundError, match=f"no executable redis-server at {missing}"):
+        RedisServer(binary=missing).start()
+    monkeypatch.setenv("AIOCACHEGUARD_REDIS_SERVER", missing)
+    with pytest.raises(ServerNotFoundError, match="no-such-redis-server"):
+        RedisServer().start()
+    result = subprocess.run(
+        [sys.executable, "-m", "aiocacheguard", "bench", "-n", "10"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "AIOCACHEGUARD_REDIS_SERVER": missing},
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith("aiocacheguard bench: error: no executable redis-server at")
+
+
 def test_a_server_that_cannot_start_reports_its_log() -> None:
     with pytest.raises(ServerError, match="did not start"):
         RedisServer(extra_args=["--no-such-option", "x"], startup_timeout=5).start()
