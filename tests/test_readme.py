@@ -34,8 +34,10 @@ def test_readme_example_runs(redis_server: RedisServer) -> None:
     assert "loader_calls=2" in out.stdout  # the board and user 1
 
 
-def test_readme_has_two_setup_commands_and_ci_runs_the_test_command() -> None:
-    install, test = fenced("sh")
+def test_readme_has_its_setup_commands_and_ci_runs_the_test_command() -> None:
+    user, install, test = fenced("sh")
+    assert user.strip() == "pip install aiocacheguard"  # the first command a reader meets
+    assert README.index(user) < README.index("```python")
     assert install.strip() == "pip install -e '.[dev]' -c constraints.txt && aiocacheguard bench"
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert test.strip() in ci
