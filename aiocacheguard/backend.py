@@ -36,22 +36,32 @@ import asyncio
 import contextlib
 import functools
 import logging
+import ssl
 import types
+import warnings
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import Any, Final, Generic, Literal, NoReturn, Self, TypeGuard, TypeVar, cast
+from urllib.parse import urlsplit
 
 import redis.asyncio as redis
 import redis.exceptions as redis_errors
 from redis.asyncio.cluster import ClusterNode, PipelineCommand, RedisCluster
-from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.connection import AbstractConnection, parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.observability.providers import get_observability_instance
 
 from ._checks import check_instance, check_int
 from ._episodes import Episode
+from ._redact import redact, redact_url
 from ._types import LuaScript, ScriptArg, Subscriber
-from .errors import BackendError, BackendTimeout, BackendUnavailable, ConfigurationError
+from .errors import (
+    BackendError,
+    BackendTimeout,
+    BackendUnavailable,
+    ConfigurationError,
+    InsecureTLSWarning,
+)
 from .guards.breaker import Breaker, BreakerState, CircuitBreaker
 
 __all__ = (
@@ -66,6 +76,8 @@ __all__ = (
     "is_cluster",
     "sentinel_primary",
     "to_backend_error",
+    "url_options",
+    "warn_if_unverified",
 )
 
 T = TypeVar("T")
@@ -443,14 +455,10 @@ def client_from_url(url: str) -> redis.Redis:
     budget (see `RedisBackend`).
 
     Raises:
-        ConfigurationError: the URL is not one redis-py understands.
+        ConfigurationError: the URL is not one redis-py understands (the password is never
+            in the error: see `aiocacheguard._redact`).
     """
-    try:
-        return redis.Redis.from_url(url, retry=Retry(NoBackoff(), 0))
-    except ValueError as exc:
-        raise ConfigurationError(
-            "url", url, f"a redis://, rediss:// or unix:// URL ({exc})"
-        ) from None
+    return cast(redis.Redis, _from_url(url, redis.Redis, retry=Retry(NoBackoff(), 0)))
 
 
 def connect_url(url: str, *, cluster: bool = False, **options: Any) -> RedisClient:
@@ -459,18 +467,74 @@ def connect_url(url: str, *, cluster: bool = False, **options: Any) -> RedisClie
     ``cluster``), with redis-py's ``options``: the command line's clients.
 
     Raises:
-        ValueError: redis-py cannot use the URL.
+        ConfigurationError: redis-py cannot use the URL (the password is never in the error).
     """
-    if cluster:
-        return RedisCluster.from_url(url, **options)
-    return redis.Redis.from_url(url, **options)
+    client: RedisClient = _from_url(url, RedisCluster if cluster else redis.Redis, **options)
+    return client
+
+
+def _from_url(url: str, kind: type[redis.Redis] | type[RedisCluster], **options: Any) -> Any:
+    # Raised outside the except block: redis-py's error must not ride along as __context__,
+    # since it can quote a piece of a malformed password ("... integer value as 'pa'").
+    try:
+        client = kind.from_url(url, **options)
+    except ValueError as exc:
+        problem = redact(str(exc), url)
+    else:
+        warn_if_unverified(url_options(urlsplit(url).query))
+        return client
+    raise ConfigurationError(
+        "url", redact_url(url), f"a redis://, rediss:// or unix:// URL ({problem})"
+    )
+
+
+def url_options(query: str) -> dict[str, Any]:
+    """
+    A URL's query (``ssl_ca_certs=/etc/ca.pem&socket_timeout=2``) as connection options, each
+    typed as redis-py types it in a ``redis://`` URL; ``ssl=true`` asks for TLS (for a
+    ``redis+sentinel://`` URL, which has no ``rediss`` form).
+
+    Raises:
+        ValueError: a value is not of its option's type (the message names the option only).
+    """
+    options: dict[str, Any] = dict(parse_url(f"redis://localhost/?{query}"))
+    options.pop("host", None)
+    ssl = options.pop("ssl", None)
+    if ssl is not None:
+        flag = _FLAGS.get(str(ssl).lower())
+        if flag is None:
+            raise ValueError("Invalid value for 'ssl' in connection URL (true or false).")
+        options["ssl"] = flag
+    return options
+
+
+_FLAGS: Final = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def warn_if_unverified(options: dict[str, Any]) -> None:
+    """
+    Warn (`InsecureTLSWarning`) when ``options`` turn certificate verification off: TLS that
+    verifies nothing keeps passive listeners out, and lets anyone on the path in. The message
+    never changes, so Python's default filter shows it once per process.
+    """
+    reqs = options.get("ssl_cert_reqs")
+    if reqs == ssl.CERT_NONE or (isinstance(reqs, str) and reqs.lower() == "none"):
+        warnings.warn(
+            "ssl_cert_reqs=none: Redis's TLS certificate is not verified, so anyone on the "
+            "network path can pose as Redis and read the traffic, password included; give "
+            "the CA instead (ssl_ca_certs=/path/to/ca.pem)",
+            InsecureTLSWarning,
+            stacklevel=2,
+        )
 
 
 def sentinel_primary(
     sentinels: list[tuple[str, int]], service: str, db: int, **options: Any
 ) -> redis.Redis:
     """A client for the primary the Sentinels name for ``service``, followed through failovers
-    (``options`` for the primary and the Sentinels alike)."""
+    (``options`` for the primary and the Sentinels alike: credentials, ``ssl=True``,
+    ``ssl_ca_certs``...)."""
+    warn_if_unverified(options)
     sentinel = redis.Sentinel(sentinels, sentinel_kwargs=dict(options), **options)
     return cast(redis.Redis, sentinel.master_for(service, db=db))
 

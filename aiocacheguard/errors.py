@@ -20,6 +20,14 @@ CacheGuardError
       +-- BackendUnavailable                connection refused, reset, or pool exhausted
       +-- BackendTimeout (also TimeoutError) Redis did not answer within the command budget
 ```
+
+Warnings derive from `CacheGuardWarning` (a ``UserWarning``), so one filter silences or raises
+them all:
+
+```
+CacheGuardWarning
+ +-- InsecureTLSWarning                     TLS that verifies no certificate (ssl_cert_reqs=none)
+```
 """
 
 from __future__ import annotations
@@ -30,8 +38,10 @@ __all__ = (
     "BackendUnavailable",
     "CacheClosedError",
     "CacheGuardError",
+    "CacheGuardWarning",
     "CacheNotBoundError",
     "ConfigurationError",
+    "InsecureTLSWarning",
     "InvalidKeyError",
     "LoadTimeout",
     "LockError",
@@ -129,4 +139,17 @@ class CacheNotBoundError(CacheGuardError, RuntimeError):
     A loader decorated with ``@cached(cache_ref, ...)`` was called, or ``cache_ref.cache``
     read, while its `CacheRef` was bound to no Cache: before the app started or after it
     stopped. Bind it where the Cache is created: ``with cache_ref.bind(cache):`` in a lifespan.
+    """
+
+
+class CacheGuardWarning(UserWarning):
+    """Base class of every warning aiocacheguard issues."""
+
+
+class InsecureTLSWarning(CacheGuardWarning):
+    """
+    A client was built from a URL that turns TLS certificate verification off
+    (``ssl_cert_reqs=none``): the traffic is encrypted, but anyone on the network path can
+    pose as Redis and read it, the password included. Give the CA instead
+    (``ssl_ca_certs=/path/to/ca.pem``); see docs/security.md.
     """

@@ -25,7 +25,10 @@ def test_exception_tree() -> None:
     errors = aiocacheguard
     for name in aiocacheguard.__all__:
         obj = getattr(errors, name)
-        if isinstance(obj, type) and issubclass(obj, Exception):
+        if isinstance(obj, type) and issubclass(obj, Warning):
+            assert issubclass(obj, errors.CacheGuardWarning), name
+            assert name.endswith("Warning"), name
+        elif isinstance(obj, type) and issubclass(obj, Exception):
             assert issubclass(obj, errors.CacheGuardError), name
             assert name.endswith(("Error", "Timeout", "Unavailable")), name
     assert issubclass(errors.BackendTimeout, TimeoutError)

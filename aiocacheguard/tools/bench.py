@@ -41,14 +41,19 @@ import statistics
 import sys
 import time
 import uuid
+import warnings
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis
 import redis.asyncio as aioredis
 
+from .._redact import redact, redact_url
 from .._version import __version__
+from ..backend import url_options, warn_if_unverified
+from ..errors import InsecureTLSWarning
 from ..keys import KeySpace
 from ..record import Record
 
@@ -71,7 +76,7 @@ class BenchConfig:
     rounds: int = 1
     strategies: tuple[str, ...] = STRATEGIES
     seed: int = 0
-    redis_url: str = ""
+    redis_url: str = field(default="", repr=False)  # it may hold a password
     #: ``redis_url`` is a node of a Redis Cluster (a Sentinel URL says so by its scheme).
     cluster: bool = False
     #: More strategies, name -> "module:function" (see benchmarks/peers.py): an async function
@@ -142,10 +147,10 @@ def control_client(url: str, *, cluster: bool = False, timeout: float = 10.0) ->
 
     options: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": 2}
     if is_sentinel_url(url):
-        sentinels, service, db, auth = parse_sentinel_url(url)
-        primary_options: dict[str, Any] = {"db": db, **auth}
-        sentinel = redis.Sentinel(sentinels, sentinel_kwargs={**options, **auth}, **options)
-        return sentinel.master_for(service, **primary_options)
+        sentinels, service, db, given = parse_sentinel_url(url)
+        options.update(given)
+        sentinel = redis.Sentinel(sentinels, sentinel_kwargs=options, **options)
+        return sentinel.master_for(service, db=db)
     if cluster:
         return redis.RedisCluster.from_url(url, **options)
     return redis.Redis.from_url(url, **options)
@@ -192,18 +197,27 @@ def environment(redis_url: str, *, cluster: bool = False) -> dict[str, Any]:
 
 
 def check_redis(url: str, *, cluster: bool = False) -> None:
-    """Raise `BenchError` with a one-line reason unless ``url`` answers PING within 2 s."""
-    from .operations import UsageError
+    """
+    Raise `BenchError` with a one-line reason (never the password) unless ``url`` answers
+    PING within 2 s; warn once here if the URL turns TLS verification off (the workers don't).
+    """
+    from .operations import UsageError, is_sentinel_url, parse_sentinel_url
 
     try:
+        sentinel = is_sentinel_url(url)
+        warn_if_unverified(
+            parse_sentinel_url(url)[3] if sentinel else url_options(urlsplit(url).query)
+        )
         client = control_client(url, cluster=cluster, timeout=2)
         try:
             client.ping()
         finally:
             _close(client)
     except (redis.RedisError, ValueError, OSError, UsageError) as exc:
-        message = " ".join(str(exc).split())
-        raise BenchError(f"cannot reach Redis at {url}: {message}") from None
+        message = redact(" ".join(str(exc).split()), url)
+    else:
+        return
+    raise BenchError(f"cannot reach Redis at {redact_url(url)}: {message}")
 
 
 def run_bench(
@@ -363,6 +377,7 @@ def _seed_key(
 
 
 def _worker_entry(job: dict[str, Any], conn: Any) -> None:
+    warnings.simplefilter("ignore", InsecureTLSWarning)  # the parent has warned, once
     try:
         asyncio.run(_worker(job, conn))
     except (EOFError, BrokenPipeError):
@@ -571,12 +586,12 @@ def results_json(
             "rounds": config.rounds,
             "strategies": list(config.strategies),
             "extra_strategies": dict(config.extra),
-            "redis_url": config.redis_url,
+            "redis_url": redact_url(config.redis_url),
             "topology": topology(config),
         },
         "seed": config.seed,
         "versions": environment(config.redis_url, cluster=config.cluster),
-        "argv": sys.argv,
+        "argv": [redact_url(arg) for arg in sys.argv],
         "results": [
             {
                 "strategy": r.strategy,

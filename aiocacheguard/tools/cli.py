@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from .._redact import redact, redact_url
 from .._version import __version__
 from ..testing import RedisClusterServer, RedisSentinelServer, RedisServer, ServerError
 from .bench import STRATEGIES, BenchConfig, BenchError, RoundResult, StrategyResult, topology
@@ -111,7 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _bench(args)
     except (BenchError, ServerError) as exc:
-        print(f"aiocacheguard bench: error: {exc}", file=sys.stderr)
+        message = redact(str(exc), args.redis_url or "")  # a worker's crash may quote it
+        print(f"aiocacheguard bench: error: {message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("aiocacheguard bench: interrupted", file=sys.stderr)
@@ -185,7 +187,7 @@ def _run(config: BenchConfig, args: argparse.Namespace) -> int:
     header = (
         f"aiocacheguard bench: {config.coroutines:,} coroutines x {config.processes} "
         f"process(es), loader {config.loader_ms:g} ms, {config.rounds} round(s), "
-        f"seed {config.seed}, {topology(config)} {config.redis_url}"
+        f"seed {config.seed}, {topology(config)} {redact_url(config.redis_url)}"
     )
     print(header, flush=True)
     total = len(config.strategies) * config.rounds

@@ -30,8 +30,9 @@ from typing import IO, Any, Final
 from urllib.parse import unquote, urlsplit
 
 from .. import bulk, ops
+from .._redact import redact, redact_url
 from .._types import Serializer
-from ..backend import RedisClient, connect_url, sentinel_primary
+from ..backend import RedisClient, connect_url, sentinel_primary, url_options
 from ..cache import Cache
 from ..errors import BackendError, CacheGuardError, ConfigurationError, InvalidKeyError
 from ..policy import Policy
@@ -193,12 +194,13 @@ def run_operation(args: argparse.Namespace) -> int:
 
 
 def _fail(name: str, exc: BaseException, args: argparse.Namespace, *, code: int) -> int:
+    # Whatever raised it (redis-py, a socket, this module), no secret of the URL is printed.
     if args.debug:
-        traceback.print_exception(exc)
+        print(redact("".join(traceback.format_exception(exc)), args.redis_url), file=sys.stderr)
     message = " ".join(str(exc).split()) or type(exc).__name__
     if not isinstance(exc, CacheGuardError | UsageError | OSError):
         message = f"{type(exc).__name__}: {message}"
-    print(f"{name}: error: {message}", file=sys.stderr)
+    print(f"{name}: error: {redact(message, args.redis_url)}", file=sys.stderr)
     return code
 
 
@@ -225,68 +227,73 @@ async def close_client(client: RedisClient) -> None:
 def connect(url: str, *, cluster: bool = False) -> RedisClient:
     """
     A client for ``url``: standalone, a cluster (``cluster=True``), or the primary a Sentinel
-    names for ``redis+sentinel://host:port[,host:port]/service[/db]``.
+    names for ``redis+sentinel://host:port[,host:port]/service[/db][?ssl=true&...]``.
 
     Raises:
-        UsageError: the URL cannot be used.
+        UsageError: the URL cannot be used (the message never holds its password).
     """
     options: dict[str, Any] = {
         "socket_connect_timeout": CONNECT_TIMEOUT,
         "socket_timeout": COMMAND_TIMEOUT,
     }
-    parts = urlsplit(url)
     if is_sentinel_url(url):
         if cluster:
             raise UsageError("--cluster and a Sentinel URL do not go together")
-        return _sentinel(url, options)
-    if parts.scheme not in ("redis", "rediss", "unix"):
+        sentinels, service, db, given = parse_sentinel_url(url)
+        return sentinel_primary(sentinels, service, db, **{**options, **given})
+    if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
         raise UsageError(
-            f"--redis-url {url!r}: expected redis://, rediss://, unix:// or redis+sentinel://"
+            f"--redis-url {redact_url(url)!r}: "
+            "expected redis://, rediss://, unix:// or redis+sentinel://"
         )
     try:
         return connect_url(url, cluster=cluster, **options)
-    except ValueError as exc:
-        raise UsageError(f"--redis-url {url!r}: {exc}") from None
+    except ConfigurationError as exc:
+        raise UsageError(f"--redis-url {exc.value!r}: {exc.accepted}") from None
 
 
 def is_sentinel_url(url: str) -> bool:
     return urlsplit(url).scheme in ("redis+sentinel", "sentinel")
 
 
-def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, int, dict[str, str]]:
+def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, int, dict[str, Any]]:
     """
-    ``redis+sentinel://[user:password@]host:port[,host:port]/service[/db]`` as its sentinels,
-    service name, database and credentials (for the primary and the sentinels alike).
+    ``redis+sentinel://[user:password@]host:port[,host:port]/service[/db][?option=value...]``
+    as its sentinels, service name, database and options: the credentials and the query's
+    options as in a ``redis://`` URL, ``ssl=true`` for TLS (for the primary and the sentinels
+    alike).
 
     Raises:
-        UsageError: the URL is not of that form.
+        UsageError: the URL is not of that form (the message never holds its password).
     """
+    shown = redact_url(url)
     parts = urlsplit(url)
     hosts = parts.netloc.rpartition("@")[2]
     path = [p for p in parts.path.split("/") if p]
     if not hosts or not path or len(path) > 2:
         raise UsageError(
-            f"--redis-url {url!r}: expected redis+sentinel://host:port[,host:port]/service[/db]"
+            f"--redis-url {shown!r}: expected redis+sentinel://host:port[,host:port]/service[/db]"
         )
     sentinels = []
     for host in hosts.split(","):
         name, _, port = host.rpartition(":") if ":" in host else (host, "", "26379")
-        if not port.isdigit():
-            raise UsageError(f"--redis-url {url!r}: bad port in {host!r}")
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise UsageError(  # the host is not quoted: in a malformed URL it may be password
+                f"--redis-url {shown!r}: each sentinel's port must be a number from 1 to 65535"
+            )
         sentinels.append((name or "localhost", int(port)))
     if len(path) == 2 and not path[1].isdigit():
-        raise UsageError(f"--redis-url {url!r}: the database must be a number")
-    auth = {}
+        raise UsageError(f"--redis-url {shown!r}: the database must be a number")
+    try:
+        options = url_options(parts.query)
+    except ValueError as exc:
+        raise UsageError(f"--redis-url {shown!r}: {redact(str(exc), url)}") from None
     if parts.password is not None:
-        auth["password"] = unquote(parts.password)
+        options["password"] = unquote(parts.password)
     if parts.username:
-        auth["username"] = unquote(parts.username)
-    return sentinels, path[0], int(path[1]) if len(path) == 2 else 0, auth
-
-
-def _sentinel(url: str, options: dict[str, Any]) -> RedisClient:
-    sentinels, service, db, auth = parse_sentinel_url(url)
-    return sentinel_primary(sentinels, service, db, **options, **auth)
+        options["username"] = unquote(parts.username)
+    db = options.pop("db", int(path[1]) if len(path) == 2 else 0)
+    return sentinels, path[0], db, options
 
 
 # --------------------------------------------------------------------------------------------
