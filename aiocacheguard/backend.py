@@ -59,6 +59,7 @@ from .errors import (
     BackendError,
     BackendTimeout,
     BackendUnavailable,
+    CacheGuardError,
     ConfigurationError,
     InsecureTLSWarning,
 )
@@ -734,7 +735,8 @@ class RedisBackend:
             if refused is not None:
                 raise refused
         task = asyncio.current_task()
-        assert task is not None and self._lone is None, "one lone command at a time"
+        if task is None or self._lone is not None:  # (not an assert: python -O drops those)
+            raise CacheGuardError("a lone command runs in a task, and one at a time")
         loop = asyncio.get_running_loop()
         self._lone = task
         self._lone_fired = False

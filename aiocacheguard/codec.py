@@ -156,7 +156,7 @@ class RecordCodec:
         self.serializer = serializer
         self.max_value_bytes = max_value_bytes
         self.clock = clock
-        self.rng = rng or random.Random()
+        self.rng = rng or random.Random()  # noqa: S311  TTL jitter: spread, not a secret
         #: Records that could not be decoded (or not into a caller's declared type) and were
         #: treated as a miss.
         self.decode_errors = 0

@@ -41,7 +41,7 @@ from typing import Any, Final, TypeVar
 
 from ._types import ScriptRunner
 from .codec import Entry, RecordCodec
-from .errors import BackendError, LockTimeout, ValueTooLargeError
+from .errors import BackendError, ConfigurationError, LockTimeout, ValueTooLargeError
 from .guards.lock import Acquire, Attempt, Outcome, RebuildLock, store
 from .guards.notify import FillNotifier
 from .keys import KeySpace
@@ -162,7 +162,13 @@ class Rebuilder:
                 the codec's limit (`ValueTooLargeError`).
         """
         encoded = self._codec.encode(value, policy, compute_time=0.0)
-        assert encoded is not None, "an explicit write always stores (Policy.for_write)"
+        if encoded is None:  # the codec stores None only under a negative_ttl
+            raise ConfigurationError(
+                "negative_ttl",
+                None,
+                "a number of seconds for an explicit write of None "
+                "(the Cache writes with Policy.for_write, which sets one)",
+            )
         return encoded
 
     async def store(

@@ -106,7 +106,7 @@ def find_redis_server() -> str:
 
 def _version(binary: str) -> tuple[int, ...]:
     try:
-        out = subprocess.run(
+        out = subprocess.run(  # noqa: S603  a redis-server found on PATH, no shell
             [binary, "--version"], capture_output=True, text=True, timeout=5, check=False
         ).stdout
     except (OSError, subprocess.SubprocessError):
@@ -253,16 +253,13 @@ class RedisServer(_Throwaway):
         binary = self._binary or find_redis_server()
         if shutil.which(binary) is None:  # a path given, or $AIOCACHEGUARD_REDIS_SERVER
             raise ServerNotFoundError(f"no executable redis-server at {binary}: {INSTALL_HINT}")
-        attempts = 1 if self._requested_port else 5
-        last_error: ServerError | None = None
-        for _ in range(attempts):  # a free port can be taken between probe and bind
-            try:
-                self._spawn(binary, self._requested_port or _free_port())
+        retries = 0 if self._requested_port else 4
+        for _ in range(retries):  # a free port can be taken between probe and bind
+            with contextlib.suppress(ServerError):
+                self._spawn(binary, _free_port())
                 return self
-            except ServerError as exc:
-                last_error = exc
-        assert last_error is not None
-        raise last_error
+        self._spawn(binary, self._requested_port or _free_port())
+        return self
 
     def _spawn(self, binary: str, port: int) -> None:
         self._dir = tempfile.TemporaryDirectory(prefix="aiocacheguard-redis-")
@@ -279,7 +276,7 @@ class RedisServer(_Throwaway):
             "--logfile", str(logfile),
             *self._extra_args,
         ]  # fmt: skip
-        self._process = subprocess.Popen(
+        self._process = subprocess.Popen(  # noqa: S603  argv of our own making, no shell
             argv,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
@@ -429,7 +426,8 @@ class RedisSentinelServer(_Throwaway):
 
     @property
     def sentinels(self) -> list[tuple[str, int]]:
-        assert self.sentinel is not None, "start() the deployment first"
+        if self.sentinel is None:
+            raise ServerError("start() the deployment first")
         return [(self.host, self.sentinel.port)]
 
     def start(self) -> Self:

@@ -35,7 +35,7 @@ from collections.abc import AsyncIterator
 from typing import Final
 
 from .._types import Subscriber
-from ..errors import BackendError
+from ..errors import BackendError, CacheGuardError
 
 __all__ = ("FillNotifier", "Signal")
 
@@ -104,6 +104,11 @@ class FillNotifier:
     def bind(self, subscriber: Subscriber) -> None:
         self._subscriber = subscriber
 
+    def _bound(self) -> Subscriber:
+        if self._subscriber is None:  # (not an assert: python -O drops those)
+            raise CacheGuardError("FillNotifier: bind() a subscriber first")
+        return self._subscriber
+
     def prepare(self) -> None:
         """Have the connection ready before the first wait (it opens in the background)."""
         if self._subscriber is not None:
@@ -122,8 +127,7 @@ class FillNotifier:
         Listen to ``channel`` for the duration of the block. If no subscription can be had,
         the signal yielded is not `Signal.live` (see the module's guarantees).
         """
-        subscriber = self._subscriber
-        assert subscriber is not None, "bind() a subscriber first"
+        subscriber = self._bound()
         loop = asyncio.get_running_loop()
         if self._unavailable_until is not None and loop.time() < self._unavailable_until:
             self.fallbacks += 1
@@ -170,8 +174,7 @@ class FillNotifier:
     def _leave(self, channel: bytes, entry: _Channel) -> None:
         if not entry.ready.done():
             entry.ready.cancel()
-        subscriber = self._subscriber
-        assert subscriber is not None
+        subscriber = self._bound()
 
         async def unsubscribe() -> None:
             with contextlib.suppress(Exception):
