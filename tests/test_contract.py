@@ -1,7 +1,7 @@
 """
-One contract, every deployment: the same behaviour on a standalone Redis, on a Redis Cluster
-(3 primaries) and through Sentinel (primary, replica, sentinel), as dogpile.cache runs one
-suite on every backend.
+One contract, every deployment: the same behaviour on a standalone Redis, on one that speaks
+TLS only, on a Redis Cluster (3 primaries) and through Sentinel (primary, replica, sentinel),
+as dogpile.cache runs one suite on every backend.
 """
 
 from __future__ import annotations
@@ -25,11 +25,12 @@ from .helpers import GatedLoader, wait_until
 Client = redis.Redis | RedisCluster
 
 
-@pytest.fixture(params=["standalone", "cluster", "sentinel"])
+@pytest.fixture(params=["standalone", "tls", "cluster", "sentinel"])
 async def deployment(request: pytest.FixtureRequest) -> AsyncIterator[Client]:
-    if request.param == "standalone":
-        server: RedisServer = request.getfixturevalue("redis_server")
-        client: Client = redis.Redis(port=server.port)
+    if request.param in ("standalone", "tls"):
+        fixture = "redis_server" if request.param == "standalone" else "redis_tls_server"
+        server: RedisServer = request.getfixturevalue(fixture)
+        client: Client = redis.Redis(port=server.port, **server.tls_options)
     elif request.param == "sentinel":
         deployment: RedisSentinelServer = request.getfixturevalue("redis_sentinel")
         sentinel = Sentinel(deployment.sentinels, socket_timeout=1.0)
