@@ -95,7 +95,8 @@ def add_operations(commands: Any) -> None:
     common.add_argument(
         "--redis-url",
         required=True,
-        help="redis://, rediss://, or redis+sentinel://host:port[,host:port]/service[/db]",
+        help="redis://, rediss://, or redis+sentinel://host:port[,host:port]/service[/db] "
+        "(?ssl=true for TLS; ?ssl_ca_certs=PATH names the CA)",
     )
     common.add_argument("--cluster", action="store_true", help="the URL is a cluster node")
     common.add_argument("--json", action="store_true", help="print JSON for machines")
