@@ -57,6 +57,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # spawned bench workers import p
 import redis.asyncio as redis
 
 from aiocacheguard import Cache, LocalCache, Policy
+from aiocacheguard._redact import redact_url
 
 try:
     from aiocacheguard.testing import RedisServer
@@ -426,7 +427,7 @@ def main() -> int:
             document = {
                 "tool": "benchmarks/hit_path.py",
                 "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-                "argv": sys.argv,
+                "argv": [redact_url(arg) for arg in sys.argv],  # --redis-url's password
                 "config": config,
                 "versions": env,
                 "results": results,
