@@ -38,7 +38,7 @@ import anyio
 from ._aio import aiter_of
 from ._types import Key
 from .backend import MAX_BATCH, MAX_BATCHES, RedisClient, budgeted, is_cluster
-from .errors import ConfigurationError
+from .errors import BackendError, ConfigurationError
 
 if TYPE_CHECKING:
     from .cache import Cache
@@ -225,17 +225,30 @@ async def clear(
         progress: Called with the number of keys removed so far, after each batch.
 
     Raises:
-        BackendError: Redis failed or a command ran past its budget; keys removed before
-            that stay removed.
+        ConfigurationError: the pattern is not a Redis glob (nothing is sent).
+        CacheClosedError: the Cache was closed with ``aclose()``.
+        BackendError: Redis failed or a command ran past its budget (counted by the breaker,
+            like any call); keys removed before that stay removed. `BackendUnavailable` at
+            once while the breaker is open.
     """
+    cache._check_open()
     backend = cache._backend
     found = NamespaceKeys(cache.namespace, pattern, values=True, locks=locks, blooms=blooms)
+    refused = backend.refused()  # (on a cluster: the breaker of Redis as a whole)
+    if refused is not None:
+        raise refused
     removed = 0
-    async for batch in found.scan(backend.client, budget=backend.command_timeout):
-        removed += await budgeted(backend.client.unlink(*batch), backend.command_timeout)
-        cache._reads.forget_all()  # this process reads what it removed as removed, at once
-        if progress is not None:
-            progress(removed)
+    try:
+        async for batch in found.scan(backend.client, budget=backend.command_timeout):
+            removed += await budgeted(backend.client.unlink(*batch), backend.command_timeout)
+            cache._reads.forget_all()  # this process reads what it removed as removed, at once
+            if progress is not None:
+                progress(removed)
+    except BackendError as error:
+        backend.errors += 1
+        backend.record(error)
+        raise
+    backend.record(None)
     return removed
 
 
@@ -286,6 +299,10 @@ async def scan_node(
 _LOCK, _BLOOM, _BLOOM_REBUILD = b"}:lock", b"}:bloom", b"}:bloom:rebuild"
 
 
+#: What Redis's glob reads as other than itself, outside a class: escaped when meant literally.
+_GLOB_SPECIALS: Final = (b"*", b"?", b"[", b"]", b"\\")
+
+
 def redis_glob(pattern: bytes) -> re.Pattern[bytes]:
     """
     A regex matching exactly what Redis's glob ``pattern`` matches (as KEYS and SCAN MATCH):
@@ -294,44 +311,79 @@ def redis_glob(pattern: bytes) -> re.Pattern[bytes]:
     Raises:
         ConfigurationError: the pattern has a reversed range such as ``[z-a]``.
     """
-    out, i, n = [], 0, len(pattern)
+    return _parse_glob(pattern)[0]
+
+
+def _parse_glob(pattern: bytes) -> tuple[re.Pattern[bytes], bytes]:
+    """
+    `redis_glob`'s regex, and the same glob written so that it can be embedded in a longer
+    one: every special character meant literally escaped, every class closed. A user's
+    ``a\\`` (a trailing backslash, a literal one to Redis) would otherwise escape the ``}``
+    that follows it in ``{ns:a\\}*``, and an unclosed ``[`` would swallow it.
+    """
+    regex, glob, i, n = [], [], 0, len(pattern)
     while i < n:
         c = pattern[i : i + 1]
-        if c == b"*":
-            out.append(b".*")
-        elif c == b"?":
-            out.append(b".")
-        elif c == b"\\" and i + 1 < n:
-            i += 1
-            out.append(re.escape(pattern[i : i + 1]))
+        if c in (b"*", b"?"):
+            regex.append(b".*" if c == b"*" else b".")
+            glob.append(c)
         elif c == b"[":
             i += 1
             negate = pattern[i : i + 1] == b"^"
             i += negate
-            members: list[bytes] = []
+            members: list[tuple[bytes, bytes]] = []  # (first, last) of each range or char
             while i < n and pattern[i : i + 1] != b"]":
                 char = pattern[i : i + 1]
                 if char == b"\\" and i + 1 < n:
                     i += 1
-                    members.append(re.escape(pattern[i : i + 1]))
+                    members.append((pattern[i : i + 1],) * 2)
                 elif char == b"-" and members and i + 1 < n and pattern[i + 1 : i + 2] != b"]":
-                    members.append(b"-")
+                    i += 1
+                    first, last = members.pop()[0], pattern[i : i + 1]
+                    if first > last:
+                        raise ConfigurationError(
+                            "pattern",
+                            pattern.decode(errors="replace"),
+                            f"a Redis glob (bad character range {first!r}-{last!r})",
+                        )
+                    members.append((first, last))
                 else:
-                    members.append(re.escape(char))
+                    members.append((char, char))
                 i += 1
-            members_bytes = b"".join(members)
-            out.append(
-                b"[" + (b"^" if negate else b"") + members_bytes + b"]" if members else b"(?!)"
-            )
+            if not members:  # Redis: ``[]`` matches nothing, ``[^]`` any one character
+                regex.append(b"." if negate else b"(?!)")
+                glob.append(b"?" if negate else b"[]")
+            else:
+                ranges = [
+                    re.escape(a) if a == b else re.escape(a) + b"-" + re.escape(b)
+                    for a, b in members
+                ]
+                regex.append(b"[" + b"^" * negate + b"".join(ranges) + b"]")
+                # Redis reads a range's ends raw and an escaped member as one character:
+                # a range with an end Redis would read otherwise is spelled out.
+                spelled = [
+                    a + b"-" + b if a != b and (a + b).isalnum() else _escaped(a, b)
+                    for a, b in members
+                ]
+                glob.append(b"[" + b"^" * negate + b"".join(spelled) + b"]")
         else:
-            out.append(re.escape(c))
+            if c == b"\\" and i + 1 < n:  # (a trailing backslash is a literal one)
+                i += 1
+                c = pattern[i : i + 1]
+            regex.append(re.escape(c))
+            glob.append(b"\\" + c if c in _GLOB_SPECIALS else c)
         i += 1
     try:
-        return re.compile(b"".join(out), re.DOTALL)
+        return re.compile(b"".join(regex), re.DOTALL), b"".join(glob)
     except re.error as exc:
         raise ConfigurationError(
             "pattern", pattern.decode(errors="replace"), f"a Redis glob ({exc})"
         ) from None
+
+
+def _escaped(first: bytes, last: bytes) -> bytes:
+    """Every character from ``first`` to ``last``, each escaped (a class's members)."""
+    return b"".join(b"\\" + bytes([c]) for c in range(first[0], last[0] + 1))
 
 
 class NamespaceKeys:
@@ -355,8 +407,8 @@ class NamespaceKeys:
         KeySpace(namespace)  # validates the namespace
         raw = pattern.encode("utf-8", "surrogatepass")
         self.prefix = b"{" + namespace.encode() + b":"
-        self._regex = redis_glob(raw)
-        self.match = self.prefix + raw + b"}*"
+        self._regex, glob = _parse_glob(raw)
+        self.match = self.prefix + glob + b"}*"
         self._values, self._locks, self._blooms = values, locks, blooms
 
     def kind(self, key: bytes) -> str | None:

@@ -12,8 +12,10 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 import redis.asyncio as redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
-from aiocacheguard import Cache, Policy
+from aiocacheguard import BackendUnavailable, Breaker, Cache, CacheClosedError, Policy
 from aiocacheguard.backend import RedisClient
 from aiocacheguard.bulk import NamespaceKeys, clear, get_many, redis_glob, set_many, warm
 from aiocacheguard.errors import ConfigurationError
@@ -26,7 +28,7 @@ from aiocacheguard.ops import (
     stats,
     top_keys,
 )
-from aiocacheguard.testing import RedisClusterServer, RedisServer
+from aiocacheguard.testing import FaultProxy, RedisClusterServer, RedisServer
 
 from .helpers import command_calls
 
@@ -165,6 +167,56 @@ def test_redis_glob_matches_as_redis_does() -> None:
         assert bool(redis_glob(pattern).fullmatch(key)) is expected, (pattern, key)
     with pytest.raises(ConfigurationError):
         redis_glob(b"[z-a]")
+
+
+async def test_clear_finds_keys_whose_pattern_ends_in_a_backslash_or_an_open_class(
+    any_cache: Cache,
+) -> None:
+    """The user's glob is embedded in ``{ns:PATTERN}*``: ``a\\`` used to escape the ``}``."""
+    keys = ["a\\", "a\\b", "a[b", "ab", "a]", "a*", "a", "a-", "xyz"]
+    await set_many(any_cache, dict.fromkeys(keys, 1))
+    client = any_cache._backend.client
+    for pattern in ["a\\", "a\\*", "a[b", "a[", "a]", "a\\*", "a[\\]b]", "a[^b]", "[a-b]*", "a[]"]:
+        found = NamespaceKeys(any_cache.namespace, pattern, values=True, locks=False, blooms=False)
+        scanned = {key async for batch in found.scan(client) for key in batch}
+        expected = {
+            any_cache.keys.value(k)
+            for k in keys
+            if redis_glob(pattern.encode()).fullmatch(k.encode())
+        }
+        assert scanned == expected, pattern
+    assert await clear(any_cache, "a\\") == 1
+    assert await any_cache.get("a\\") is None and await any_cache.get("a\\b") == 1
+
+
+async def test_clear_after_aclose_raises_and_sends_nothing(
+    client: redis.Redis, namespace: str
+) -> None:
+    cache = Cache(client, namespace=namespace, policy=Policy(ttl=60.0))
+    await cache.set("k", 1)
+    await cache.aclose()
+    with pytest.raises(CacheClosedError):
+        await cache.clear()
+    assert await client.exists(cache.keys.value("k")) == 1
+
+
+async def test_clear_goes_through_the_breaker(redis_server: RedisServer, namespace: str) -> None:
+    async with FaultProxy(redis_server.port) as proxy:
+        client = redis.Redis(port=proxy.port, retry=Retry(NoBackoff(), 0))
+        breaker = Breaker(consecutive_failures=2, open_for=60.0)
+        async with Cache(
+            client, namespace=namespace, policy=Policy(ttl=60.0), breaker=breaker
+        ) as cache:
+            proxy.refuse()
+            for _ in range(2):  # its failures count towards opening the breaker
+                with pytest.raises(BackendUnavailable):
+                    await cache.clear()
+            stats = cache.statistics()
+            assert stats.breaker_opened == 1 and stats.redis_errors == 2
+            with pytest.raises(BackendUnavailable, match="circuit breaker is open"):
+                await cache.clear()  # refused at once, as every other call
+            assert cache.statistics().short_circuited == 1
+        await client.aclose()
 
 
 def test_namespace_keys_tells_kinds_by_suffix() -> None:
