@@ -237,6 +237,17 @@ def test_keys_top(capsys: pytest.CaptureFixture[str], server_url: str) -> None:
     assert top["matched"] == 12 and top["sampled"] is False
 
 
+def test_keys_matching_nothing_says_so_in_plain_output(
+    capsys: pytest.CaptureFixture[str], server_url: str
+) -> None:
+    """An empty table used to crash: ``TypeError: 'int' object is not iterable``."""
+    code, out, err = run(capsys, "keys", "nothing:*", "--redis-url", server_url, "--namespace",
+                         "shop")  # fmt: skip
+    assert (code, err) == (0, "")
+    assert "largest of all 0 entries matching 'nothing:*'" in out
+    assert out.splitlines()[1].split() == ["key", "memory", "TTL", "left"]
+
+
 def test_a_sentinel_url_reaches_the_primary(
     capsys: pytest.CaptureFixture[str], redis_sentinel: RedisSentinelServer
 ) -> None:

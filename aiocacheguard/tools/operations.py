@@ -334,7 +334,7 @@ class Output:
             return
         if title:
             print(title, file=self.stream)
-        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+        widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
         for row in [list(headers), *rows]:
             cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=True)]
             print("  ".join(cells).rstrip(), file=self.stream)
