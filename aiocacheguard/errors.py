@@ -60,14 +60,26 @@ class ConfigurationError(CacheGuardError, ValueError):
     A configuration value is out of its accepted range.
 
     Raised when a `Policy` or a `Cache` is created, never later. The message names the field,
-    the value given and what is accepted.
+    the value given and what is accepted; a value whose repr is long (a client's runs to a
+    thousand characters) is named by its type, after the reason.
     """
 
     def __init__(self, field: str, value: object, accepted: str) -> None:
         self.field = field
         self.value = value
         self.accepted = accepted
-        super().__init__(f"{field}={value!r} is not accepted: {accepted}")
+        shown = repr(value)
+        if len(shown) <= _MAX_SHOWN:
+            super().__init__(f"{field}={shown} is not accepted: {accepted}")
+        else:
+            kind = type(value)
+            super().__init__(
+                f"{field} is not accepted: {accepted} (got a {kind.__module__}.{kind.__qualname__})"
+            )
+
+
+#: The longest repr of a refused value that a `ConfigurationError` message quotes.
+_MAX_SHOWN = 120
 
 
 class InvalidKeyError(CacheGuardError, ValueError):

@@ -181,9 +181,14 @@ async def test_bad_ttl_on_set(cache: Cache) -> None:
 
 async def test_decode_responses_client_is_refused(redis_server: object, namespace: str) -> None:
     client = redis.Redis(port=redis_server.port, decode_responses=True)  # type: ignore[attr-defined]
-    with pytest.raises(ConfigurationError, match="decode_responses=False"):
+    with pytest.raises(ConfigurationError, match="decode_responses=False") as refused:
         Cache(client, namespace=namespace, policy=Policy(ttl=1.0))
     await client.aclose()
+    # The reason first and short: the client's repr (1,100 characters) used to come first.
+    assert str(refused.value) == (
+        "client is not accepted: a client created with decode_responses=False (records are "
+        "binary) (got a redis.asyncio.client.Redis)"
+    )
 
 
 @pytest.mark.parametrize(
