@@ -7,6 +7,7 @@ level and bound to the Cache an app creates when it starts (a FastAPI or Starlet
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import inspect
@@ -70,7 +71,8 @@ def cached(
     Raises:
         ConfigurationError: ``cache`` is neither a `Cache` nor a `CacheRef`, ``ttl`` is out
             of range, the function is not ``async def``, or the template names a parameter
-            the function does not have.
+            the function does not have. A return type that does not resolve (see `Cached.returns`)
+            raises it too: here, or at the first call if it names something defined later.
 
     Example:
         >>> import asyncio, redis.asyncio as redis
@@ -307,7 +309,11 @@ class Cached(Generic[P, T]):
         scope it is decorated in), or at first use if it names something defined later.
 
         Raises:
-            ConfigurationError: the annotation names something neither defines.
+            ConfigurationError: the annotation names something neither defines, or a class
+                it names (a dataclass, NamedTuple, TypedDict, msgspec Struct) has a field
+                annotation that does not resolve in that class's module. Checked when
+                decorated where that succeeds; else here, at first use (every call asks), so
+                a class defined further down the module is fine.
         """
         if self._returns is _UNRESOLVED:
             self._returns = _declared_return(self.__wrapped__, self._scope)
@@ -443,7 +449,7 @@ def _declared_return(fn: Callable[..., object], scope: dict[str, Any] | None) ->
     # Only the return annotation: a parameter's that does not resolve must not matter here.
     holder = SimpleNamespace(__annotations__={"return": annotation})
     try:
-        return typing.get_type_hints(
+        returns = typing.get_type_hints(
             holder, globalns=getattr(fn, "__globals__", {}), localns=scope
         )["return"]
     except Exception as exc:  # NameError mostly; any annotation that does not evaluate
@@ -453,6 +459,44 @@ def _declared_return(fn: Callable[..., object], scope: dict[str, Any] | None) ->
             f"a return annotation of {fn.__module__}.{fn.__qualname__} naming types defined "
             f"where the function is ({type(exc).__name__}: {exc})",
         ) from None
+    # The classes it names are decoded field by field: their annotations must resolve too
+    # (msgspec resolves them on the first hit, and would raise the NameError there).
+    try:
+        _resolve_fields(returns)
+    except Exception as exc:
+        raise ConfigurationError(
+            "returns",
+            annotation,
+            f"a return type of {fn.__module__}.{fn.__qualname__} whose classes' field "
+            f"annotations resolve in their modules ({type(exc).__name__}: {exc})",
+        ) from None
+    return returns
+
+
+def _resolve_fields(tp: object) -> None:
+    """
+    Evaluate the field annotations of every class with fields (dataclass, NamedTuple,
+    TypedDict, msgspec Struct, attrs class) that ``tp`` names, recursively; raises what fails.
+    """
+    seen: set[int] = set()
+    stack = [tp]
+    while stack:
+        item = stack.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        stack += typing.get_args(item)
+        origin = typing.get_origin(item)
+        if origin is not None:
+            stack.append(origin)
+        if isinstance(item, type) and (
+            dataclasses.is_dataclass(item)
+            or typing.is_typeddict(item)
+            or (issubclass(item, tuple) and hasattr(item, "_fields"))
+            or hasattr(item, "__struct_fields__")
+            or hasattr(item, "__attrs_attrs__")
+        ):
+            stack += typing.get_type_hints(item).values()
 
 
 def _check_template(template: str, signature: inspect.Signature, where: str) -> None:

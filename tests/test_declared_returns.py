@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import pytest
+import redis.asyncio as redis
 
-from aiocacheguard import CacheRef, ConfigurationError, cached
+from aiocacheguard import Cache, CacheRef, ConfigurationError, Policy, cached
 
 
 class Point(NamedTuple):
@@ -30,9 +31,49 @@ class Later:
     pass
 
 
+@dataclass
+class Order:
+    items: list[Item]  # a class defined below
+
+
+@cached(CacheRef())
+async def order_defined_before_its_fields() -> Order:
+    return Order([])
+
+
+@dataclass
+class Item:
+    sku: str
+
+
+@dataclass
+class Broken:
+    id: int
+    owner: Nowhere  # type: ignore[name-defined]  # noqa: F821
+
+
+@cached(CacheRef())
+async def broken_fields() -> list[Broken]:
+    raise AssertionError
+
+
 def test_a_module_level_annotation_is_resolved() -> None:
     assert module_level.returns == tuple[Point, ...] | None
     assert defined_later.returns is Later  # at first use
+    assert order_defined_before_its_fields.returns is Order  # its fields, at first use
+
+
+async def test_a_class_whose_fields_do_not_resolve_is_a_configuration_error(
+    client: redis.Redis, namespace: str
+) -> None:
+    """It used to be resolved by msgspec on the first hit: a raw NameError from every call."""
+    with pytest.raises(ConfigurationError, match=r"broken_fields .*field.*NameError.*Nowhere"):
+        broken_fields.returns  # noqa: B018
+    ref = broken_fields._source
+    assert isinstance(ref, CacheRef)
+    async with Cache(client, namespace=namespace, policy=Policy(ttl=30.0)) as cache:
+        with ref.bind(cache), pytest.raises(ConfigurationError, match="Nowhere"):
+            await broken_fields()
 
 
 def test_a_class_local_to_the_decorating_scope_is_resolved() -> None:
