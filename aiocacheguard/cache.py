@@ -317,8 +317,13 @@ class Cache(BulkOperations):
         rkey = self.keys.value(key)
         policy = self.policy.for_call(policy, loader)
         # The L1: a fresh local entry returns at once, no I/O, no task (XFetch still draws).
-        local = self._local if policy.local_ttl != 0 else None  # 0: never from the L1
-        if local is not None and (held := local.get(rkey)) is not None and held.usable(returns):
+        local, local_ttl = self._local, policy.local_ttl  # local_ttl 0: never from the L1
+        if (
+            local is not None
+            and local_ttl != 0
+            and (held := local.get(rkey, None, local_ttl)) is not None
+            and held.usable(returns)
+        ):
             self._refreshes.maybe_start(rkey, held, loader, policy, self._codec.clock())
             return cast(T, held.result(returns))
         # Join this process's flight for the key if one is loading it or a read is on its way

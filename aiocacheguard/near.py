@@ -153,9 +153,12 @@ class NearCache:
         check_instance("local", config, LocalCache, optional=True)
         return None if config is None else cls(config, client, prefix, clock=clock, budget=budget)
 
-    def get(self, rkey: bytes) -> Entry | None:
-        """The entry held for ``rkey`` (fresh by its local expiry), else None."""
-        entry = self.store.get(rkey)
+    def get(self, rkey: bytes, local_ttl: float | None = None) -> Entry | None:
+        """
+        The entry held for ``rkey`` (fresh by its local expiry and, with ``local_ttl``, read
+        from Redis less than that long ago), else None.
+        """
+        entry = self.store.get(rkey, None, local_ttl)
         if entry is None and self._starting is None and not self._closed:
             self.start()
         return entry

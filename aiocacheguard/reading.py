@@ -62,7 +62,7 @@ class Reader:
         """
         near = self._near
         if near is not None and local_ttl != 0:
-            entry = near.get(rkey)
+            entry = near.get(rkey, local_ttl)
             if entry is not None:
                 return entry
         reads = self._reads

@@ -148,6 +148,33 @@ async def test_an_l1_entry_never_outlives_the_soft_ttl_or_the_local_ttl(
         assert cache.statistics().local_hits == hits
 
 
+async def test_a_calls_shorter_local_ttl_is_honoured_on_an_entry_filled_under_a_longer_one(
+    client: redis.Redis, namespace: str
+) -> None:
+    """An entry filled under the LocalCache's hour was served to a policy asking for 2 s."""
+    clock = Clock()
+    async with l1_cache(client, namespace, clock=clock, local=LocalCache(ttl=3600.0)) as cache:
+        loads = 0
+
+        async def load() -> int:
+            nonlocal loads
+            loads += 1
+            return loads
+
+        await cache.set("k", 0)
+        await held(cache, "k", 0)  # filled under the LocalCache's ttl (the Cache's policy)
+        short = Policy(ttl=60.0, local_ttl=2.0)
+        clock.now += 1.0
+        before = await reads(client)
+        assert await cache.get_or_load("k", load, policy=short) == 0
+        assert await reads(client) == before  # younger than 2 s: from the L1
+        clock.now += 1.1
+        assert await cache.get_or_load("k", load, policy=short) == 0
+        assert await reads(client) == before + 1  # 2.1 s old: read again, not served
+        assert await cache.get("k") == 0  # the Cache's own policy: its entry, refilled
+        assert await reads(client) == before + 1 and loads == 0
+
+
 _WRITER = """
 import asyncio, json, sys
 import redis.asyncio as redis

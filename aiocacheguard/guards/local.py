@@ -45,7 +45,8 @@ Guarantees:
       await, no lock, no allocation unless ``copy_on_read``.
     - An entry expires at ``min(now + ttl, not_after)``: the owner passes the Redis record's
       soft (or else hard) expiry as ``not_after``, so the L1 never serves past it, and stale
-      serving and refreshes stay decisions taken on the Redis record.
+      serving and refreshes stay decisions taken on the Redis record. A reader may ask for
+      less (`get`'s ``max_age``): an entry stored under a longer TTL is then not served to it.
     - A value read before an invalidation of its key (or a flush) arrived is never stored.
     - At most ``max_entries`` entries, and with ``max_bytes`` at most that many accounted bytes
       (the encoded size the owner reports plus `ENTRY_OVERHEAD` an entry); least recently used
@@ -251,10 +252,13 @@ class LocalStore(Generic[K, V]):
         self._copy = config.copy_on_read
         self._max_entries = config.max_entries
         self._max_bytes = config.max_bytes
-        # key -> (value, expires_at, accounted bytes); insertion order is recency order.
-        self._entries: collections.OrderedDict[K, tuple[V, float, int]] = collections.OrderedDict()
+        # key -> (value, expires_at, accounted bytes, filled_at); insertion order is recency
+        # order. ``filled_at`` lets a reader ask for a shorter local TTL than the entry's own.
+        self._entries: collections.OrderedDict[K, tuple[V, float, int, float]] = (
+            collections.OrderedDict()
+        )
         # What was held when the store began bypassing: for `stale` only.
-        self._stale: dict[K, tuple[V, float, int]] = {}
+        self._stale: dict[K, tuple[V, float, int, float]] = {}
         # key -> token of the fill whose placeholder is current; oldest first.
         self._fills: dict[K, int] = {}
         self._next_token = 0
@@ -270,13 +274,20 @@ class LocalStore(Generic[K, V]):
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, key: K, default: D | None = None) -> V | D | None:
-        """The value held for ``key`` if it has not expired, else ``default``."""
+    def get(self, key: K, default: D | None = None, max_age: float | None = None) -> V | D | None:
+        """
+        The value held for ``key`` if it has not expired, else ``default``. With ``max_age``
+        (a caller's local TTL), only if it was stored less than that many seconds ago, too:
+        an entry filled under a longer TTL is not served to a caller that asks for a shorter
+        one.
+        """
         entry = self._entries.get(key)
-        if entry is not None and entry[1] > self._clock():
-            self._entries.move_to_end(key)
-            self.hits += 1
-            return copy.deepcopy(entry[0]) if self._copy else entry[0]
+        if entry is not None:
+            now = self._clock()
+            if entry[1] > now and (max_age is None or now - entry[3] < max_age):
+                self._entries.move_to_end(key)
+                self.hits += 1
+                return copy.deepcopy(entry[0]) if self._copy else entry[0]
         # An expired entry stays (for `stale`) until evicted or replaced: it is not moved, so
         # it drifts to the least recently used end.
         self.misses += 1
@@ -363,7 +374,7 @@ class LocalStore(Generic[K, V]):
                 if sketch.estimate(key) <= sketch.estimate(next(iter(entries))):
                     self.refused += 1
                     return False
-        entries[key] = (value, expires_at, accounted)
+        entries[key] = (value, expires_at, accounted, now)
         self._bytes += accounted
         self._evict()
         return True
@@ -448,6 +459,6 @@ class LocalStore(Generic[K, V]):
         while len(entries) > self._max_entries or (
             max_bytes is not None and self._bytes > max_bytes
         ):
-            _, (_, _, accounted) = entries.popitem(last=False)
+            _, (_, _, accounted, _) = entries.popitem(last=False)
             self._bytes -= accounted
             self.evictions += 1
