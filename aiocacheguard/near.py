@@ -10,8 +10,10 @@ How the parts meet (the Redis reference on client-side caching, BCAST mode):
 - An entry is held for ``min(local ttl, the record's soft expiry, or else its hard expiry)``,
   so stale serving, refreshes and XFetch stay decisions taken on the Redis record.
 - The Cache's own writes (``set``, ``delete``, a forced refresh, ``clear``) drop the key at once
-  when they return (`NearCache.invalidate`): the writer reads its own writes without waiting
-  for the announcement that follows.
+  when they return (`NearCache.invalidate`), from every L1 of the process that tracks the same
+  namespace (another Cache's too, on another client): the process reads its own writes without
+  waiting for the announcement that follows. The L1s of a namespace are found in a registry of
+  the process, weakly held, which a Cache leaves when it closes.
 - The store serves only while *every* listener listens. It starts bypassed and serves once the
   first ``on_restored`` of each has come; a listener that loses its connection bypasses it
   again (invalidations may have been missed) until tracking is restored, when whatever it
@@ -21,8 +23,9 @@ How the parts meet (the Redis reference on client-side caching, BCAST mode):
 
 Guarantees:
     - A hit costs a dict lookup, a clock read and ``move_to_end``: no await, no task.
-    - Once a write has returned in this process, this process's L1 does not serve the value it
-      replaced; a write by any other client (another process, redis-cli, FLUSHDB, an expiry)
+    - Once a write through a Cache has returned, no L1 of this process on the same namespace
+      serves the value it replaced (an L1 of another thread's event loop: from that loop's
+      next turn); a write by any other client (another process, redis-cli, FLUSHDB, an expiry)
       stops being served when its invalidation arrives (sub-millisecond on loopback) or,
       if invalidations stop arriving, when the listener finds its connection lost (within
       two of its ``health_interval``).
@@ -57,6 +60,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
+import weakref
 from collections.abc import Callable, Sequence
 
 from ._checks import check_instance
@@ -78,6 +83,13 @@ TOPOLOGY_INTERVAL = 5.0
 SIZE_FACTOR = 5
 SIZE_EXTRA = 640
 
+#: The open L1s of this process by the prefix they track (``{namespace:``), weakly held. Keyed
+#: by namespace alone, not by server: telling an L1 of the same namespace on another server
+#: costs it one read, while missing one because two clients name a server differently
+#: (``localhost``, ``127.0.0.1``, a Sentinel service) would serve stale values.
+_OPEN: dict[bytes, tuple[weakref.ref[NearCache], ...]] = {}
+_OPEN_LOCK = threading.Lock()  # held only to change _OPEN; readers take a tuple as it is
+
 
 class NearCache:
     """
@@ -93,11 +105,13 @@ class NearCache:
     """
 
     __slots__ = (
+        "__weakref__",
         "_budget",
         "_client",
         "_closed",
         "_health_interval",
         "_listening",
+        "_loop",
         "_lost",
         "_prefix",
         "_starting",
@@ -139,6 +153,8 @@ class NearCache:
         #: dropped them: the Reader forgets reads of them on their way.
         self.on_change: Callable[[Sequence[bytes] | None], None] | None = None
         self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop it serves in, once started
+        self._join()
 
     @classmethod
     def of(
@@ -185,12 +201,52 @@ class NearCache:
         self.store.abandon_fill(rkey, token)
 
     def invalidate(self, rkey: bytes) -> None:
-        """This process wrote ``rkey``: stop serving what was held for it, now."""
-        self.store.invalidate(rkey)
+        """
+        This process wrote ``rkey``: every L1 of the process on this namespace (this one
+        included) stops serving what it held for it, now.
+        """
+        self._tell_all((rkey,))
 
     def flush(self) -> None:
-        """This process removed many keys (``clear``): hold nothing read before."""
-        self.store.clear()
+        """This process removed many keys (``clear``): no L1 of the namespace holds any."""
+        self._tell_all(None)
+
+    def _tell_all(self, rkeys: Sequence[bytes] | None) -> None:
+        """`_changed` on every open L1 of the namespace: at once on this loop, else soon."""
+        loop = asyncio.get_running_loop()
+        for ref in _OPEN.get(self._prefix, ()):
+            near = ref()
+            if near is None:
+                continue
+            if near._loop is None or near._loop is loop:  # (not started: it holds nothing)
+                near._changed(rkeys)
+            else:  # another thread's loop: its store is not ours to touch
+                with contextlib.suppress(RuntimeError):  # that loop is closed
+                    near._loop.call_soon_threadsafe(near._changed, rkeys)
+
+    def _changed(self, rkeys: Sequence[bytes] | None) -> None:
+        """Keys of the namespace changed (None: all): drop them, and say so to the Reader."""
+        store = self.store
+        if rkeys is None:
+            store.clear()
+        else:
+            for rkey in rkeys:
+                store.invalidate(rkey)
+        if self.on_change is not None:
+            self.on_change(rkeys)
+
+    def _join(self) -> None:
+        with _OPEN_LOCK:
+            alive = [ref for ref in _OPEN.get(self._prefix, ()) if ref() is not None]
+            _OPEN[self._prefix] = (*alive, weakref.ref(self))
+
+    def _leave(self) -> None:
+        with _OPEN_LOCK:
+            kept = tuple(r for r in _OPEN.get(self._prefix, ()) if r() not in (None, self))
+            if kept:
+                _OPEN[self._prefix] = kept
+            else:
+                _OPEN.pop(self._prefix, None)
 
     def stale(self, rkey: bytes) -> Entry | None:
         """
@@ -207,9 +263,8 @@ class NearCache:
     def start(self) -> None:
         """Start the listeners in the background (once; the first read calls this)."""
         if self._starting is None:
-            self._starting = asyncio.get_running_loop().create_task(
-                self._start(), name="aiocacheguard-l1-start"
-            )
+            self._loop = loop = asyncio.get_running_loop()
+            self._starting = loop.create_task(self._start(), name="aiocacheguard-l1-start")
 
     async def wait_serving(self, within: float) -> bool:
         """Start, and wait up to ``within`` seconds for the store to serve; whether it does."""
@@ -284,15 +339,9 @@ class NearCache:
         self._tracking.set()
 
     def _on_invalidate(self, keys: Sequence[bytes] | None) -> None:
-        store = self.store
-        if keys is None:  # FLUSHDB / FLUSHALL
-            store.clear()
-        else:
+        if keys is not None:  # (None: FLUSHDB / FLUSHALL)
             keys = [key for key in keys if key[-1:] == b"}"]  # value keys, not locks
-            for key in keys:
-                store.invalidate(key)
-        if self.on_change is not None:
-            self.on_change(keys)
+        self._changed(keys)
 
     def _on_lost(self) -> None:
         self._listening -= 1
@@ -323,6 +372,7 @@ class NearCache:
         `InvalidationListener.aclose`), and the starter checks a closed flag as well.
         """
         self._closed = True
+        self._leave()
         starting = self._starting
         while starting is not None and not starting.done():
             starting.cancel()

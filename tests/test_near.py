@@ -504,6 +504,50 @@ async def test_clear_drops_what_the_l1_held_at_once(near: Cache) -> None:
     assert await near.get("other") == 2
 
 
+async def test_a_write_through_one_cache_is_not_read_stale_from_another_of_the_process(
+    client: redis.Redis, redis_server: RedisServer, namespace: str
+) -> None:
+    """Two Caches, two clients, one namespace: the second's L1 served the replaced value
+    177 times in 200 right after the first's set() returned (issue 22)."""
+    other = redis.Redis(host=redis_server.host, port=redis_server.port)
+    try:
+        async with l1_cache(client, namespace) as writer, l1_cache(other, namespace) as reader:
+            await writer.set("k", 0)
+            stale = []
+            for i in range(1, 201):
+                await held(reader, "k", i - 1)  # the reader's L1 serves the value to replace
+                await writer.set("k", i)
+                got = await reader.get("k")
+                if got != i:
+                    stale.append((i, got))
+            assert stale == []
+            await held(reader, "k", 200)
+            assert await writer.delete("k")
+            assert await reader.get("k", default="gone") == "gone"
+            await writer.set("user:1", 1)
+            await held(reader, "user:1", 1)
+            assert await writer.clear("user:*") == 1
+            assert await reader.get("user:1", default="gone") == "gone"
+    finally:
+        await other.aclose()
+
+
+async def test_a_closed_cache_leaves_the_registry_of_l1s(
+    client: redis.Redis, namespace: str
+) -> None:
+    from aiocacheguard import near as near_module
+
+    prefix = b"{" + namespace.encode() + b":"
+    async with l1_cache(client, namespace) as first:
+        second = l1_cache(client, namespace)
+        assert len(near_module._OPEN[prefix]) == 2
+        await second.aclose()
+        assert [ref() for ref in near_module._OPEN[prefix]] == [first._near]
+        del second
+        await first.set("k", 1)  # (a write tells the open one only)
+    assert prefix not in near_module._OPEN
+
+
 async def test_a_resp3_client_gets_a_resp2_listener_and_its_invalidations(
     redis_server: RedisServer, namespace: str
 ) -> None:
