@@ -50,7 +50,7 @@ Limitations:
     - ``max_bytes`` is an estimate of memory, not a measurement: an entry is accounted as
       `SIZE_FACTOR` times its encoded size plus `SIZE_EXTRA` bytes (with the store's
       `ENTRY_OVERHEAD`): a small JSON dict decodes to about 4 times its encoding and an entry
-      carries about 800 bytes of objects around it; 100,000 such entries stay within
+      carries about 830 bytes of objects around it; 100,000 such entries stay within
       ``max_bytes`` in real memory (tracemalloc, tests/test_near.py). A long string is
       accounted about 2.5 times what it takes.
 """

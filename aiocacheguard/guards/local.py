@@ -91,8 +91,9 @@ V = TypeVar("V")
 D = TypeVar("D")
 
 #: Bytes accounted to every entry on top of its reported size: the key, the entry tuple and its
-#: slot in the map (about what CPython spends on a short str key and a 3-tuple).
-ENTRY_OVERHEAD = 160
+#: slot in the map (about what CPython spends on a short str key, a 4-tuple and the float of
+#: its fill time).
+ENTRY_OVERHEAD = 192
 
 _SKETCH_MAX_WIDTH = 1 << 22  # 16 MiB of counters at most, whatever max_entries says
 
