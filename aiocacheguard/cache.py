@@ -68,7 +68,8 @@ class Cache(BulkOperations):
         breaker: The `Breaker` in front of Redis (on by default; None switches it off): once
             Redis is found unreachable, calls skip it without spending a budget.
         replica: A replica's client (e.g. Sentinel ``slave_for``), read when the primary fails.
-        max_concurrent_loads: At most this many loader calls at once here (a bulkhead).
+        max_concurrent_loads: At most this many top-level loads at once here (a bulkhead);
+            the loads a loader causes run under its slot (`aiocacheguard.loading`).
         local: An L1 in this process (`LocalCache`): hits without I/O, invalidated by Redis
             (CLIENT TRACKING) when any client changes a key; see `aiocacheguard.near`.
         max_value_bytes: Largest record cached, default 16 MiB (see `ValueTooLargeError`).
@@ -209,6 +210,7 @@ class Cache(BulkOperations):
             **self._backend.counters(),
             **(self.bloom.counters() if self.bloom else {}),
             **(self._near.counters() if self._near else {}),
+            **self._load.statistics(),
         )
 
     async def get(self, key: Key, default: Any = None, *, returns: object = None) -> Any:
@@ -340,14 +342,20 @@ class Cache(BulkOperations):
         # Missing, expired or unreachable: one flight per key loads it (see `_flight`). This is
         # SingleFlight.run written out: in a stampede every caller holds what it waits with
         # until the outcome lands, and a future is all it needs, not a coroutine of its own.
+        lent = None
         if flight is None:  # (a flight found above is still the key's: no await since)
             flight = self._loads.join(rkey, self._flight, rkey, loader, policy, returns, entry)
+        else:  # a caller inside a loader lends the flight its bulkhead slot (loading.py)
+            lent = self._load.lend(rkey)
         waiter = flight.waiter()
         try:
             return cast(T, await waiter)
         except BaseException:
             flight.leave(waiter)  # cancelled: the last caller out cancels the flight
             raise
+        finally:
+            if lent is not None:
+                lent()
 
     async def refresh(
         self,

@@ -160,6 +160,9 @@ class Statistics:
             process), plus flushes; counted whether or not it held them.
         local_bypassed: Times the L1 stopped serving because an invalidation listener lost
             its connection (it serves again once tracking is restored).
+        loads_running: Now (a gauge, not a count): bulkhead slots taken, each by a top-level
+            load and the loads it caused (``max_concurrent_loads``; 0 without a bulkhead).
+        loads_waiting: Now (a gauge): loads waiting for a bulkhead slot.
     """
 
     hits: int = 0
@@ -194,6 +197,12 @@ class Statistics:
     local_evictions: int = 0
     invalidations: int = 0
     local_bypassed: int = 0
+    loads_running: int = 0
+    loads_waiting: int = 0
+
+
+#: The fields of `Statistics` that are gauges (a level now), not counts since creation.
+GAUGES = frozenset({"loads_running", "loads_waiting"})
 
 
 class StatisticsSource(Protocol):
@@ -242,6 +251,8 @@ class Counters:
     local_evictions: int
     invalidations: int
     local_bypassed: int
+    loads_running: int
+    loads_waiting: int
 
     def __init__(self) -> None:
         for name in self.__slots__:
@@ -257,7 +268,8 @@ class PrometheusCollector:
     """
     Exposes a Cache's `Statistics` to Prometheus (``pip install 'aiocacheguard[prometheus]'``).
 
-    Every counter becomes ``<prefix>_<name>_total`` with a ``namespace`` label, read from
+    Every counter becomes ``<prefix>_<name>_total`` (a gauge of `GAUGES`: ``<prefix>_<name>``)
+    with a ``namespace`` label, read from
     ``cache.statistics()`` at scrape time: nothing is done per request.
 
     Example:
@@ -276,11 +288,12 @@ class PrometheusCollector:
         (registry if registry is not None else REGISTRY).register(self)
 
     def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import CounterMetricFamily
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         snapshot = self._cache.statistics()
         for field in fields(Statistics):
-            family = CounterMetricFamily(
+            kind = GaugeMetricFamily if field.name in GAUGES else CounterMetricFamily
+            family = kind(
                 f"{self._prefix}_{field.name}",
                 f"aiocacheguard Statistics.{field.name}",
                 labels=["namespace"],
@@ -309,7 +322,12 @@ def instrument_opentelemetry(
         return callback
 
     for field in fields(Statistics):
-        meter.create_observable_counter(
+        create = (
+            meter.create_observable_gauge
+            if field.name in GAUGES
+            else meter.create_observable_counter
+        )
+        create(
             f"{prefix}.{field.name}",
             callbacks=[observe(field.name)],
             description=f"aiocacheguard Statistics.{field.name}",
