@@ -144,11 +144,12 @@ class LoaderRunner:
     async def __call__(
         self, rkey: bytes, loader: Callable[[], Awaitable[Any]], policy: Policy, /
     ) -> Any:
-        if self.limiter is None:
+        limiter = self.limiter
+        if limiter is None:
             return await self._call(rkey, loader, policy)
         slot = _SLOT.get()
         if slot is None or not slot.held:  # a top-level load, or its parent's slot is gone
-            slot = await self._take(rkey, policy)
+            slot = await self._take(limiter, rkey, policy)
         slot.enter()
         entered = _SLOT.set(slot)
         try:
@@ -157,14 +158,12 @@ class LoaderRunner:
             _SLOT.reset(entered)
             slot.leave()
 
-    async def _take(self, rkey: bytes, policy: Policy) -> _Slot:
+    async def _take(self, limiter: anyio.CapacityLimiter, rkey: bytes, policy: Policy) -> _Slot:
         """
         A slot lent to ``rkey``, else one of its own, waiting up to ``wait_timeout`` for either
         (then `LoadTimeout`). The wait races the limiter against a lent slot: an `asyncio.wait`
         with a timeout rather than `anyio.fail_after` around one acquisition.
         """
-        limiter = self.limiter
-        assert limiter is not None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + policy.wait_timeout
         while True:
