@@ -61,7 +61,7 @@ class ConfigurationError(CacheGuardError, ValueError):
 
     Raised when a `Policy` or a `Cache` is created, never later. The message names the field,
     the value given and what is accepted; a value whose repr is long (a client's runs to a
-    thousand characters) is named by its type, after the reason.
+    thousand characters) comes after the reason, named by its type (a string: its start).
     """
 
     def __init__(self, field: str, value: object, accepted: str) -> None:
@@ -71,11 +71,12 @@ class ConfigurationError(CacheGuardError, ValueError):
         shown = repr(value)
         if len(shown) <= _MAX_SHOWN:
             super().__init__(f"{field}={shown} is not accepted: {accepted}")
+            return
+        if isinstance(value, str | bytes):  # the start of a long string says which it is
+            got = f"{shown[: _MAX_SHOWN - 3]}..."
         else:
-            kind = type(value)
-            super().__init__(
-                f"{field} is not accepted: {accepted} (got a {kind.__module__}.{kind.__qualname__})"
-            )
+            got = f"a {type(value).__module__}.{type(value).__qualname__}"
+        super().__init__(f"{field} is not accepted: {accepted} (got {got})")
 
 
 #: The longest repr of a refused value that a `ConfigurationError` message quotes.
