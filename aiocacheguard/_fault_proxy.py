@@ -3,9 +3,10 @@ A loopback TCP proxy that puts network faults between a Redis client and a real 
 
 `FaultProxy` listens on a free port of 127.0.0.1 and relays every connection to
 ``127.0.0.1:upstream_port``, in the caller's event loop. Point a client at ``proxy.port`` and
-switch faults on and off while it runs: latency and a bandwidth cap per direction, a blackhole,
-refused connections, TCP resets, a truncated reply, closed connections, and a step mode in which
-every client->server chunk waits until the test releases it. The model is the ``DelayProxy`` of
+switch faults on and off while it runs: latency and a bandwidth cap per direction, a blackhole
+(of every connection, or of one), refused connections, TCP resets, a truncated reply, bytes
+injected as if from the server, closed connections, and a step mode in which every
+client->server chunk waits until the test releases it. The model is the ``DelayProxy`` of
 redis-py's ``tests/test_asyncio/test_cwe_404.py``, extended as Toxiproxy would (whose server is
 not installable here).
 
@@ -163,6 +164,7 @@ class FaultProxy:
         self._started = False
         self._closed = False
         self._blackholed = False
+        self._blackholed_links: set[int] = set()  # connections blackholed one by one
         self._refusing = False
         self._truncate: int | None = None
         self._holding = False
@@ -276,9 +278,36 @@ class FaultProxy:
 
     # Faults
 
-    def blackhole(self) -> None:
-        """Swallow every byte either way, on open and new connections, which stay open."""
-        self._blackholed = True
+    def blackhole(self, *, connection: int | None = None) -> None:
+        """
+        Swallow every byte either way, on open and new connections, which stay open; or only
+        on the open ``connection`` (an id of `connections`), the others carrying on: one
+        silently dead connection, as a dropped NAT or load-balancer entry leaves it.
+        """
+        if connection is None:
+            self._blackholed = True
+        else:
+            self._link(connection)
+            self._blackholed_links.add(connection)
+
+    @property
+    def connections(self) -> dict[int, int]:
+        """
+        The open connections: id (1, 2, ... as in `HeldChunk`) -> the local port of its
+        connection to the server, the port Redis shows in ``CLIENT LIST``'s ``addr``.
+        """
+        return {
+            link.id: link.upstream.get_extra_info("sockname")[1]
+            for link in self._links.values()
+            if link.upstream is not None
+        }
+
+    def inject(self, data: bytes, *, connection: int) -> None:
+        """
+        Send ``data`` to the client of the open ``connection`` as if the server had sent it,
+        between two forwarded chunks: a corrupt or unexpected frame on a quiet connection.
+        """
+        self._link(connection).client.write(data)
 
     def refuse(self) -> None:
         """Refuse new connections (the port stays reserved) and close the open ones."""
@@ -321,6 +350,7 @@ class FaultProxy:
         self._truncate = None
         self.unhold()
         self._blackholed = False
+        self._blackholed_links.clear()
         for link in list(self._links.values()):
             if link.swallowed:
                 self._drop(link, rst=False)
@@ -426,7 +456,7 @@ class FaultProxy:
     async def _read(self, pipe: _Pipe) -> None:
         loop = asyncio.get_running_loop()
         while data := await pipe.source.read(CHUNK_SIZE):
-            if self._blackholed:
+            if self._blackholed or pipe.link.id in self._blackholed_links:
                 self._swallow(pipe.link, data)
                 continue
             chunk = _Chunk(data, loop.time(), pipe.link)
@@ -436,7 +466,7 @@ class FaultProxy:
                 self._held_grew.set()
                 self._held_grew = asyncio.Event()
             await pipe.queue.put(chunk)
-        if self._blackholed:
+        if self._blackholed or pipe.link.id in self._blackholed_links:
             pipe.link.swallowed = True  # even the end of the stream is swallowed
         else:
             await pipe.queue.put(None)
@@ -449,7 +479,7 @@ class FaultProxy:
             latency = self._upstream_latency if pipe.to_server else self._downstream_latency
             if (delay := chunk.read_at + latency - loop.time()) > 0:
                 await asyncio.sleep(delay)
-            if self._blackholed:
+            if self._blackholed or pipe.link.id in self._blackholed_links:
                 self._swallow(pipe.link, chunk.data)
                 continue
             data, truncated = chunk.data, False
@@ -480,6 +510,12 @@ class FaultProxy:
             else:
                 self._bytes_downstream += len(piece)
 
+    def _link(self, connection: int) -> _Link:
+        link = self._links.get(connection)
+        if link is None:
+            raise ValueError(f"no open connection {connection} (open: {sorted(self._links)})")
+        return link
+
     def _swallow(self, link: _Link, data: bytes) -> None:
         link.swallowed = True
         self._bytes_swallowed += len(data)
@@ -487,6 +523,7 @@ class FaultProxy:
     def _drop(self, link: _Link, *, rst: bool) -> None:
         """Forget a link and close both its sockets (RST if ``rst``); its task ends soon after."""
         self._links.pop(link.id, None)
+        self._blackholed_links.discard(link.id)
         self._held = [chunk for chunk in self._held if chunk.link is not link]
         for writer in link.writers:
             transport = writer.transport

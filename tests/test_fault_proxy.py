@@ -118,6 +118,46 @@ async def test_bandwidth_slows_a_large_reply_not_a_small_one(
         assert time.perf_counter() - started >= 0.95 * BIG / 2 / rate
 
 
+async def _connection_of(proxy: FaultProxy, client: redis.Redis, direct: redis.Redis) -> int:
+    """The proxy's id of ``client``'s one connection, found by the port Redis sees."""
+    own = int(await client.client_id())
+    (info,) = [c for c in await direct.client_list() if int(c["id"]) == own]
+    port = int(info["addr"].rsplit(":", 1)[1])
+    (connection,) = [c for c, p in proxy.connections.items() if p == port]
+    return connection
+
+
+async def test_one_connection_blackholed_while_the_others_carry_on(
+    proxy: FaultProxy, direct: redis.Redis, key: str
+) -> None:
+    async with connect(proxy) as frozen, connect(proxy) as other:
+        await direct.set(key, "v")
+        assert await frozen.get(key) == await other.get(key) == b"v"
+        proxy.blackhole(connection=await _connection_of(proxy, frozen, direct))
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.2):
+                await frozen.get(key)
+        assert await other.get(key) == b"v"
+        async with connect(proxy) as fresh:  # new connections are not blackholed
+            assert await fresh.get(key) == b"v"
+        with pytest.raises(ValueError, match="no open connection"):
+            proxy.blackhole(connection=999)
+        await proxy.heal()  # the frozen one lost bytes: closed, and replaced on next use
+        assert await frozen.get(key) == b"v"
+
+
+async def test_inject_sends_bytes_to_one_client_as_if_from_the_server(
+    proxy: FaultProxy, direct: redis.Redis, key: str
+) -> None:
+    async with connect(proxy) as client, connect(proxy) as other:
+        await direct.set(key, "v")
+        assert await client.get(key) == await other.get(key) == b"v"
+        proxy.inject(b"+injected\r\n", connection=await _connection_of(proxy, client, direct))
+        # The next reply read on that connection is the injected one, a frame out of step.
+        assert await client.get(key) == b"injected"
+        assert await other.get(key) == b"v"
+
+
 async def test_blackhole_times_out_until_heal(proxy: FaultProxy, key: str) -> None:
     async with connect(proxy) as client, connect(proxy) as idle:
         await client.set(key, "v")
