@@ -1235,13 +1235,23 @@ class TrackingConnection:
             raise BackendUnavailable(f"unexpected reply to SUBSCRIBE: {reply!r}")
         return client_id
 
-    async def receive(self, quiet_after: float) -> list[bytes] | Literal["quiet", "other"] | None:
+    async def receive(
+        self, quiet_after: float
+    ) -> list[bytes] | Literal["quiet", "other"] | BackendError | None:
         """
         The keys of the next invalidation (None: flush everything), ``"other"`` for another
-        frame (a PONG), ``"quiet"`` when nothing came within ``quiet_after`` seconds.
+        frame (a PONG), ``"quiet"`` when nothing came within ``quiet_after`` seconds, and
+        the error (returned, not raised) for an error reply: the answer to a PING an ACL
+        denies, which still proves the connection alive.
+
+        Raises:
+            BackendError: the connection failed (`BackendUnavailable`, `BackendTimeout`),
+                or a frame could not be read (a corrupt reply): the connection is unusable.
         """
         try:
             message = await self._connection.read_response(timeout=quiet_after)
+        except redis_errors.ResponseError as exc:
+            return to_backend_error(exc)
         except (*_REDIS_ERRORS, TimeoutError) as exc:
             raise to_backend_error(exc) from exc
         if message is None:

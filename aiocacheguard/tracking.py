@@ -64,10 +64,19 @@ flushes the L1 on any change; this module does not implement it.
 Guarantees:
     - ``on_invalidate`` receives every key under the prefix changed by any client after
       ``on_restored`` was called, in the order Redis announced them, ``None`` for a flush.
-    - A lost connection (closed, reset, killed, or silent: a PING unanswered within
-      ``health_interval`` after a quiet ``health_interval``) calls ``on_lost`` once, before any
-      attempt to reconnect; a restored one calls ``on_restored`` once tracking is on again.
-      Between the two, invalidations may have been missed: the L1 must flush and bypass.
+    - Any end of listening calls ``on_lost`` once, at once, before any attempt to listen
+      again: a lost connection (closed, reset, killed, or silent: a PING unanswered within
+      ``health_interval`` after a quiet ``health_interval``), an error nobody expected (a
+      reply the parser cannot read, a bug), or the listener's task ending for any other
+      reason (a cancellation from outside, an exception that escaped). A restored one calls
+      ``on_restored`` once tracking is on again. Between the two, invalidations may have been
+      missed: the L1 must flush and bypass.
+    - It heals by itself: after a loss it reconnects at once; after an unexpected error, and
+      while Redis cannot be reached or refuses tracking, it tries again after a pause that
+      doubles up to ``reconnect_delay[1]`` (`REFUSED_RETRY` for a refusal). Said once per
+      episode (`aiocacheguard._episodes.Episode`), not once per loss.
+    - An error reply to the health PING (an ACL user without ``ping``: ``NOPERM``) is a reply,
+      so a sign of life: the listener goes on, and says once that PING is denied.
     - `aclose` stops the task and closes the connection; no task is left behind.
 
 Limitations:
@@ -85,15 +94,22 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Sequence
+from typing import Final
 
+from ._episodes import Episode
 from .backend import INVALIDATION_CHANNEL, RedisClient, TrackingConnection
 from .errors import BackendError, BackendTimeout, BackendUnavailable
 
-__all__ = ("INVALIDATION_CHANNEL", "InvalidationListener")
+__all__ = ("INVALIDATION_CHANNEL", "REFUSED_RETRY", "InvalidationListener")
 
 logger = logging.getLogger("aiocacheguard")
 
 _LOST = (BackendUnavailable, BackendTimeout)
+
+#: The longest pause, in seconds, between two attempts while Redis refuses tracking (an ACL
+#: without ``client|tracking``, Redis < 6): the L1 comes back by itself once the refusal is
+#: lifted, without asking Redis every second meanwhile.
+REFUSED_RETRY: Final = 10.0
 
 
 class InvalidationListener:
@@ -105,7 +121,8 @@ class InvalidationListener:
         client: The user's standalone or Sentinel client; only its pool settings are used.
         prefix: The key prefix tracked, e.g. ``b"{shop:"`` for a namespace's value keys.
         on_invalidate: Called with the keys Redis announced, or None for "flush everything".
-        on_lost: Called once when the connection is found lost (before reconnecting).
+        on_lost: Called once when listening stops for any reason but `aclose` (before
+            listening again).
         on_restored: Called each time tracking is on again, the first time included.
         health_interval: Seconds of silence after which a PING is sent, and the time the
             reply has to arrive before the connection counts as lost.
@@ -115,11 +132,13 @@ class InvalidationListener:
             `TrackingConnection.factories`); on a cluster, one listener a primary, each given
             that primary's.
 
-    The callbacks run in the listener's task and must not block; an exception they raise is
-    logged and the listener goes on. Its owner starts its L1 bypassed and lets it serve from
-    the first ``on_restored`` on: ``on_lost`` -> `LocalStore.bypass`, ``on_restored`` ->
-    `LocalStore.resume`. If Redis refuses tracking (an error reply: Redis < 6, ACLs), the
-    listener logs it, sets ``error`` and stops; ``on_restored`` never comes.
+    The callbacks run in the listener's task (or, when the task itself ended, in its done
+    callback) and must not block; an exception they raise is logged and the listener goes
+    on. Its owner starts its L1 bypassed and lets it serve from the first ``on_restored`` on:
+    ``on_lost`` -> `LocalStore.bypass`, ``on_restored`` -> `LocalStore.resume`. If Redis
+    refuses tracking (an error reply: Redis < 6, ACLs), the listener logs it, sets ``error``
+    and asks again after a pause (up to `REFUSED_RETRY`); ``on_restored`` comes only once
+    tracking is accepted.
     """
 
     def __init__(
@@ -148,16 +167,23 @@ class InvalidationListener:
         self._connect_timeout = connect_timeout
         self._reconnect_delay = reconnect_delay
         self._task: asyncio.Task[None] | None = None
+        self._restart: asyncio.TimerHandle | None = None  # a restart after the task ended
         self._connection: TrackingConnection | None = None
         self._closing = False
         self._listening = asyncio.Event()
+        # Losses, failed attempts and unexpected ends less than a minute apart: one warning.
+        self._episode = Episode("the L1's invalidation listener")
+        self._unexpected = 0  # unexpected ends in a row, for the pause before the next start
+        self._ping_refused = False  # said once
         #: The server's id of the listening connection, while it listens.
         self.client_id: int | None = None
-        #: Why the listener gave up for good (Redis refused tracking), else None.
+        #: Why Redis refuses tracking (asked again after a pause), else None.
         self.error: BackendError | None = None
-        #: Times the connection was lost / tracking was (re)established.
+        #: Times listening stopped (any reason but `aclose`) / tracking was (re)established.
         self.lost = 0
         self.restored = 0
+        #: Times listening ended by an error nobody expected (counted in ``lost`` too).
+        self.unexpected = 0
 
     @property
     def closing(self) -> bool:
@@ -171,10 +197,12 @@ class InvalidationListener:
 
     def start(self) -> None:
         """Start listening in a background task (returns at once; see `wait_listening`)."""
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(
+        if self._task is None and not self._closing:
+            self._restart = None
+            task = self._task = asyncio.get_running_loop().create_task(
                 self._run(), name=f"aiocacheguard-tracking-{self.prefix.decode(errors='replace')}"
             )
+            task.add_done_callback(self._ended)
 
     async def wait_listening(self) -> None:
         """Wait until tracking is on (bound it with ``asyncio.timeout``)."""
@@ -190,6 +218,9 @@ class InvalidationListener:
         flag at each step, its connection is closed, and it is cancelled until it is done.
         """
         self._closing = True
+        if self._restart is not None:
+            self._restart.cancel()
+            self._restart = None
         task, self._task = self._task, None
         if task is not None:
             while not task.done():
@@ -210,48 +241,70 @@ class InvalidationListener:
 
     async def _run(self) -> None:
         delay = self._reconnect_delay[0]
-        failures = 0  # connection attempts failed in a row: said once, then at debug level
+        attempts = 0  # connection attempts failed in a row
+        refused_delay = self._reconnect_delay[0]
         while not self._closing:
             connection = self._connection = self._factory()
             try:
                 async with asyncio.timeout(self._connect_timeout):
-                    self.client_id = await connection.track(self.prefix)
+                    client_id = await connection.track(self.prefix)
             except (*_LOST, TimeoutError) as exc:
                 await connection.close()
-                failures += 1
-                level = logging.WARNING if failures == 1 else logging.DEBUG
-                logger.log(level, "invalidation listener cannot connect (%s); retrying", exc)
+                attempts += 1
+                self._episode.failed(f"invalidation listener cannot connect ({exc}); retrying")
+                if self._episode.failures > 1:
+                    logger.debug("invalidation listener cannot connect (%s); retrying", exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._reconnect_delay[1])
                 continue
             except BackendError as exc:
                 # Refused, not unreachable (no CLIENT TRACKING before Redis 6, an ACL that
-                # forbids it): retrying would not help. The L1 stays bypassed.
+                # forbids it): asked again rarely, the L1 bypassed meanwhile.
                 await connection.close()
+                if self.error is None:
+                    logger.error(
+                        "invalidation listener refused by Redis, L1 stays off (asked again "
+                        "every %.0fs at most): %s",
+                        REFUSED_RETRY,
+                        exc,
+                    )
                 self.error = exc
-                logger.error("invalidation listener refused by Redis, L1 stays off: %s", exc)
-                return
+                await asyncio.sleep(refused_delay)
+                refused_delay = min(refused_delay * 2, REFUSED_RETRY)
+                continue
             except BaseException:
                 await connection.close()
                 raise
-            if failures > 1:
-                logger.warning("invalidation listener connected after %d attempts", failures)
-            delay, failures = self._reconnect_delay[0], 0
+            if attempts > 1:
+                logger.info("invalidation listener connected after %d attempts", attempts)
+            delay, attempts, refused_delay = self._reconnect_delay[0], 0, self._reconnect_delay[0]
+            if self.error is not None:
+                logger.warning("invalidation listener accepted by Redis again: the L1 serves")
+                self.error = None
+            self.client_id = client_id
             self._listening.set()
             self.restored += 1
+            self._episode.succeeded()
             self._call(self._on_restored)
+            unexpected = False
             try:
                 await self._listen(connection)
+                why = ""
             except (*_LOST, TimeoutError) as exc:
-                logger.warning("invalidation listener lost its connection (%s)", exc)
+                why = f"invalidation listener lost its connection ({exc})"
+            except Exception as exc:
+                # Nobody expected it (a reply the parser cannot read, a bug): a loss all the
+                # same, and a pause before the next attempt so that it cannot spin.
+                logger.debug("invalidation listener failed", exc_info=True)
+                why = f"invalidation listener failed ({type(exc).__name__}: {exc})"
+                unexpected = True
             finally:
-                self._listening.clear()
-                self.client_id = None
                 await connection.close()
             if self.closing:  # aclose() ended it: not a loss
                 return
-            self.lost += 1
-            self._call(self._on_lost)
+            self._lose(why, unexpected=unexpected)
+            if unexpected:
+                await asyncio.sleep(self._pause())
 
     async def _listen(self, connection: TrackingConnection) -> None:
         ping_sent = False
@@ -263,9 +316,55 @@ class InvalidationListener:
                 await connection.ping()
                 ping_sent = True
                 continue
-            ping_sent = False  # any frame proves the connection alive
-            if message != "other":
+            ping_sent = False  # any frame proves the connection alive, an error reply too
+            if isinstance(message, BackendError):
+                if not self._ping_refused:
+                    self._ping_refused = True
+                    logger.warning(
+                        "invalidation listener: Redis refuses its health PING (%s); the error "
+                        "reply is taken as the sign of life. Allow PING to this user.",
+                        message,
+                    )
+            elif message != "other":
                 self._call(self._on_invalidate, message)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        """
+        The task ended although nobody closed the listener (an exception `_run` does not
+        handle, a cancellation from outside): the L1 is bypassed at once, and the listener
+        starts again after a pause.
+        """
+        if self._closing or task is not self._task:
+            return
+        self._task = None
+        if task.cancelled():
+            why = "was cancelled"
+        elif (exc := task.exception()) is not None:
+            logger.debug("invalidation listener died", exc_info=exc)
+            why = f"died ({type(exc).__name__}: {exc})"
+        else:
+            why = "ended"
+        self._lose(f"invalidation listener {why}", unexpected=True)
+        self._restart = asyncio.get_running_loop().call_later(self._pause(), self.start)
+
+    def _lose(self, why: str, *, unexpected: bool) -> None:
+        """Listening stopped: ``on_lost`` at once (if it had begun), counted, said per episode."""
+        if unexpected:
+            self.unexpected += 1
+            self._unexpected += 1
+        else:
+            self._unexpected = 0
+        if self._listening.is_set():
+            self._listening.clear()
+            self.client_id = None
+            self.lost += 1
+            self._call(self._on_lost)
+        self._episode.failed(f"{why}: the L1 serves nothing until tracking is back")
+
+    def _pause(self) -> float:
+        """Seconds before listening again after unexpected ends in a row (doubling)."""
+        first, largest = self._reconnect_delay
+        return min(first * 2.0 ** min(self._unexpected - 1, 30), largest)
 
     def _call(self, callback: Callable[..., None], *args: object) -> None:
         try:

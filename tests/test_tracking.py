@@ -19,7 +19,7 @@ from redis.asyncio.sentinel import Sentinel
 from aiocacheguard.backend import TrackingConnection
 from aiocacheguard.guards.local import LocalCache, LocalStore
 from aiocacheguard.testing import FaultProxy, RedisClusterServer, RedisSentinelServer, RedisServer
-from aiocacheguard.tracking import INVALIDATION_CHANNEL, InvalidationListener
+from aiocacheguard.tracking import INVALIDATION_CHANNEL, REFUSED_RETRY, InvalidationListener
 
 from .helpers import limited_client, wait_until
 
@@ -294,21 +294,48 @@ async def test_resp3_invalidations_do_arrive_as_push_frames(
         await target.aclose()
 
 
-async def test_a_refusal_to_track_stops_the_listener_with_its_error(
+async def test_a_refusal_to_track_keeps_the_listener_off_with_its_error_until_lifted(
     redis_server: RedisServer, client: redis.Redis, namespace: str, prefix: bytes
 ) -> None:
     async with limited_client(client, redis_server, "client|tracking") as limited:
         recorder = Recorder()
         listener = InvalidationListener(
-            limited, prefix, on_invalidate=recorder.on_invalidate, on_restored=recorder.on_restored
+            limited,
+            prefix,
+            on_invalidate=recorder.on_invalidate,
+            on_restored=recorder.on_restored,
+            reconnect_delay=(0.01, 0.05),
         )
         try:
             listener.start()
             await wait_until(lambda: listener.error is not None)
             assert "tracking" in str(listener.error).lower()
             assert not listener.listening and recorder.log == []
+            # Asked again after a pause: once the ACL allows it, tracking comes back.
+            user = await limited.acl_whoami()
+            user = user.decode() if isinstance(user, bytes) else user
+            await client.acl_setuser(user, enabled=True, commands=["+client|tracking"])
+            async with asyncio.timeout(REFUSED_RETRY + 5):
+                await listener.wait_listening()
+            assert listener.error is None and recorder.log == ["restored"]
         finally:
             await listener.aclose()
+
+
+async def test_a_task_ended_from_outside_bypasses_at_once_and_restarts(
+    client: redis.Redis, listener: InvalidationListener, prefix: bytes, recorder: Recorder
+) -> None:
+    # Not a path the listener takes by itself: any end of its task (here a cancellation
+    # nobody asked for) must call on_lost at once and start listening again.
+    task = listener._task
+    assert task is not None
+    task.cancel()
+    await wait_until(lambda: recorder.log == ["restored", "lost"], within=1.0)
+    await wait_until(lambda: recorder.log == ["restored", "lost", "restored"], within=5.0)
+    assert listener.lost == 1 and listener.unexpected == 1 and listener._task is not task
+    key = prefix + b"after}"
+    await client.set(key, b"v")
+    await recorder.wait_for(key)
 
 
 async def test_sentinel_the_listener_finds_the_primary_through_the_sentinels(
@@ -443,7 +470,11 @@ async def test_an_unreachable_redis_is_said_once_not_once_per_attempt(
                     await listener.wait_listening()
             warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
             assert sum("cannot connect" in m for m in warnings) == 1
-            assert any("connected after" in m for m in warnings)
+            # The recovery is said too, at INFO: the outage was the warning.
+            assert any(
+                "connected after" in r.getMessage() and r.levelno == logging.INFO
+                for r in caplog.records
+            )
         finally:
             await listener.aclose()
             await client.aclose()
