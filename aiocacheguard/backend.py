@@ -647,6 +647,7 @@ class RedisBackend:
         breakers = self.breakers()
         return {
             "redis_errors": self.errors,
+            "pubsub_renewals": 0 if self._pubsub is None else self._pubsub.renewals,
             "writes_refused": self.writes_refused,
             "breaker_opened": sum(b.opened for b in breakers),
             "short_circuited": sum(b.short_circuited for b in breakers),
@@ -1027,8 +1028,10 @@ class RedisBackend:
     def subscriber(self, on_message: Callable[[bytes, bytes], None]) -> Subscriber:
         """
         The Cache's one pub/sub connection; ``on_message(channel, data)`` is called for every
-        message, and with ``b""`` when a channel is subscribed again after a reconnection
-        (messages may have been missed). Created on first use, closed by `aclose`.
+        message, with ``b""`` data when a channel is subscribed again after a reconnection
+        (messages may have been missed), and as ``on_message(b"", b"")`` when a silent
+        connection was replaced (any channel may have missed some). Created on first use,
+        closed by `aclose`.
         """
         if self._pubsub is None:
             self._pubsub = _PubSub(self, on_message)
@@ -1050,13 +1053,27 @@ class RedisBackend:
             await self._reread_slot_map(self._cluster)
 
 
+#: Seconds of silence on the fill notifications' pub/sub connection after which it is
+#: PINGed, and the time the reply has to come before the connection counts as dead (frozen:
+#: a dropped NAT or load-balancer entry keeps TCP open while nothing flows) and is replaced.
+#: Two of them bound how long waiters can go unnotified; a PING each on an idle connection.
+PUBSUB_HEALTH_INTERVAL: Final = 0.5
+
+
 class _PubSub:
     """
     One pub/sub connection shared by every waiter of a Cache, with a reader task.
 
     Subscribing waits for Redis's confirmation, so a PUBLISH that follows can't be missed.
-    redis-py reconnects and resubscribes by itself; messages sent while disconnected are lost,
-    which waiters tolerate because each wait is also bounded by the lock's remaining lease.
+    redis-py reconnects and resubscribes by itself after an error; messages sent while
+    disconnected are lost, which waiters tolerate because each wait is also bounded by the
+    lock's remaining lease, and because every channel subscribed again is announced to
+    ``on_message`` with empty data, so its waiters re-check Redis.
+
+    A connection that fails silently (open, but nothing flows) raises no error: the reader
+    PINGs it after a quiet ``health_interval`` and, if nothing at all came back within
+    another, replaces it, subscribes every channel again and calls ``on_message(b"", b"")``
+    so that every waiter re-checks Redis. Counted in ``renewals``, said once per episode.
     """
 
     def __init__(self, backend: RedisBackend, on_message: Callable[[bytes, bytes], None]) -> None:
@@ -1067,6 +1084,16 @@ class _PubSub:
         self._reader: asyncio.Task[None] | None = None
         self._connecting: asyncio.Task[None] | None = None
         self._closed = False
+        # Sends, connecting and the renewal, one at a time on the connection: a renewal must
+        # not reconnect under a SUBSCRIBE half sent, nor lose a channel sent but not noted.
+        self._sending = asyncio.Lock()
+        # Failures and renewals less than a minute apart are one episode: one warning.
+        self._episode = Episode("the pub/sub connection of fill notifications")
+        self._ping_refused = False  # said once
+        #: Seconds of silence before a PING, and the time its reply has (tests lower it).
+        self.health_interval: float = PUBSUB_HEALTH_INTERVAL
+        #: Times the connection was found silent and replaced (`Statistics.pubsub_renewals`).
+        self.renewals = 0
 
     def prepare(self) -> None:
         """
@@ -1081,7 +1108,7 @@ class _PubSub:
 
     async def _connect(self) -> None:
         with contextlib.suppress(redis_errors.RedisError, OSError, TimeoutError):
-            async with asyncio.timeout(self._backend.command_timeout):
+            async with asyncio.timeout(self._backend.command_timeout), self._sending:
                 await self._pubsub.connect()  # type: ignore[no-untyped-call]
 
     async def subscribe(self, channel: bytes) -> None:
@@ -1098,7 +1125,8 @@ class _PubSub:
             async with asyncio.timeout(self._backend.command_timeout):
                 if self._connecting is not None and not self._connecting.done():
                     await asyncio.shield(self._connecting)  # one connection, not two
-                await self._pubsub.subscribe(channel)
+                async with self._sending:
+                    await self._pubsub.subscribe(channel)
                 if self._reader is None or self._reader.done():
                     self._reader = asyncio.create_task(self._read(), name="aiocacheguard-pubsub")
                 await asyncio.shield(confirmed)
@@ -1111,36 +1139,58 @@ class _PubSub:
 
     async def unsubscribe(self, channel: bytes) -> None:
         try:
-            async with asyncio.timeout(self._backend.command_timeout):
+            async with asyncio.timeout(self._backend.command_timeout), self._sending:
                 await self._pubsub.unsubscribe(channel)
         except (*_REDIS_ERRORS, TimeoutError) as exc:
             raise to_backend_error(exc) from exc
 
     async def _read(self) -> None:
+        loop = asyncio.get_running_loop()
         failures = 0
+        answer_by: float | None = None  # while a PING is out: when the connection is judged
         while True:
             try:
-                message = await self._pubsub.get_message(timeout=None)
+                wait = self.health_interval if answer_by is None else answer_by - loop.time()
+                message = await self._pubsub.get_message(timeout=max(wait, 0.0))
                 failures = 0
+                if message is None:  # quiet (or a frame redis-py kept for itself)
+                    if answer_by is None:
+                        answer_by = loop.time() + self.health_interval
+                        await self._ping()
+                    elif loop.time() >= answer_by:
+                        answer_by = None
+                        await self._renew()
+                    continue
             except redis_errors.ResponseError as exc:
-                # An error reply: a SUBSCRIBE refused (an ACL without it, a proxy without
-                # pub/sub). Fail the subscriptions waiting for a confirmation, at once.
+                # An error reply, a reply all the same: the connection lives.
+                answer_by = None
+                if "'ping'" in str(exc):  # the health PING, denied by an ACL: said once
+                    if not self._ping_refused:
+                        self._ping_refused = True
+                        logger.warning(
+                            "pub/sub connection: Redis refuses its health PING (%s); the "
+                            "error reply is taken as the sign of life. Allow PING to this user.",
+                            exc,
+                        )
+                    continue
+                # A SUBSCRIBE refused (an ACL without it, a proxy without pub/sub).
                 error = to_backend_error(exc)
                 for confirmed in self._confirmations.values():
                     if not confirmed.done():
                         confirmed.set_exception(error)
                         confirmed.exception()
                 continue
-            except (redis_errors.RedisError, OSError, RuntimeError) as exc:
+            except (redis_errors.RedisError, OSError, RuntimeError, TimeoutError) as exc:
                 failures += 1
+                answer_by = None
                 self._backend.errors += 1
-                # Once per outage at warning level; the retries of the same outage at debug.
-                level = logging.WARNING if failures == 1 else logging.DEBUG
-                logger.log(level, "pub/sub connection failed (%s); retrying", exc)
+                self._episode.failed(f"pub/sub connection failed ({exc}); retrying")
+                if failures > 1:
+                    logger.debug("pub/sub connection failed (%s); retrying", exc)
                 await asyncio.sleep(min(1.0, 0.05 * 2**failures))
                 continue
-            if message is None:
-                continue
+            answer_by = None  # any frame proves the connection alive
+            self._episode.succeeded()
             kind, channel = message["type"], message["channel"]
             if kind == "message":
                 self._on_message(channel, message["data"])
@@ -1152,6 +1202,32 @@ class _PubSub:
                     self._on_message(channel, b"")
                 elif not pending.done():
                     pending.set_result(None)
+
+    async def _ping(self) -> None:
+        async with asyncio.timeout(self._backend.command_timeout), self._sending:
+            await self._pubsub.ping()
+
+    async def _renew(self) -> None:
+        """
+        The connection is silent (its PING unanswered): replace it, subscribe every channel
+        again, and wake every waiter to re-read Redis (fills published meanwhile are lost).
+        """
+        self.renewals += 1
+        pubsub = self._pubsub
+        self._episode.failed(
+            f"the pub/sub connection of fill notifications went silent (no answer to a PING "
+            f"within {self.health_interval:g}s): replaced, its {len(pubsub.channels)} channels "
+            "subscribed again, and their waiters re-check Redis"
+        )
+        async with asyncio.timeout(self._backend.command_timeout), self._sending:
+            # Channels being left are not subscribed again (their UNSUBSCRIBE was lost).
+            for channel in pubsub.pending_unsubscribe_channels:
+                pubsub.channels.pop(channel, None)
+            connection = cast("AbstractConnection | None", pubsub.connection)
+            if connection is not None:
+                await connection.disconnect(nowait=True)
+            await pubsub.connect()  # type: ignore[no-untyped-call]  # re-subscribes all
+        self._on_message(b"", b"")
 
     async def aclose(self) -> None:
         self._closed = True

@@ -141,6 +141,8 @@ class Statistics:
             refused with `ValueTooLargeError`, a loaded value served but not cached, or a
             stored record found on read and treated as a miss (not decoded).
         redis_errors: Redis commands that failed or ran out of time.
+        pubsub_renewals: Times the fill notifications' pub/sub connection was found silent
+            (open, but its health PING unanswered) and replaced; its waiters re-checked Redis.
         notify_fallbacks: Waits for another process's fill that had no pub/sub subscription
             (refused, or the connection failed) and re-checked at the holder's lease instead.
         breaker_opened: Times the circuit breaker opened (Redis unreachable).
@@ -184,6 +186,7 @@ class Statistics:
     decode_errors: int = 0
     values_too_large: int = 0
     redis_errors: int = 0
+    pubsub_renewals: int = 0
     soft_expired_served: int = 0
     notify_fallbacks: int = 0
     bloom_add_errors: int = 0
@@ -238,6 +241,7 @@ class Counters:
     decode_errors: int
     values_too_large: int
     redis_errors: int
+    pubsub_renewals: int
     soft_expired_served: int
     notify_fallbacks: int
     bloom_add_errors: int

@@ -23,7 +23,9 @@ Limitations:
     - Pub/sub is at-most-once: a message published while the connection is down is lost.
       Callers must bound every wait by something they can re-check (the lock's remaining
       lease), which the Cache does; a re-subscription after a reconnect wakes every listener
-      of the channel, so they re-check at once.
+      of the channel, so they re-check at once, and so does the replacement of a connection
+      found silent by its health check (the backend's ``PUBSUB_HEALTH_INTERVAL``): a frozen
+      connection costs waiters at most two health intervals, not the lease.
 """
 
 from __future__ import annotations
@@ -115,7 +117,18 @@ class FillNotifier:
             self._subscriber.prepare()
 
     def deliver(self, channel: bytes, data: bytes = b"") -> None:
-        """Wake every listener of ``channel`` with ``data`` (called by the subscriber)."""
+        """
+        Wake every listener of ``channel`` with ``data`` (called by the subscriber). The
+        channel ``b""`` says the connection was replaced (any fill may have been missed):
+        every listener of every channel is woken to re-check, and subscribing is tried
+        again at once by the next listener, whatever failed before.
+        """
+        if not channel:
+            self._unavailable_until = None
+            for every in self._channels.values():
+                for signal in every.signals:
+                    signal.set()
+            return
         entry = self._channels.get(channel)
         if entry is not None:
             for signal in entry.signals:
