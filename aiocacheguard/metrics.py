@@ -160,8 +160,9 @@ class Statistics:
         local_evictions: L1 entries removed to stay within its ``max_entries`` / ``max_bytes``.
         invalidations: Keys the L1 was told changed (announced by Redis, or written by this
             process), plus flushes; counted whether or not it held them.
-        local_bypassed: Times the L1 stopped serving because an invalidation listener lost
-            its connection (it serves again once tracking is restored).
+        local_bypassed: Times the L1 stopped serving because an invalidation listener
+            stopped listening, for any reason (its connection lost or silent, an error it did
+            not expect, its task ending); it serves again once tracking is restored.
         loads_running: Now (a gauge, not a count): bulkhead slots taken, each by a top-level
             load and the loads it caused (``max_concurrent_loads``; 0 without a bulkhead).
         loads_waiting: Now (a gauge): loads waiting for a bulkhead slot.

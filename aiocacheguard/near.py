@@ -27,8 +27,10 @@ Guarantees:
       serves the value it replaced (an L1 of another thread's event loop: from that loop's
       next turn); a write by any other client (another process, redis-cli, FLUSHDB, an expiry)
       stops being served when its invalidation arrives (sub-millisecond on loopback) or,
-      if invalidations stop arriving, when the listener finds its connection lost (within
-      two of its ``health_interval``).
+      if invalidations stop arriving, when the listener stops listening: at once when it
+      ends for any reason (an error, its task ending), within two of its
+      ``health_interval`` when its connection goes silent. The listener starts again by
+      itself; the store serves again only once tracking is back.
     - Nothing is served from the L1 while any listener is not listening.
 
 Limitations:
