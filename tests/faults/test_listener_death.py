@@ -12,6 +12,8 @@ real redis-server:
 - **A frame the parser cannot read**, injected on the tracking connection through the
   `FaultProxy` (an error nobody expected): the L1 must stop serving at once, say so once,
   and serve again once tracking is restored.
+- **Silence**: the tracking connection blackholed (TCP open, nothing flows), found by its
+  unanswered PING; with the default health interval that must fit within the bound.
 - **Churn**: the tracking connection killed (``CLIENT KILL ID``) again and again while a
   writer writes and a reader reads: one WARNING for the whole episode, not one per kill.
 
@@ -218,6 +220,42 @@ async def test_a_listener_ended_by_an_unexpected_error_bypasses_the_l1_and_heals
             await through.aclose()
     said = listener_warnings(caplog)
     assert len(said) == 1 and "failed (" in said[0], said
+    assert not library_tasks()
+
+
+async def test_a_silent_tracking_connection_never_leaves_the_l1_stale_past_the_bound(
+    client: redis.Redis, redis_server: RedisServer, namespace: str
+) -> None:
+    # The tracking connection freezes (TCP open, nothing flows): no error ever comes, only
+    # the unanswered PING shows it, after two health intervals. With the library's default
+    # interval that must stay within the bound.
+    async with FaultProxy(redis_server.port) as proxy:
+        through = redis.Redis(port=proxy.port)
+        try:
+            cache = Cache(through, namespace=namespace, policy=POLICY, local=LocalCache(ttl=60.0))
+            async with (
+                cache as reader,
+                Cache(client, namespace=namespace, policy=POLICY) as writer,
+            ):
+                near = reader._near
+                assert near is not None
+                (listener,) = near.listeners
+                timeline = Timeline(writer, reader, "k")
+                await timeline.write()
+                await timeline.run(0.5)
+                assert listener.client_id is not None
+                proxy.blackhole(
+                    connection=await tracking_connection(proxy, client, listener.client_id)
+                )
+                await timeline.run(3 * BOUND)
+                assert listener.lost == 1 and reader.statistics().local_bypassed == 1
+                async with asyncio.timeout(5):
+                    await listener.wait_listening()
+                hits = reader.statistics().local_hits
+                await timeline.run(0.5)
+                assert reader.statistics().local_hits > hits
+        finally:
+            await through.aclose()
     assert not library_tasks()
 
 
