@@ -1088,7 +1088,7 @@ class _PubSub:
         # not reconnect under a SUBSCRIBE half sent, nor lose a channel sent but not noted.
         self._sending = asyncio.Lock()
         # Failures and renewals less than a minute apart are one episode: one warning.
-        self._episode = Episode("the pub/sub connection of fill notifications")
+        self._episode = Episode("pub/sub connections of fill notifications")
         self._ping_refused = False  # said once
         #: Seconds of silence before a PING, and the time its reply has (tests lower it).
         self.health_interval: float = PUBSUB_HEALTH_INTERVAL

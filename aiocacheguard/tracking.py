@@ -172,7 +172,7 @@ class InvalidationListener:
         self._closing = False
         self._listening = asyncio.Event()
         # Losses, failed attempts and unexpected ends less than a minute apart: one warning.
-        self._episode = Episode("the L1's invalidation listener")
+        self._episode = Episode("invalidation listener connections")
         self._unexpected = 0  # unexpected ends in a row, for the pause before the next start
         self._ping_refused = False  # said once
         #: The server's id of the listening connection, while it listens.

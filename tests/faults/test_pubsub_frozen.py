@@ -39,11 +39,16 @@ POLICY = Policy(ttl=30.0, lock_ttl=LEASE, wait_timeout=30.0)
 
 
 async def pubsub_connection(proxy: FaultProxy, direct: redis.Redis, name: str) -> int:
-    """The proxy's id of the subscribed connection of the client named ``name``."""
-    subscribed = [
-        c for c in await direct.client_list() if c.get("name") == name and int(c["sub"]) > 0
+    """
+    The proxy's id of the pub/sub connection of the client named ``name``: the one whose
+    last command was a pub/sub one (the pool's connections send none).
+    """
+    pubsub = [
+        c
+        for c in await direct.client_list()
+        if c.get("name") == name and c["cmd"] in ("subscribe", "unsubscribe", "ping")
     ]
-    (info,) = subscribed
+    (info,) = pubsub
     port = int(info["addr"].rsplit(":", 1)[1])
     (connection,) = [c for c, p in proxy.connections.items() if p == port]
     return connection
@@ -78,58 +83,52 @@ async def round_(a: Cache, b: Cache, key: str, own: GatedLoader) -> float:
     return time.monotonic() - filled
 
 
+@pytest.mark.parametrize("protocol", [2, 3])
 async def test_a_frozen_pubsub_connection_is_replaced_and_waiters_notified_again(
     client: redis.Redis,
     redis_server: RedisServer,
     namespace: str,
     caplog: pytest.LogCaptureFixture,
+    protocol: int,
 ) -> None:
     caplog.set_level(logging.WARNING, "aiocacheguard")
     name = f"{namespace}-b"
     async with FaultProxy(redis_server.port) as proxy:
-        waiter_client = through(proxy.port, name)
-        async with (
-            Cache(client, namespace=namespace, policy=POLICY) as a,
-            Cache(waiter_client, namespace=namespace, policy=POLICY) as b,
-        ):
-            subscriber = b._backend._pubsub
-            assert subscriber is not None
-            subscriber.health_interval = HEALTH
-            own = GatedLoader("loaded by B")
-            own.release.set()
+        # RESP2 and RESP3 answer a PING on a subscribed connection differently.
+        waiter_client = through(proxy.port, name, protocol=protocol)
+        try:
+            async with (
+                Cache(client, namespace=namespace, policy=POLICY) as a,
+                Cache(waiter_client, namespace=namespace, policy=POLICY) as b,
+            ):
+                subscriber = b._backend._pubsub
+                assert subscriber is not None
+                subscriber.health_interval = HEALTH
+                own = GatedLoader("loaded by B")
+                own.release.set()
 
-            # Warm: notified at once; the subscribed connection is found while it waits.
-            found: list[int] = []
+                # Warm: notified at once; then its connection is found (its last command was
+                # UNSUBSCRIBE, or a health PING).
+                assert await round_(a, b, "warm", own) < WOKEN
+                connection = await pubsub_connection(proxy, client, name)
 
-            async def find() -> None:
-                await wait_until(lambda: b.statistics().lock_waits == 1)
-                async with asyncio.timeout(5):
-                    while not found:
-                        try:
-                            found.append(await pubsub_connection(proxy, client, name))
-                        except ValueError:
-                            await asyncio.sleep(0.005)  # not subscribed yet
-
-            finding = asyncio.create_task(find())
-            assert await round_(a, b, "warm", own) < WOKEN
-            await finding
-
-            proxy.blackhole(connection=found[0])
-            frozen, frozen_wall = time.monotonic(), time.time()
-            assert await b.get("warm") == "warm from A"  # the rest of B is fine
-            # Rounds go on through the freeze; those that begin two health intervals after
-            # it (and a margin for a shared machine) must be woken by notification again.
-            after = frozen + 2 * HEALTH + 0.5
-            rounds: list[tuple[float, float]] = []
-            while len([began for began, _ in rounds if began >= after]) < 3:
-                began = time.monotonic()
-                rounds.append((began, await round_(a, b, f"k{len(rounds)}", own)))
-            late = [round(took, 2) for began, took in rounds if began >= after]
-            assert all(t < WOKEN for t in late), f"rounds took {late} (lease {LEASE}s)"
-            stats = b.statistics()
-            assert own.calls == 0 and stats.loader_calls == 0
-            assert stats.pubsub_renewals == 1
-        await waiter_client.aclose()
+                proxy.blackhole(connection=connection)
+                frozen, frozen_wall = time.monotonic(), time.time()
+                assert await b.get("warm") == "warm from A"  # the rest of B is fine
+                # Rounds go on through the freeze; those that begin two health intervals after
+                # it (and a margin for a shared machine) must be woken by notification again.
+                after = frozen + 2 * HEALTH + 0.5
+                rounds: list[tuple[float, float]] = []
+                while len([began for began, _ in rounds if began >= after]) < 3:
+                    began = time.monotonic()
+                    rounds.append((began, await round_(a, b, f"k{len(rounds)}", own)))
+                late = [round(took, 2) for began, took in rounds if began >= after]
+                assert all(t < WOKEN for t in late), f"rounds took {late} (lease {LEASE}s)"
+                stats = b.statistics()
+                assert own.calls == 0 and stats.loader_calls == 0
+                assert stats.pubsub_renewals == 1
+        finally:
+            await waiter_client.aclose()
     said = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(said) == 1 and "went silent" in said[0].getMessage(), said
     detected = said[0].created - frozen_wall
@@ -145,31 +144,33 @@ async def test_waiters_parked_on_a_connection_that_freezes_are_woken_by_its_repl
     name = f"{namespace}-b"
     async with FaultProxy(redis_server.port) as proxy:
         waiter_client = through(proxy.port, name)
-        async with (
-            Cache(client, namespace=namespace, policy=POLICY) as a,
-            Cache(waiter_client, namespace=namespace, policy=POLICY) as b,
-        ):
-            subscriber = b._backend._pubsub
-            assert subscriber is not None
-            subscriber.health_interval = HEALTH
-            own = GatedLoader("loaded by B")
-            own.release.set()
-            loader = GatedLoader("k from A")
-            holder = asyncio.create_task(a.get_or_load("k", loader))
-            await asyncio.wait_for(loader.started.wait(), 5)
-            waiters = [asyncio.create_task(b.get_or_load("k", own)) for _ in range(10)]
-            channel = b.keys.channel(b.keys.value("k"))
-            await wait_until(lambda: channel in b._notifier._channels)
-            await asyncio.shield(b._notifier._channels[channel].ready)
-            proxy.blackhole(connection=await pubsub_connection(proxy, client, name))
-            loader.release.set()
-            await holder
-            filled = time.monotonic()
-            async with asyncio.timeout(LEASE + 5):
-                results = await asyncio.gather(*waiters)
-            waited = time.monotonic() - filled
-            assert results == ["k from A"] * 10 and own.calls == 0
-            assert waited < 2 * HEALTH + WOKEN, f"waited {waited:.2f}s (lease {LEASE}s)"
-            assert b.statistics().pubsub_renewals == 1
-        await waiter_client.aclose()
+        try:
+            async with (
+                Cache(client, namespace=namespace, policy=POLICY) as a,
+                Cache(waiter_client, namespace=namespace, policy=POLICY) as b,
+            ):
+                subscriber = b._backend._pubsub
+                assert subscriber is not None
+                subscriber.health_interval = HEALTH
+                own = GatedLoader("loaded by B")
+                own.release.set()
+                loader = GatedLoader("k from A")
+                holder = asyncio.create_task(a.get_or_load("k", loader))
+                await asyncio.wait_for(loader.started.wait(), 5)
+                waiters = [asyncio.create_task(b.get_or_load("k", own)) for _ in range(10)]
+                channel = b.keys.channel(b.keys.value("k"))
+                await wait_until(lambda: channel in b._notifier._channels)
+                await asyncio.shield(b._notifier._channels[channel].ready)
+                proxy.blackhole(connection=await pubsub_connection(proxy, client, name))
+                loader.release.set()
+                await holder
+                filled = time.monotonic()
+                async with asyncio.timeout(LEASE + 5):
+                    results = await asyncio.gather(*waiters)
+                waited = time.monotonic() - filled
+                assert results == ["k from A"] * 10 and own.calls == 0
+                assert waited < 2 * HEALTH + WOKEN, f"waited {waited:.2f}s (lease {LEASE}s)"
+                assert b.statistics().pubsub_renewals == 1
+        finally:
+            await waiter_client.aclose()
     await assert_nothing_left(client, namespace, name=name)
