@@ -1164,7 +1164,7 @@ class _PubSub:
             except redis_errors.ResponseError as exc:
                 # An error reply, a reply all the same: the connection lives.
                 answer_by = None
-                if "'ping'" in str(exc):  # the health PING, denied by an ACL: said once
+                if "'ping' command" in str(exc):  # the health PING denied by an ACL: said once
                     if not self._ping_refused:
                         self._ping_refused = True
                         logger.warning(
