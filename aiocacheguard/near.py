@@ -67,6 +67,7 @@ import weakref
 from collections.abc import Callable, Sequence
 
 from ._checks import check_instance
+from ._episodes import Episode
 from .backend import RedisClient, TrackingConnection, budgeted, is_cluster
 from .codec import Entry
 from .errors import BackendError
@@ -75,7 +76,14 @@ from .tracking import InvalidationListener
 
 logger = logging.getLogger("aiocacheguard")
 
-__all__ = ("HEALTH_INTERVAL", "SIZE_EXTRA", "SIZE_FACTOR", "TOPOLOGY_INTERVAL", "NearCache")
+__all__ = (
+    "HEALTH_INTERVAL",
+    "RESTART_PAUSE",
+    "SIZE_EXTRA",
+    "SIZE_FACTOR",
+    "TOPOLOGY_INTERVAL",
+    "NearCache",
+)
 
 #: Seconds of silence before a listener PINGs, and the time the PONG has. A tracking
 #: connection that goes silent is found within two of them, and until then the L1 may serve
@@ -85,6 +93,9 @@ HEALTH_INTERVAL = 0.4
 
 #: Seconds between two checks of a cluster's primaries (sooner after a listener was lost).
 TOPOLOGY_INTERVAL = 5.0
+#: Seconds before the L1 starts over after its starter (a cluster's watch of its primaries)
+#: ended by an error nobody expected; bypassed meanwhile.
+RESTART_PAUSE = 1.0
 #: An entry is accounted (for ``max_bytes``) as this many times its encoded size, plus
 #: `SIZE_EXTRA` bytes, plus the store's `ENTRY_OVERHEAD`: the record's copy of the payload,
 #: the decoded value and the objects around them (tests/test_near.py measures it).
@@ -117,15 +128,18 @@ class NearCache:
         "_budget",
         "_client",
         "_closed",
+        "_episode",
         "_health_interval",
         "_listening",
         "_loop",
         "_lost",
         "_prefix",
+        "_restarting",
         "_starting",
         "_topology_changed",
         "_tracked",
         "_tracking",
+        "_unwatched",
         "listeners",
         "on_change",
         "store",
@@ -152,6 +166,9 @@ class NearCache:
         self._listening = 0
         self._lost = 0  # times the store went from serving to bypassing
         self._starting: asyncio.Task[None] | None = None
+        self._restarting: asyncio.Task[None] | None = None  # after the starter ended badly
+        self._unwatched = False  # the starter ended badly: serve nothing until started over
+        self._episode = Episode("L1 starters")  # their bad ends, once per episode
         self._tracked: frozenset[str] = frozenset()  # a cluster's primaries being tracked
         self._tracking = asyncio.Event()  # the first listeners are made
         self._topology_changed = asyncio.Event()  # a listener was lost: check the primaries now
@@ -270,9 +287,51 @@ class NearCache:
 
     def start(self) -> None:
         """Start the listeners in the background (once; the first read calls this)."""
-        if self._starting is None:
+        if self._starting is None and not self._closed:
             self._loop = loop = asyncio.get_running_loop()
             self._starting = loop.create_task(self._start(), name="aiocacheguard-l1-start")
+            self._starting.add_done_callback(self._start_ended)
+
+    def _start_ended(self, task: asyncio.Task[None]) -> None:
+        """
+        The starter ended. A standalone or Sentinel client's ends once its listener is
+        started; a cluster client's watches the primaries until `aclose`. Any other end (an
+        error nobody expected, a cancellation from outside) leaves the L1 unable to follow
+        its listeners or the slots that move: it is bypassed at once, and started over (every
+        listener closed and made again) after `RESTART_PAUSE` seconds.
+        """
+        if self._closed or task is not self._starting:
+            return
+        if task.cancelled():
+            why = "was cancelled"
+        elif (exc := task.exception()) is not None:
+            logger.debug("the L1's starter died", exc_info=exc)
+            why = f"died ({type(exc).__name__}: {exc})"
+        elif is_cluster(self._client):
+            why = "ended"
+        else:
+            return  # its work is done
+        self._episode.failed(
+            f"the L1's watch of its listeners {why}: it serves nothing until it has started over"
+        )
+        self._unwatched = True
+        if not self.store.bypassing:
+            self._lost += 1
+        self.store.bypass()
+        self._restarting = asyncio.get_running_loop().create_task(
+            self._start_over(), name="aiocacheguard-l1-restart"
+        )
+
+    async def _start_over(self) -> None:
+        await asyncio.sleep(RESTART_PAUSE)
+        for listener in self.listeners:
+            await listener.aclose()
+        self.listeners, self._listening = [], 0
+        self._tracked = frozenset()
+        self._tracking.clear()
+        self._unwatched = False
+        self._starting = None
+        self.start()
 
     async def wait_serving(self, within: float) -> bool:
         """Start, and wait up to ``within`` seconds for the store to serve; whether it does."""
@@ -360,7 +419,8 @@ class NearCache:
 
     def _on_restored(self) -> None:
         self._listening += 1
-        if self._listening == len(self.listeners):  # all appended before any task ran
+        # All listeners are appended before any of their tasks ran.
+        if self._listening == len(self.listeners) and not self._unwatched:
             self.store.resume()
 
     def counters(self) -> dict[str, int]:
@@ -381,10 +441,10 @@ class NearCache:
         """
         self._closed = True
         self._leave()
-        starting = self._starting
-        while starting is not None and not starting.done():
-            starting.cancel()
-            await asyncio.wait({starting}, timeout=0.1)
+        for starting in (self._starting, self._restarting):
+            while starting is not None and not starting.done():
+                starting.cancel()
+                await asyncio.wait({starting}, timeout=0.1)
         for listener in self.listeners:
             await listener.aclose()
         self.store.bypass()

@@ -34,9 +34,11 @@ from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as redis
+from redis.asyncio.cluster import RedisCluster
 
 from aiocacheguard import Cache, LocalCache, Policy
-from aiocacheguard.testing import FaultProxy, RedisServer
+from aiocacheguard.near import RESTART_PAUSE
+from aiocacheguard.testing import FaultProxy, RedisClusterServer, RedisServer
 
 from ..helpers import library_tasks, wait_until
 
@@ -292,4 +294,40 @@ async def test_a_listener_killed_again_and_again_is_said_once_and_never_stale(
         assert reader.statistics().local_hits > hits
     said = listener_warnings(caplog)
     assert len(said) == 1, f"{len(said)} warnings for one episode of {kills} losses: {said[:3]}"
+    assert not library_tasks()
+
+
+async def test_a_cluster_l1_whose_watch_is_ended_from_outside_bypasses_and_starts_over(
+    redis_cluster: RedisClusterServer, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # On a cluster the L1's starter watches the primaries until aclose(); if it ends (here a
+    # cancellation nobody asked for), slots that move go unnoticed: the L1 must stop serving
+    # at once, say so, and start over.
+    caplog.set_level(logging.WARNING, "aiocacheguard")
+    host, port = redis_cluster.startup_nodes[0]
+    client = RedisCluster(host=host, port=port)
+    try:
+        cache = Cache(client, namespace=namespace, policy=POLICY, local=LocalCache(ttl=60.0))
+        async with cache:
+            near = cache._near
+            assert near is not None and near.serving
+            await cache.set("k", 1)
+            assert await cache.get("k") == 1
+            before = list(near.listeners)
+            starter = near._starting
+            assert starter is not None
+            starter.cancel()
+            await wait_until(lambda: not near.serving, within=1.0)  # at once
+            assert cache.statistics().local_bypassed == 1
+            # Started over: new listeners, and the L1 serves again.
+            await wait_until(lambda: near.serving, within=RESTART_PAUSE + 10)
+            assert not set(near.listeners) & set(before)
+            hits = cache.statistics().local_hits
+            for _ in range(3):
+                assert await cache.get("k") == 1
+            assert cache.statistics().local_hits > hits
+        said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(said) == 1 and "started over" in said[0], said
+    finally:
+        await client.aclose()
     assert not library_tasks()
