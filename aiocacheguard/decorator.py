@@ -119,7 +119,7 @@ class CacheRef:
 
     A Cache belongs to the event loop it runs in and cannot be used after `Cache.aclose`,
     while an app's lifespan can run more than once in one process (each test client runs it
-    again). So the Cache is created in the lifespan, and bound there::
+    again). So the Cache is created in the lifespan, and bound there:
 
         cache_ref = CacheRef()
 

@@ -74,7 +74,9 @@ class Policy:
             Ignored without an L1. Whatever it says, an L1 entry never outlives its record's
             ``soft_ttl`` (or ``ttl``).
 
-    Combinations accepted on purpose (each knob bounds a different thing):
+    Combinations accepted on purpose:
+        Each knob bounds a different thing, so none of these is an error.
+
         - ``negative_ttl > ttl``: how long an absence may be reported is a choice of its own
           (absent ids probed by a scanner may be cached longer than values that change), and
           the 5 s default stays valid with a short ``ttl`` (``@cached(cache, ttl=1)``). A
