@@ -767,13 +767,14 @@ class RedisBackend:
             f"cached until it accepts them again ({self.writes_refused} refused so far)"
         )
 
-    def denied(self, detail: str) -> None:
+    def denied(self, detail: str, count: int = 1) -> None:
         """
-        Redis refused this user something (``detail`` says what): a configuration error, not
-        a failure of Redis, so the breaker is not told. Counted; said once per episode.
+        Redis refused this user something (``detail`` says what; ``count`` things): a
+        configuration error, not a failure of Redis, so the breaker is not told. Counted;
+        said once per episode.
         """
-        self.permission_errors += 1
-        self._denials.failed(f"{detail}; {self.permission_errors} refused so far")
+        self.permission_errors += count
+        self._denials.failed(f"{detail} ({self.permission_errors} permission errors so far)")
 
     async def _direct(self, command: Callable[[], Awaitable[T]], route: Route = None) -> T:
         """

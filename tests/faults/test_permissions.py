@@ -21,8 +21,10 @@ from aiocacheguard import (
     AuthenticationError,
     BackendUnavailable,
     Cache,
+    LocalCache,
     PermissionDeniedError,
     Policy,
+    permissions,
 )
 from aiocacheguard.backend import RedisBackend
 from aiocacheguard.guards.notify import FillNotifier
@@ -40,13 +42,15 @@ async def acl_client(
 ) -> AsyncIterator[redis.Redis]:
     """A client of a throwaway ACL user with ``rules`` (``ACL SETUSER`` syntax)."""
     user = f"acl-{uuid.uuid4().hex[:8]}"
-    await admin.execute_command("ACL", "SETUSER", user, "reset", "on", ">pw", *rules)
+    await admin.execute_command(  # type: ignore[no-untyped-call]
+        "ACL", "SETUSER", user, "reset", "on", ">pw", *rules
+    )
     client = redis.Redis(port=server.port, username=user, password="pw")
     try:
         yield client
     finally:
         await client.aclose()
-        await admin.execute_command("ACL", "DELUSER", user)
+        await admin.execute_command("ACL", "DELUSER", user)  # type: ignore[no-untyped-call]
 
 
 def warnings_of(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
@@ -101,9 +105,9 @@ async def test_a_missing_permission_is_said_once_and_never_trips_the_breaker(
         assert stats.permission_errors >= 31
         assert stats.breaker_opened == 0 and stats.short_circuited == 0
         assert cache.breaker is not None and cache.breaker.state.value == "closed"
-        said = warnings_of(caplog, "Redis refused this user")
-        assert len(said) == 1, said  # one episode, one line
-        assert ("key" if missing == "key access" else missing) in said[0]
+        said = warnings_of(caplog, "")
+        assert len(said) == 1, said  # one episode, one line: the start check's
+        assert ("~{" if missing == "key access" else f"+{missing}") in said[0]
 
 
 async def test_a_refused_publish_does_not_fail_the_write(
@@ -145,10 +149,11 @@ async def test_a_refused_publish_does_not_fail_the_write(
         assert await cache.delete("d") is True
         assert await client.exists(cache.keys.value("d"), lock) == 0
         stats = cache.statistics()
-        assert stats.permission_errors == 4  # 2 sets, a fill, a delete: each notice refused
+        # The start check's finding, then 2 sets, a fill and a delete: each notice refused.
+        assert stats.permission_errors == 1 + 4
         assert stats.lock_lost == 0 and stats.unwritten_loads == 0
-        said = warnings_of(caplog, "PUBLISH")
-        assert len(said) == 1, said
+        said = warnings_of(caplog, "")
+        assert len(said) == 1, said  # the start check's; the refusals are the same episode
 
 
 async def test_a_wrong_password_is_not_an_outage(
@@ -161,21 +166,20 @@ async def test_a_wrong_password_is_not_an_outage(
     """
     secret = "s3cret-never-printed"
     url = f"redis://nobody:{secret}@127.0.0.1:{redis_server.port}/0"
-    if True:
-        async with Cache.from_url(url, namespace=namespace, policy=Policy(ttl=30.0)) as cache:
-            for _ in range(20):
-                with pytest.raises(AuthenticationError) as raised:
-                    await cache.get("k")
-                assert not isinstance(raised.value, BackendUnavailable)
-                assert secret not in str(raised.value)
-            keys = [f"k{i}" for i in range(10)]
-            assert await load_each(cache, keys) == [f"loaded {k}" for k in keys]
-            stats = cache.statistics()
-            assert stats.breaker_opened == 0 and stats.short_circuited == 0
-            assert stats.permission_errors >= 30
-            said = warnings_of(caplog, "credentials")
-            assert len(said) == 1, said
-            assert secret not in caplog.text
+    async with Cache.from_url(url, namespace=namespace, policy=Policy(ttl=30.0)) as cache:
+        for _ in range(20):
+            with pytest.raises(AuthenticationError) as raised:
+                await cache.get("k")
+            assert not isinstance(raised.value, BackendUnavailable)
+            assert secret not in str(raised.value)
+        keys = [f"k{i}" for i in range(10)]
+        assert await load_each(cache, keys) == [f"loaded {k}" for k in keys]
+        stats = cache.statistics()
+        assert stats.breaker_opened == 0 and stats.short_circuited == 0
+        assert stats.permission_errors >= 30
+        said = warnings_of(caplog, "credentials")
+        assert len(said) == 1, said
+        assert secret not in caplog.text
 
 
 async def test_subscriptions_stay_bounded_without_unsubscribe(
@@ -209,3 +213,44 @@ async def test_subscriptions_stay_bounded_without_unsubscribe(
             await notifier.aclose()
             await backend.aclose()
         assert not library_tasks()
+
+
+@pytest.mark.parametrize("local", [False, True])
+async def test_the_start_says_in_one_warning_what_is_missing(
+    redis_server: RedisServer,
+    client: redis.Redis,
+    namespace: str,
+    caplog: pytest.LogCaptureFixture,
+    local: bool,
+) -> None:
+    """Before: nothing was checked; each missing permission showed only when first used."""
+    rules = ("~*", "&*", "+@all", "-evalsha", "-publish", "-client|tracking")
+    async with acl_client(client, redis_server, *rules) as limited:
+        l1 = LocalCache(ttl=5.0) if local else None
+        async with Cache(limited, namespace=namespace, policy=Policy(ttl=30.0), local=l1) as c:
+            said = warnings_of(caplog, "ACL DRYRUN")
+            assert len(said) == 1, said
+            assert "+evalsha +publish" in said[0]
+            assert ("+client|tracking" in said[0]) is local
+            assert f"aiocacheguard acl --namespace {namespace}" in said[0]
+            assert c.statistics().permission_errors == 2 + local
+
+
+async def test_the_start_is_silent_when_nothing_is_missing_or_it_cannot_ask(
+    redis_server: RedisServer,
+    client: redis.Redis,
+    namespace: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The least-privileged user of `aiocacheguard acl` lacks nothing, and may not ask.
+    arguments = permissions.setuser(namespace, user="x", password="pw", local=True)
+    async with acl_client(client, redis_server, *arguments[5:]) as least:
+        local = LocalCache(ttl=5.0)
+        async with Cache(least, namespace=namespace, policy=Policy(ttl=30.0), local=local) as c:
+            await c.set("k", 1)
+            assert await c.get("k") == 1
+            assert c.statistics().permission_errors == 0
+    # An admin lacks nothing either.
+    async with Cache(client, namespace=namespace, policy=Policy(ttl=30.0)) as c:
+        assert c.statistics().permission_errors == 0
+    assert not warnings_of(caplog, "")
