@@ -155,10 +155,10 @@ def setuser(
     Raises:
         ConfigurationError: the namespace or user name cannot be used.
     """
+    rules = grants(namespace, local=local, bloom=bloom, clear=clear)  # checks the namespace
     user = f"cache-{namespace}" if user is None else user
     if not user or any(c.isspace() or c in "\"'" for c in user):
         raise ConfigurationError("user", user, "a user name without spaces or quotes")
-    rules = grants(namespace, local=local, bloom=bloom, clear=clear)
     return ["ACL", "SETUSER", user, "reset", "on", f">{password}", *rules]
 
 
@@ -209,13 +209,17 @@ async def missing(
         ("ACL", "DRYRUN", user, *(part.format_map(names) for part in need.probe)) for need in needs
     ]
     try:
-        replies = await run_all(commands)
+        # One first: a user not allowed ACL DRYRUN is refused once (Redis logs each refusal
+        # in ACL LOG), not once per command.
+        replies = list(await run_all(commands[:1]))
+        if not isinstance(replies[0], BaseException):
+            replies += await run_all(commands[1:])
     except AuthenticationError:
         raise  # said by the caller: the user cannot log in at all
     except CacheGuardError:
         return None
     lacking: dict[str, None] = {}
-    for need, reply in zip(needs, replies, strict=True):
+    for need, reply in zip(needs, replies, strict=False):
         if isinstance(reply, BaseException):
             return None  # ACL DRYRUN itself refused or unknown: nothing can be said
         text = reply.decode(errors="replace") if isinstance(reply, bytes) else str(reply)
