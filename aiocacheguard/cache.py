@@ -143,7 +143,6 @@ class Cache(BulkOperations):
         self._on_fill = on_fill = None if bloom is None else bloom.filled
         self._refreshes = Refreshes(self._rebuilder, clock, max_refreshes, self._detach, on_fill)
         self._closing: asyncio.Task[None] | None = None
-        self._permissions: asyncio.Task[None] | None = None  # the start check (`__aenter__`)
         self._owns_client = False  # from_url: the Cache made the client, and closes it
 
     @classmethod
@@ -173,18 +172,17 @@ class Cache(BulkOperations):
         self._check_open()
         if self._near is not None:  # the L1 serves once it hears invalidations: start now
             await self._near.wait_serving(self._backend.command_timeout)
-        if self._permissions is None:  # in the background: a Redis down must not slow this
-            self._permissions = asyncio.create_task(
-                self._check_permissions(), name="aiocacheguard-permissions"
-            )
+        # Awaited, like the L1's start: its few commands are done before the Cache is used
+        # (bounded by one command budget, as the L1's wait is, where Redis is down).
+        await self._check_permissions()
         return self
 
     async def _check_permissions(self) -> None:
         """
         Ask Redis (ACL DRYRUN, one probe then one pipelined round trip) whether this Cache's
         user may do what the Cache needs, and say in one warning what it lacks. Silent where
-        Redis cannot be asked (Redis < 7, a user not allowed ACL DRYRUN, Redis down): the
-        first refusal says it then.
+        Redis cannot be asked (Redis < 7, a user not allowed ACL DRYRUN, Redis down, within
+        one command budget): the first refusal says it then.
         """
         local, bloom = self._near is not None, self.bloom is not None
         try:
@@ -223,9 +221,6 @@ class Cache(BulkOperations):
         await asyncio.shield(self._closing)
 
     async def _aclose(self, drain: bool) -> None:
-        if self._permissions is not None:
-            self._permissions.cancel()
-            await asyncio.gather(self._permissions, return_exceptions=True)
         await self._refreshes.aclose(drain=drain)
         # Flights, the lock releases they left, subscriptions, the L1's listeners, connections.
         for part in (self._loads, self._rebuilder, self._notifier, self._near, self._backend):

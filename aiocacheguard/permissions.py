@@ -286,6 +286,8 @@ async def check(
             if is_cluster(client):
                 calls = (run(*command) for command in commands)
                 return await budgeted(asyncio.gather(*calls, return_exceptions=True), budget)
+            if getattr(client, "single_connection_client", False):  # (a pipeline: a second)
+                return await budgeted(_one_by_one(run, commands), budget)
             pipe = client.pipeline(transaction=False)
             for command in commands:
                 pipe.execute_command(*command)
@@ -296,3 +298,15 @@ async def check(
             return None
         found[node.name] = lacking
     return found
+
+
+async def _one_by_one(
+    run: Callable[..., Awaitable[Any]], commands: list[tuple[str, ...]]
+) -> list[Any]:
+    replies: list[Any] = []
+    for command in commands:
+        try:
+            replies.append(await run(*command))
+        except Exception as exc:  # in place, as a pipeline returns it
+            replies.append(exc)
+    return replies
