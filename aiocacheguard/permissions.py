@@ -38,6 +38,7 @@ from .keys import KeySpace
 
 __all__ = (
     "NEEDS",
+    "PASSWORD_PLACEHOLDER",
     "Feature",
     "Need",
     "check",
@@ -49,6 +50,9 @@ __all__ = (
 )
 
 Feature = Literal["cache", "local", "bloom", "clear"]
+
+#: What the printed line says in place of a password, for the operator to replace.
+PASSWORD_PLACEHOLDER: Final = "<password>"  # noqa: S105 - a placeholder, no password
 
 #: The channel Redis announces invalidations on (the L1's tracking connection subscribes it).
 INVALIDATION_CHANNEL: Final = "__redis__:invalidate"
@@ -143,7 +147,7 @@ def setuser(
     namespace: str,
     *,
     user: str | None = None,
-    password: str = "<password>",
+    password: str = PASSWORD_PLACEHOLDER,
     local: bool = False,
     bloom: bool = False,
     clear: bool = False,

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .. import permissions
+from ..permissions import PASSWORD_PLACEHOLDER
 
 __all__ = ("AclUser", "acl")
 
@@ -35,7 +36,7 @@ def acl(
     namespace: str,
     *,
     user: str | None = None,
-    password: str = "<password>",
+    password: str = PASSWORD_PLACEHOLDER,
     local: bool = False,
     bloom: bool = False,
     clear: bool = False,

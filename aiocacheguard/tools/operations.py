@@ -151,6 +151,7 @@ def add_operations(commands: Any) -> None:
     )
     acl.add_argument("--json", action="store_true", help="print JSON for machines")
     acl.add_argument("--debug", action="store_true", help="show tracebacks")
+    acl.set_defaults(redis_url="")  # no URL, no secret to keep out of its errors
 
     stats = add("stats", "hit ratio, memory, evictions, ops/s; a namespace's entries", [
         common, sampled,
