@@ -47,6 +47,7 @@ from ._version import __version__
 from .cache import Cache
 from .decorator import Cached, CacheRef, cached
 from .errors import (
+    AuthenticationError,
     BackendError,
     BackendTimeout,
     BackendUnavailable,
@@ -60,6 +61,7 @@ from .errors import (
     LoadTimeout,
     LockError,
     LockTimeout,
+    PermissionDeniedError,
     SerializationError,
     ValueTooLargeError,
 )
@@ -77,6 +79,7 @@ from .serializers import (
 )
 
 __all__ = (
+    "AuthenticationError",
     "BackendError",
     "BackendTimeout",
     "BackendUnavailable",
@@ -104,6 +107,7 @@ __all__ = (
     "MsgpackSerializer",
     "MsgspecJsonSerializer",
     "MsgspecMsgpackSerializer",
+    "PermissionDeniedError",
     "PickleSerializer",
     "Policy",
     "SerializationError",

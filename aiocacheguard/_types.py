@@ -65,6 +65,9 @@ class ScriptRunner(Protocol):
         self, script: LuaScript, keys: Sequence[bytes], args: Sequence[ScriptArg]
     ) -> Any: ...
 
+    def denied(self, detail: str) -> None:
+        """Redis refused this user part of a script (a PUBLISH): counted, said once."""
+
 
 class Subscriber(Protocol):
     """A pub/sub subscription the backend keeps open (implemented by `RedisBackend`)."""

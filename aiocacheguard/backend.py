@@ -36,6 +36,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import re
 import ssl
 import types
 import warnings
@@ -56,12 +57,14 @@ from ._episodes import Episode
 from ._redact import redact, redact_url
 from ._types import LuaScript, ScriptArg, Subscriber
 from .errors import (
+    AuthenticationError,
     BackendError,
     BackendTimeout,
     BackendUnavailable,
     CacheGuardError,
     ConfigurationError,
     InsecureTLSWarning,
+    PermissionDeniedError,
 )
 from .guards.breaker import Breaker, BreakerState, CircuitBreaker
 
@@ -100,6 +103,10 @@ MAX_BATCH = 256
 #: sooner (one event loop parses every reply) but would each take longer, out of budget.
 MAX_BATCHES = 4
 
+#: Subscriptions left on the server when UNSUBSCRIBE is refused (an ACL) before the pub/sub
+#: connection is dropped to end them, even while other channels are listened to.
+MAX_STRANDED = 64
+
 #: What `RedisBackend.get` returns for a key holding another Redis type (a hash, a list): bytes
 #: no record starts with, so the Cache counts them as foreign and the next fill replaces them.
 FOREIGN: Final = b""
@@ -114,12 +121,38 @@ _NO_TURN: Final = (
 )
 
 
+#: How Redis words a refusal for lack of permission: NOPERM for a command, and from inside a
+#: script (7.0: "The user executing the script can't ...", 7.2+: "ACL failure in script").
+_DENIED = re.compile(rb"NOPERM|no permissions to|user executing the script can't|ACL failure in")
+_ACL_HINT: Final = (
+    "; `aiocacheguard acl --namespace NS` prints the ACL a Cache needs, "
+    "`aiocacheguard doctor --namespace NS` says what this user lacks"
+)
+
+
+def _denied(exc: BaseException) -> bool:
+    """Whether ``exc`` is Redis refusing the user a command, key or channel (not a failure)."""
+    if isinstance(exc, redis_errors.NoPermissionError):
+        return True
+    return isinstance(exc, redis_errors.ResponseError) and bool(
+        _DENIED.search(str(exc).encode(errors="replace"))
+    )
+
+
 def to_backend_error(exc: BaseException) -> BackendError:
     """The `BackendError` that stands for a redis-py or socket error."""
     if isinstance(exc, BackendError):
         return exc
-    if isinstance(exc, redis_errors.TimeoutError | TimeoutError):
-        error: BackendError = BackendTimeout(
+    if isinstance(
+        exc, redis_errors.AuthenticationError | redis_errors.AuthenticationWrongNumberOfArgsError
+    ):  # (redis-py's derives from ConnectionError: Redis answered, it is not unreachable)
+        error: BackendError = AuthenticationError(
+            f"Redis refused the credentials: {exc}{_ACL_HINT}"
+        )
+    elif _denied(exc):
+        error = PermissionDeniedError(f"Redis refused this user: {exc}{_ACL_HINT}")
+    elif isinstance(exc, redis_errors.TimeoutError | TimeoutError):
+        error = BackendTimeout(
             f"Redis did not answer in time: {str(exc) or 'the command budget was spent'}"
         )
     elif isinstance(exc, redis_errors.ConnectionError | OSError):
@@ -343,6 +376,7 @@ class _Batcher(Generic[ItemT, ResultT]):
         for queued, result in zip(batch, results, strict=True):
             if isinstance(result, BaseException):
                 backend.errors += 1
+                backend.note(result)
                 error = to_backend_error(result)
                 if isinstance(error, BackendUnavailable | BackendTimeout):
                     unreachable = error
@@ -411,6 +445,7 @@ class _Batcher(Generic[ItemT, ResultT]):
         self, batch: list[_Queued[ItemT, ResultT]], route: Route, error: BackendError
     ) -> None:
         self._backend.errors += 1
+        self._backend.note(error)
         self._settle(batch, route, error)
         if isinstance(error, BackendUnavailable):  # unreachable: so for the route's queue
             self._settle(list(self._waiting.get(route, ())), route, error)
@@ -622,6 +657,10 @@ class RedisBackend:
         self.writes_refused = 0
         # Refused writes less than a minute apart are one episode: one warning, a count a minute.
         self._refusals = Episode("writes to Redis")
+        #: Commands, keys, channels or credentials Redis refused this client's user, and
+        #: permissions the start-up check found missing: `Statistics.permission_errors`.
+        self.permission_errors = 0
+        self._denials = Episode("commands refused for lack of permission")
 
     @classmethod
     def of(
@@ -649,6 +688,7 @@ class RedisBackend:
             "redis_errors": self.errors,
             "pubsub_renewals": 0 if self._pubsub is None else self._pubsub.renewals,
             "writes_refused": self.writes_refused,
+            "permission_errors": self.permission_errors,
             "breaker_opened": sum(b.opened for b in breakers),
             "short_circuited": sum(b.short_circuited for b in breakers),
         }
@@ -705,18 +745,37 @@ class RedisBackend:
         if breaker is not None:
             breaker.record(not isinstance(error, BackendUnavailable | BackendTimeout))
 
-    def _note(self, exc: BaseException) -> None:
+    def note(self, exc: BaseException) -> None:
         """
-        Count writes Redis refused; said once per episode (a refusal after a quiet minute
-        starts a new one) and summed up each minute while it lasts, not once per write.
+        Count writes Redis refused, and commands it refused this user (`denied`); each said
+        once per episode (a refusal after a quiet minute starts a new one) and summed up each
+        minute while it lasts, not once per command.
         """
-        if not isinstance(exc, redis_errors.OutOfMemoryError | redis_errors.ReadOnlyError):
+        error = to_backend_error(exc)
+        if isinstance(error, PermissionDeniedError):
+            self.denied(
+                f"{error} (while this lasts, what needs it fails or is skipped: loaded "
+                "values are served but not cached)"
+            )
             return
+        cause = error.__cause__
+        if not isinstance(cause, redis_errors.OutOfMemoryError | redis_errors.ReadOnlyError):
+            return
+        exc = cause
         self.writes_refused += 1
         self._refusals.failed(
             f"Redis refuses writes ({type(exc).__name__}: {exc}): values are served but not "
             f"cached until it accepts them again ({self.writes_refused} refused so far)"
         )
+
+    def denied(self, detail: str, count: int = 1) -> None:
+        """
+        Redis refused this user something (``detail`` says what; ``count`` things): a
+        configuration error, not a failure of Redis, so the breaker is not told. Counted;
+        said once per episode.
+        """
+        self.permission_errors += count
+        self._denials.failed(f"{detail} ({self.permission_errors} permission errors so far)")
 
     async def _direct(self, command: Callable[[], Awaitable[T]], route: Route = None) -> T:
         """
@@ -784,7 +843,7 @@ class RedisBackend:
         self.errors += 1
         error = to_backend_error(exc)
         self.record(error, route)
-        self._note(exc)
+        self.note(exc)
         raise error from exc
 
     async def get(self, key: bytes) -> bytes | None:
@@ -997,10 +1056,7 @@ class RedisBackend:
             again = await self._evalsha([calls[i] for i in missing])
             for i, result in zip(missing, again, strict=True):
                 results[i] = result
-        for result in results:
-            if isinstance(result, BaseException):
-                self._note(result)  # counted in `errors` with the batch's other results
-        return results
+        return results  # errors in place: counted and noted by the batcher with the others
 
     async def _evalsha(self, calls: list[_ScriptCall]) -> list[Any]:
         client = self.client
@@ -1094,6 +1150,11 @@ class _PubSub:
         self.health_interval: float = PUBSUB_HEALTH_INTERVAL
         #: Times the connection was found silent and replaced (`Statistics.pubsub_renewals`).
         self.renewals = 0
+        # An ACL that allows SUBSCRIBE but refuses UNSUBSCRIBE: each channel left stays
+        # subscribed on the server. They are counted here and dropped with the connection
+        # (`_drop_stranded`), so they stay bounded.
+        self._cannot_unsubscribe = False
+        self._stranded = 0
 
     def prepare(self) -> None:
         """
@@ -1138,11 +1199,56 @@ class _PubSub:
                 del self._confirmations[channel]
 
     async def unsubscribe(self, channel: bytes) -> None:
+        if self._cannot_unsubscribe:  # it would be refused again: strand it, drop them all
+            self._pubsub.channels.pop(channel, None)
+            self._stranded += 1
+            await self._drop_stranded()
+            return
         try:
             async with asyncio.timeout(self._backend.command_timeout), self._sending:
                 await self._pubsub.unsubscribe(channel)
         except (*_REDIS_ERRORS, TimeoutError) as exc:
             raise to_backend_error(exc) from exc
+
+    def _unsubscribe_refused(self, error: BackendError) -> None:
+        """
+        Redis refused UNSUBSCRIBE (an ACL): the channels asked to be left stay subscribed on
+        the server. Forget them here, so that a new connection does not subscribe them again.
+        """
+        self._backend.note(error)
+        self._cannot_unsubscribe = True
+        pubsub = self._pubsub
+        for channel in pubsub.pending_unsubscribe_channels:
+            pubsub.channels.pop(channel, None)
+            self._stranded += 1
+        pubsub.pending_unsubscribe_channels.clear()
+
+    async def _drop_stranded(self) -> None:
+        """
+        Drop the connection, and with it every stranded subscription, once no channel is
+        listened to any more, or once `MAX_STRANDED` are left. Channels still listened to
+        are subscribed again on the new connection (whose confirmations wake their
+        listeners to re-check). UNSUBSCRIBE is tried again on the new one: the ACL may
+        have been fixed meanwhile.
+        """
+        pubsub = self._pubsub
+        if pubsub.channels and self._stranded < MAX_STRANDED:
+            return
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+        self._cannot_unsubscribe, self._stranded = False, 0
+        connection = cast("AbstractConnection | None", pubsub.connection)
+        if connection is not None:
+            with contextlib.suppress(*_REDIS_ERRORS):
+                await connection.disconnect()
+        if pubsub.channels and not self._reading():
+            # A new connection, subscribed to the channels listened to again as it opens.
+            self._reader = asyncio.create_task(self._read(), name="aiocacheguard-pubsub")
+
+    def _reading(self) -> bool:
+        return self._reader is not None and not self._reader.done()
 
     async def _read(self) -> None:
         loop = asyncio.get_running_loop()
@@ -1175,6 +1281,9 @@ class _PubSub:
                     continue
                 # A SUBSCRIBE refused (an ACL without it, a proxy without pub/sub).
                 error = to_backend_error(exc)
+                if isinstance(error, PermissionDeniedError) and "'unsubscribe'" in str(exc):
+                    self._unsubscribe_refused(error)
+                    continue
                 for confirmed in self._confirmations.values():
                     if not confirmed.done():
                         confirmed.set_exception(error)

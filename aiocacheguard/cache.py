@@ -8,12 +8,13 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, Self, TypeVar, cast
 
+from . import permissions
 from ._checks import check_instance, check_seconds, check_serializer
 from ._types import Key, Serializer
 from .backend import RedisBackend, RedisClient, client_from_url
 from .bulk import BulkOperations
 from .codec import DEFAULT_MAX_VALUE_BYTES, Entry, RecordCodec
-from .errors import BackendError, CacheClosedError
+from .errors import AuthenticationError, BackendError, CacheClosedError
 from .guards.bloom import BloomFilter
 from .guards.breaker import Breaker
 from .guards.local import LocalCache
@@ -172,7 +173,40 @@ class Cache(BulkOperations):
         self._check_open()
         if self._near is not None:  # the L1 serves once it hears invalidations: start now
             await self._near.wait_serving(self._backend.command_timeout)
+        # Awaited, like the L1's start: its few commands are done before the Cache is used
+        # (bounded by one command budget, as the L1's wait is, where Redis is down).
+        await self._check_permissions()
         return self
+
+    async def _check_permissions(self) -> None:
+        """
+        Ask Redis (ACL DRYRUN, one probe then one pipelined round trip) whether this Cache's
+        user may do what the Cache needs, and say in one warning what it lacks. Silent where
+        Redis cannot be asked (Redis < 7, a user not allowed ACL DRYRUN, Redis down, within
+        one command budget): the first refusal says it then.
+        """
+        local, bloom = self._near is not None, self.bloom is not None
+        try:
+            found = await permissions.check(
+                self._backend.client,
+                self.namespace,
+                local=local,
+                bloom=bloom,
+                budget=self._backend.command_timeout,
+            )
+        except AuthenticationError as exc:
+            self._backend.note(exc)
+            return
+        lacking = list(dict.fromkeys(rule for rules in (found or {}).values() for rule in rules))
+        if lacking:
+            flags = " --local" * local + " --bloom" * bloom
+            self._backend.denied(
+                f"the Redis user {permissions.user_of(self._backend.client)!r} lacks what a "
+                f"Cache of namespace {self.namespace!r} needs (ACL DRYRUN): "
+                f"{' '.join(lacking)}; `aiocacheguard acl --namespace {self.namespace}{flags}` "
+                "prints the ACL SETUSER line that grants it",
+                count=len(lacking),
+            )
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()

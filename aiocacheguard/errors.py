@@ -19,6 +19,8 @@ CacheGuardError
  +-- BackendError                           Redis answered with an error or could not be reached
       +-- BackendUnavailable                connection refused, reset, or pool exhausted
       +-- BackendTimeout (also TimeoutError) Redis did not answer within the command budget
+      +-- PermissionDeniedError             Redis refused this user a command, key or channel
+           +-- AuthenticationError          Redis refused the credentials (password, user)
 ```
 
 Warnings derive from `CacheGuardWarning` (a ``UserWarning``), so one filter silences or raises
@@ -28,11 +30,17 @@ them all:
 CacheGuardWarning
  +-- InsecureTLSWarning                     TLS that verifies no certificate (ssl_cert_reqs=none)
 ```
+
+`PermissionDeniedError` and `AuthenticationError` are configuration errors of the Redis user,
+not failures of Redis: they never open the circuit breaker (Redis answered), each is counted in
+``Statistics.permission_errors`` and said once per episode. ``aiocacheguard acl`` prints the
+ACL a Cache needs.
 """
 
 from __future__ import annotations
 
 __all__ = (
+    "AuthenticationError",
     "BackendError",
     "BackendTimeout",
     "BackendUnavailable",
@@ -46,6 +54,7 @@ __all__ = (
     "LoadTimeout",
     "LockError",
     "LockTimeout",
+    "PermissionDeniedError",
     "SerializationError",
     "ValueTooLargeError",
 )
@@ -145,6 +154,23 @@ class BackendUnavailable(BackendError):
 
 class BackendTimeout(BackendError, TimeoutError):
     """Redis did not answer within the Cache's ``command_timeout``."""
+
+
+class PermissionDeniedError(BackendError):
+    """
+    Redis refused this Cache's user a command, a key or a channel (``NOPERM``): the user's ACL
+    lacks something the Cache needs. ``aiocacheguard acl --namespace NS`` prints the
+    ``ACL SETUSER`` line that grants it; ``aiocacheguard doctor --namespace NS`` says what is
+    missing. Not a failure of Redis: the circuit breaker does not count it.
+    """
+
+
+class AuthenticationError(PermissionDeniedError):
+    """
+    Redis refused the client's credentials: a wrong password, an unknown or disabled user, or
+    no ``AUTH`` where Redis requires one. Not a failure of Redis: the circuit breaker does not
+    count it.
+    """
 
 
 class CacheNotBoundError(CacheGuardError, RuntimeError):

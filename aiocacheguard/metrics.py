@@ -149,6 +149,11 @@ class Statistics:
         short_circuited: Redis calls refused at once because the breaker was open.
         writes_refused: Writes Redis answered with an error (OOM under noeviction, READONLY
             after a failover); the loaded value was still served.
+        permission_errors: Commands, keys, channels or credentials Redis refused this
+            Cache's user (NOPERM, a wrong password: `PermissionDeniedError`), a fill's PUBLISH
+            it refused, and permissions the start-up check (``ACL DRYRUN``) found missing.
+            A configuration error, not a failure of Redis: the breaker does not count it; one
+            WARNING per episode names what was refused.
         unwritten_loads: Loads whose value could not be written to Redis (unreachable).
         replica_reads: Reads served by the replica because the primary failed.
         bulkhead_timeouts: Loads that found ``max_concurrent_loads`` loaders running for
@@ -194,6 +199,7 @@ class Statistics:
     breaker_opened: int = 0
     short_circuited: int = 0
     writes_refused: int = 0
+    permission_errors: int = 0
     unwritten_loads: int = 0
     replica_reads: int = 0
     bulkhead_timeouts: int = 0
@@ -249,6 +255,7 @@ class Counters:
     breaker_opened: int
     short_circuited: int
     writes_refused: int
+    permission_errors: int
     unwritten_loads: int
     replica_reads: int
     bulkhead_timeouts: int

@@ -10,6 +10,7 @@ import contextlib
 import io
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -22,6 +23,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from aiocacheguard import ops
 from aiocacheguard.testing import RedisClusterServer, RedisSentinelServer, RedisServer
 from aiocacheguard.tools.cli import main
 from aiocacheguard.tools.operations import Output
@@ -440,3 +442,64 @@ def test_rich_on_a_terminal_plain_otherwise() -> None:
             "maxmemory  fail    no limit",
             "slowlog    ok      on",
         ]
+
+
+def test_acl_prints_the_line_that_makes_a_working_least_privileged_user(
+    capsys: pytest.CaptureFixture[str], own_server: RedisServer
+) -> None:
+    code, out, err = run(capsys, "acl", "--namespace", "shop", "--local", "--user", "shop-app")
+    assert code == 0 and "replace <password>" in err
+    (line,) = out.splitlines()
+    assert line.startswith("ACL SETUSER shop-app reset on '><password>' '~{shop:*' '&{shop:*'")
+    assert "'&__redis__:invalidate'" in line and "'+client|tracking'" in line
+    assert "+scan" not in line and "+exists" not in line  # --clear, --bloom not asked
+    arguments = shlex.split(line.replace("<password>", "pw"))
+    with redis.Redis(port=own_server.port) as admin:
+        assert admin.execute_command(*arguments) == b"OK"
+        try:
+            with redis.Redis(port=own_server.port, username="shop-app", password="pw") as user:
+                user.set("{shop:k}", 1)
+                with pytest.raises(redis.exceptions.NoPermissionError):
+                    user.set("{other:k}", 1)  # another namespace's keys: refused
+        finally:
+            admin.acl_deluser("shop-app")
+    code, out, _ = run(capsys, "acl", "--namespace", "shop", "--bloom", "--clear", "--json")
+    document = json.loads(out)
+    assert code == 0 and document["user"] == "cache-shop"
+    assert {"+exists", "+getbit", "+setbit", "+rename", "+scan"} <= set(document["rules"])
+    code, _, err = run(capsys, "acl", "--namespace", "no:colons")
+    assert code == 2 and "namespace" in err
+
+
+def test_doctor_checks_the_users_permissions(
+    capsys: pytest.CaptureFixture[str], server_url: str, own_server: RedisServer
+) -> None:
+    port = own_server.port
+    with redis.Redis(port=port) as admin:
+        admin.execute_command("ACL", "SETUSER", "partial", "reset", "on", ">pw", "~*", "&*",
+                              "+@all", "-evalsha", "-client|tracking")  # fmt: skip
+        try:
+            url = f"redis://partial:pw@127.0.0.1:{port}/0"
+            code, out, _ = run(
+                capsys, "doctor", "--redis-url", url, "--namespace", "shop", "--local", "--json"
+            )
+            rows = {c["name"]: c for c in json.loads(out)["checks"]}
+            assert code == 1 and rows["permissions"]["status"] == "fail"
+            assert rows["permissions"]["detail"] == (
+                "user 'partial' lacks +evalsha +client|tracking"
+            )
+            assert rows["permissions"]["fix"].startswith(
+                "aiocacheguard acl --namespace shop --local"
+            )
+            admin.execute_command("ACL", "SETUSER", "partial", "-acl|dryrun")
+            code, out, _ = run(capsys, "doctor", "--redis-url", url, "--namespace", "shop")
+            assert "not checked: ACL DRYRUN is not available" in " ".join(out.split())
+            # A least-privileged user may not ask (nor run INFO): an admin asks for it.
+            least = ops.acl("shop", user="least", password="pw")
+            admin.execute_command(*least.arguments)
+            code, out, _ = run(capsys, "doctor", "--redis-url", server_url, "--namespace", "shop",
+                               "--acl-user", "least", "--json")  # fmt: skip
+            rows = {c["name"]: c for c in json.loads(out)["checks"]}
+            assert rows["permissions"]["status"] == "ok"
+        finally:
+            admin.acl_deluser("partial", "least")

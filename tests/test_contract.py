@@ -1,7 +1,10 @@
 """
 One contract, every deployment: the same behaviour on a standalone Redis, on one that speaks
 TLS only, on a Redis Cluster (3 primaries) and through Sentinel (primary, replica, sentinel),
-as dogpile.cache runs one suite on every backend.
+as dogpile.cache runs one suite on every backend; and once more on a standalone Redis as the
+least-privileged user of ``aiocacheguard acl --namespace NS --local --bloom`` (created on the
+session's server from the generated line), so the permission list is proven against what the
+code sends.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import redis.asyncio as redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.sentinel import MasterNotFoundError, Sentinel
 
-from aiocacheguard import BloomFilter, Cache, LocalCache, Policy, cached
+from aiocacheguard import BloomFilter, Cache, LocalCache, Policy, cached, ops
 from aiocacheguard.testing import RedisClusterServer, RedisSentinelServer, RedisServer
 
 from .helpers import GatedLoader, wait_until
@@ -25,12 +28,41 @@ from .helpers import GatedLoader, wait_until
 Client = redis.Redis | RedisCluster
 
 
-@pytest.fixture(params=["standalone", "tls", "cluster", "sentinel"])
-async def deployment(request: pytest.FixtureRequest) -> AsyncIterator[Client]:
+#: The admin client behind a least-privileged deployment, for what a test does as an operator.
+ADMINS: dict[int, Client] = {}
+
+
+def admin_of(client: Client) -> Client:
+    return ADMINS.get(id(client), client)
+
+
+@pytest.fixture(params=["standalone", "tls", "cluster", "sentinel", "least-privilege"])
+async def deployment(request: pytest.FixtureRequest, namespace: str) -> AsyncIterator[Client]:
+    if request.param == "least-privilege":
+        server: RedisServer = request.getfixturevalue("redis_server")
+        admin = redis.Redis(port=server.port)
+        user = ops.acl(namespace, user=f"least-{namespace}", password="pw", local=True, bloom=True)
+        await admin.execute_command(*user.arguments)  # type: ignore[no-untyped-call]
+        client: Client = redis.Redis(port=server.port, username=user.user, password="pw")
+        ADMINS[id(client)] = admin
+        try:
+            yield client
+            # Nothing the test did was refused to the user (Redis logs every refusal, of a
+            # script's commands too): the list is all the code needs. (The start check's ACL
+            # DRYRUN is refused, once per Cache: the user is not allowed to ask.)
+            log = await admin.acl_log()
+            refused = [e for e in log if e.get("username") == user.user]
+            assert [e for e in refused if e.get("object") != "acl|dryrun"] == []
+        finally:
+            del ADMINS[id(client)]
+            await client.aclose()
+            await admin.acl_deluser(user.user)
+            await admin.aclose()
+        return
     if request.param in ("standalone", "tls"):
         fixture = "redis_server" if request.param == "standalone" else "redis_tls_server"
-        server: RedisServer = request.getfixturevalue(fixture)
-        client: Client = redis.Redis(port=server.port, **server.tls_options)
+        server = request.getfixturevalue(fixture)
+        client = redis.Redis(port=server.port, **server.tls_options)
     elif request.param == "sentinel":
         deployment: RedisSentinelServer = request.getfixturevalue("redis_sentinel")
         sentinel = Sentinel(deployment.sentinels, socket_timeout=1.0)
@@ -97,6 +129,26 @@ async def test_waiter_in_another_cache_is_notified(deployment: Client, namespace
         assert await holder == "filled" and loader.calls == 1
 
 
+async def test_a_load_longer_than_the_lease_keeps_its_lock(
+    deployment: Client, namespace: str
+) -> None:
+    """The lease is renewed while the loader runs (PEXPIRE), so nobody takes the lock over."""
+    async with make(deployment, namespace, lock_ttl=0.3) as a, make(deployment, namespace) as b:
+        calls = 0
+
+        async def slow() -> str:
+            nonlocal calls
+            calls += 1
+            await asyncio.sleep(1.0)  # the load itself: three leases long
+            return "loaded"
+
+        holder = asyncio.create_task(a.get_or_load("k", slow))
+        await wait_until(lambda: a.statistics().lock_acquired == 1)
+        assert await b.get_or_load("k", slow) == "loaded"
+        assert await holder == "loaded"
+        assert calls == 1 and b.statistics().takeovers == 0
+
+
 async def test_set_supersedes_a_rebuild(deployment: Client, namespace: str) -> None:
     async with make(deployment, namespace) as cache:
         loader = GatedLoader("old")
@@ -147,7 +199,7 @@ async def test_scripts_reload_after_flush(deployment: Client, namespace: str) ->
             for node in deployment.get_primaries():
                 await deployment.execute_command("SCRIPT", "FLUSH", target_nodes=node)
         else:
-            await deployment.script_flush()
+            await admin_of(deployment).script_flush()
         await cache.get_or_load("b", loader)
         assert loader.calls == 2 and cache.statistics().redis_errors == 0
 

@@ -380,6 +380,9 @@ class LosesACancel:
             task.uncancel()
             return await answer
 
+    def denied(self, detail: str) -> None:
+        self.backend.denied(detail)
+
 
 async def test_a_renewal_whose_cancellation_is_lost_still_stops(cache: Cache) -> None:
     runner = LosesACancel(cache._backend)

@@ -35,6 +35,7 @@ import enum
 import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 from .._types import LuaScript, ScriptRunner
 from ..errors import BackendError
@@ -47,6 +48,7 @@ __all__ = (
     "INLINE_LIMIT",
     "RELEASE_IF_OWNER",
     "RENEW_IF_OWNER",
+    "UNANNOUNCED",
     "UNLINK_AND_RELEASE",
     "Acquire",
     "Attempt",
@@ -91,32 +93,41 @@ return {3, redis.call("PTTL", KEYS[2]), value and string.sub(value, 1, tonumber(
 
 # Fill messages carry the record itself when it is at most ARGV's inline limit, so waiters
 # need no read of their own; larger records (and releases) publish "" and waiters read the key.
+#
+# A script's PUBLISH is a notification, not part of the write: it runs under redis.pcall, so
+# an ACL that refuses the channel (or PUBLISH) leaves the write done and reported, not failed
+# half-way after it. The script then answers `UNANNOUNCED` more, and the caller says so
+# (`Statistics.permission_errors`); waiters elsewhere find the value at their lease re-check.
 
 # KEYS[1] value key, KEYS[2] lock key
 # ARGV[1] token, or "" for an explicit write that supersedes whoever holds the lock;
 # ARGV[2] record bytes, ARGV[3] ttl in ms, ARGV[4] fill channel, ARGV[5] inline limit in bytes
 # Returns 1 if the value was written (the lock released, the fill published), 0 if the token
-# no longer owns the lock and nothing was written.
+# no longer owns the lock and nothing was written; 1 + UNANNOUNCED if written but the PUBLISH
+# was refused.
 FILL = LuaScript(
     "fill",
     """
 if ARGV[1] ~= "" and redis.call("GET", KEYS[2]) ~= ARGV[1] then return 0 end
 redis.call("SET", KEYS[1], ARGV[2], "PX", ARGV[3])
 redis.call("DEL", KEYS[2])
-redis.call("PUBLISH", ARGV[4], #ARGV[2] <= tonumber(ARGV[5]) and ARGV[2] or "")
+local told = redis.pcall("PUBLISH", ARGV[4], #ARGV[2] <= tonumber(ARGV[5]) and ARGV[2] or "")
+if type(told) == "table" and told.err then return 3 end
 return 1
 """,
 )
 
 # KEYS[1] lock key
 # ARGV[1] token, ARGV[2] fill channel
-# Returns 1 if the token owned the lock (now released; waiters told), 0 otherwise.
+# Returns 1 if the token owned the lock (now released; waiters told), 0 otherwise; 1 +
+# UNANNOUNCED if released but the PUBLISH was refused.
 RELEASE_IF_OWNER = LuaScript(
     "release_if_owner",
     """
 if redis.call("GET", KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call("DEL", KEYS[1])
-redis.call("PUBLISH", ARGV[2], "")
+local told = redis.pcall("PUBLISH", ARGV[2], "")
+if type(told) == "table" and told.err then return 3 end
 return 1
 """,
 )
@@ -134,16 +145,23 @@ return redis.call("PEXPIRE", KEYS[1], ARGV[2])
 
 # KEYS[1] value key, KEYS[2] lock key
 # ARGV[1] fill channel
-# Returns 1 if a value was removed, else 0. A rebuild in progress loses its lock, so the value
+# Returns 1 if a value was removed, else 0; plus UNANNOUNCED if a lock was dropped but the
+# PUBLISH telling its waiters was refused. A rebuild in progress loses its lock, so the value
 # it computed from data older than this invalidation is never written.
 UNLINK_AND_RELEASE = LuaScript(
     "unlink_and_release",
     """
 local removed = redis.call("UNLINK", KEYS[1])
-if redis.call("UNLINK", KEYS[2]) == 1 then redis.call("PUBLISH", ARGV[1], "") end
+if redis.call("UNLINK", KEYS[2]) == 1 then
+  local told = redis.pcall("PUBLISH", ARGV[1], "")
+  if type(told) == "table" and told.err then return removed + 2 end
+end
 return removed
 """,
 )
+
+#: Added to a script's answer when its PUBLISH was refused (see `FILL`).
+UNANNOUNCED = 2
 
 
 class Acquire(enum.Enum):
@@ -179,6 +197,18 @@ def _ms(seconds: float) -> int:
     return max(1, round(seconds * 1000))
 
 
+def _announced(runner: ScriptRunner, answer: Any, channel: bytes) -> int:
+    """A script's answer without `UNANNOUNCED`, which is reported to the runner."""
+    code = int(answer)
+    if code >= UNANNOUNCED:
+        runner.denied(
+            f"Redis refused this user PUBLISH on {channel!r} (the write itself is done; "
+            "waiters elsewhere find it at their lease re-check instead of at once)"
+        )
+        code -= UNANNOUNCED
+    return code
+
+
 async def store(runner: ScriptRunner, value_key: bytes, record: bytes, ttl: float) -> None:
     """
     An explicit write (``Cache.set``): stores ``record`` whoever holds the lock, which it
@@ -186,7 +216,10 @@ async def store(runner: ScriptRunner, value_key: bytes, record: bytes, ttl: floa
     wake to read this value.
     """
     channel, lock_key = KeySpace.channel(value_key), KeySpace.lock(value_key)
-    await runner.eval(FILL, (value_key, lock_key), ("", record, _ms(ttl), channel, INLINE_LIMIT))
+    answer = await runner.eval(
+        FILL, (value_key, lock_key), ("", record, _ms(ttl), channel, INLINE_LIMIT)
+    )
+    _announced(runner, answer, channel)
 
 
 async def unlink(runner: ScriptRunner, value_key: bytes) -> bool:
@@ -195,7 +228,8 @@ async def unlink(runner: ScriptRunner, value_key: bytes) -> bool:
     a value loaded from data older than this invalidation is never written.
     """
     lock_key, channel = KeySpace.lock(value_key), KeySpace.channel(value_key)
-    return bool(await runner.eval(UNLINK_AND_RELEASE, (value_key, lock_key), (channel,)))
+    answer = await runner.eval(UNLINK_AND_RELEASE, (value_key, lock_key), (channel,))
+    return bool(_announced(runner, answer, channel))
 
 
 class RebuildLock:
@@ -265,20 +299,22 @@ class RebuildLock:
 
     async def fill(self, record: bytes, ttl: float) -> bool:
         """Write ``record`` if this token still owns the lock, release it, wake waiters."""
-        written = await self._runner.eval(
+        answer = await self._runner.eval(
             FILL,
             (self.value_key, self.lock_key),
             (self.token, record, _ms(ttl), self.channel, INLINE_LIMIT),
         )
+        written = _announced(self._runner, answer, self.channel)
         self.may_hold = False
         self.lost = not written
         return bool(written)
 
     async def release(self) -> bool:
         """Release without writing (the loader failed) and wake waiters to try again."""
-        released = await self._runner.eval(
+        answer = await self._runner.eval(
             RELEASE_IF_OWNER, (self.lock_key,), (self.token, self.channel)
         )
+        released = _announced(self._runner, answer, self.channel)
         self.may_hold = False
         return bool(released)
 

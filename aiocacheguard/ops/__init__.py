@@ -1,7 +1,8 @@
 """
 The operator's API behind the ``aiocacheguard`` command: `doctor`, `stats`, `inspect`,
-`top_keys` and `clear_preview`. Each takes a ready ``redis.asyncio`` client (standalone,
-Sentinel ``master_for`` or cluster) and returns frozen dataclasses; nothing is printed here.
+`top_keys`, `clear_preview` and `acl` (no I/O: the least-privileged user's ACL line). Each
+takes a ready ``redis.asyncio`` client (standalone, Sentinel ``master_for`` or cluster) and
+returns frozen dataclasses; nothing is printed here.
 
 Walks of the keyspace use SCAN, never KEYS, and stop after ``sample`` keys on large
 keyspaces: the figures are then scaled up by the share of the keyspace examined, and the
@@ -20,6 +21,7 @@ Limitations:
       seen by a sample at all. Pass a larger ``sample`` to count exactly.
 """
 
+from .acl import AclUser, acl
 from .doctor import Check, Status, doctor, server_checks
 from .keyspace import (
     BloomStats,
@@ -38,6 +40,7 @@ from .keyspace import (
 )
 
 __all__ = (
+    "AclUser",
     "BloomStats",
     "Check",
     "ClearPreview",
@@ -49,6 +52,7 @@ __all__ = (
     "Stats",
     "Status",
     "TopKeys",
+    "acl",
     "clear_preview",
     "doctor",
     "inspect",

@@ -1,7 +1,8 @@
 """
 `doctor`: a server checked against what a cache needs, one row per finding with the config
 line to set. The rules are `server_checks`, a pure function of INFO, CONFIG GET and CLUSTER
-INFO, so each is tested without a server.
+INFO, so each is tested without a server. Given a namespace, the user's permissions are
+checked too, with ACL DRYRUN (`aiocacheguard.permissions`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
+from .. import permissions
 from ..backend import RedisClient, budgeted
 from ..bulk import COMMAND_TIMEOUT, Node, nodes_of
 from ._common import text as _text
@@ -31,7 +33,14 @@ class Check:
 
 
 async def doctor(
-    client: RedisClient, *, pool_size: int | None = None, budget: float = COMMAND_TIMEOUT
+    client: RedisClient,
+    *,
+    pool_size: int | None = None,
+    budget: float = COMMAND_TIMEOUT,
+    namespace: str | None = None,
+    user: str | None = None,
+    local: bool = False,
+    bloom: bool = False,
 ) -> list[Check]:
     """
     Check each primary against what a cache needs; one `Check` per finding.
@@ -39,6 +48,9 @@ async def doctor(
     Args:
         pool_size: Connections one process may open (default: the client's pool limit), to
             compare with ``maxclients``.
+        namespace: Also check, with ACL DRYRUN, that ``user`` (default: the client's own)
+            may do what a Cache of this namespace needs (with an L1: ``local``; a Bloom
+            filter: ``bloom``): a ``permissions`` row per primary.
 
     Raises:
         BackendError: Redis is unreachable, refused a command or ran past ``budget``.
@@ -59,7 +71,50 @@ async def doctor(
             replace(check, node=label)
             for check in server_checks(info, config, cluster_info, pool_size=pool_size)
         ]
+    if namespace is not None:
+        checks += await _permissions(client, namespace, user, local, bloom, budget, len(nodes))
     return checks
+
+
+async def _permissions(
+    client: RedisClient,
+    namespace: str,
+    user: str | None,
+    local: bool,
+    bloom: bool,
+    budget: float,
+    nodes: int,
+) -> list[Check]:
+    """One ``permissions`` row per primary: what the user lacks, and the line granting it."""
+    user = permissions.user_of(client) if user is None else user
+    flags = " --local" * local + " --bloom" * bloom
+    fix = f"aiocacheguard acl --namespace {namespace}{flags} (then ACL SETUSER)"
+    found = None
+    if user is not None:
+        found = await permissions.check(
+            client, namespace, user=user, local=local, bloom=bloom, budget=budget
+        )
+    if found is None:
+        return [
+            Check(
+                name="permissions",
+                status="warn",
+                detail=f"not checked: ACL DRYRUN is not available (Redis < 7) or not allowed "
+                f"to this user; run doctor as an admin with --acl-user {user or 'USER'}",
+            )
+        ]
+    return [
+        Check(
+            name="permissions",
+            status="fail" if lacking else "ok",
+            detail=f"user {user!r} lacks {' '.join(lacking)}"
+            if lacking
+            else f"user {user!r} may do all a Cache of {namespace!r}{flags} needs",
+            fix=fix if lacking else "",
+            node=node if nodes > 1 else "",
+        )
+        for node, lacking in found.items()
+    ]
 
 
 async def _config(node: Node, budget: float) -> dict[str, str] | None:

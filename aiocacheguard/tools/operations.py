@@ -1,5 +1,6 @@
 """
-The operator's commands of ``aiocacheguard``: doctor, stats, inspect, keys, clear, warm.
+The operator's commands of ``aiocacheguard``: doctor, stats, inspect, keys, clear, warm, and
+acl (which prints the least-privileged user's ACL line and needs no Redis).
 
 Each builds a client from ``--redis-url`` (``redis://``, ``rediss://``, a cluster node with
 ``--cluster``, or ``redis+sentinel://host:port[,host:port]/service[/db]``), calls
@@ -55,7 +56,7 @@ __all__ = (
     "run_operation",
 )
 
-OPERATIONS: Final = ("doctor", "stats", "inspect", "keys", "clear", "warm")
+OPERATIONS: Final = ("doctor", "stats", "inspect", "keys", "clear", "warm", "acl")
 
 #: Seconds to open a connection, and one command's budget.
 CONNECT_TIMEOUT: Final = 3.0
@@ -118,6 +119,39 @@ def add_operations(commands: Any) -> None:
 
     doctor = add("doctor", "check a server against what a cache needs", [common])
     doctor.add_argument("--pool-size", type=_positive, help="connections one process opens")
+    doctor.add_argument(
+        "--namespace", help="also check the user's permissions for this namespace (ACL DRYRUN)"
+    )
+    doctor.add_argument("--acl-user", help="check this user's permissions, not the URL's")
+    doctor.add_argument("--local", action="store_true", help="the Caches have an L1")
+    doctor.add_argument("--bloom", action="store_true", help="the Caches have a Bloom filter")
+
+    acl = commands.add_parser(
+        "acl",
+        help="print the ACL SETUSER line of a least-privileged user for one namespace",
+        description="Print the ACL SETUSER line that makes a Redis user allowed exactly what a "
+        "Cache of one namespace needs (its keys ~{NS:*, its channels &{NS:*, and the commands "
+        "the Cache sends or its scripts call). Replace <password>, then run it with redis-cli. "
+        "No Redis is contacted. docs/security.md explains each permission.",
+        formatter_class=DefaultsHelp,
+    )
+    acl.add_argument("--namespace", required=True)
+    acl.add_argument("--user", help="the user's name; default cache-NAMESPACE")
+    acl.add_argument(
+        "--local",
+        action="store_true",
+        help="the Caches have an L1 (CLIENT TRACKING: lets the user learn every key name "
+        "written, other namespaces' too)",
+    )
+    acl.add_argument("--bloom", action="store_true", help="the Caches have a Bloom filter")
+    acl.add_argument(
+        "--clear",
+        action="store_true",
+        help="allow clear() (SCAN: lets the user list every key name of the database)",
+    )
+    acl.add_argument("--json", action="store_true", help="print JSON for machines")
+    acl.add_argument("--debug", action="store_true", help="show tracebacks")
+    acl.set_defaults(redis_url="")  # no URL, no secret to keep out of its errors
 
     stats = add("stats", "hit ratio, memory, evictions, ops/s; a namespace's entries", [
         common, sampled,
@@ -171,10 +205,12 @@ def _positive(text: str) -> int:
 def run_operation(args: argparse.Namespace) -> int:
     """Run one operator command; returns the exit code."""
     name = f"aiocacheguard {args.command}"
-    out = Output(json_mode=args.json, plain=args.plain)
+    out = Output(json_mode=args.json, plain=getattr(args, "plain", True))
     command: Callable[[RedisClient, argparse.Namespace, Output], Coroutine[Any, Any, int]]
     command = globals()[f"_{args.command}"]
     try:
+        if args.command == "acl":  # no Redis: the line only
+            return _acl(args, out)
         with contextlib.ExitStack() as files:
             if args.command == "warm":  # a bad path fails before anything is connected
                 args.source = (
@@ -443,8 +479,34 @@ def _size(count: float) -> str:
 # the commands
 
 
+def _acl(args: argparse.Namespace, out: Output) -> int:
+    user = ops.acl(
+        args.namespace, user=args.user, local=args.local, bloom=args.bloom, clear=args.clear
+    )
+    if out.json:
+        out.document(user)
+        return 0
+    print(user.line, file=out.stream)  # alone on stdout: ready for redis-cli once edited
+    print(
+        "# replace <password> (or use #<sha256> for a hashed one), then run the line with "
+        "redis-cli as an admin; on a cluster, on every node",
+        file=sys.stderr,
+    )
+    return 0
+
+
 async def _doctor(client: RedisClient, args: argparse.Namespace, out: Output) -> int:
-    checks = await ops.doctor(client, pool_size=args.pool_size, budget=COMMAND_TIMEOUT)
+    if args.acl_user is not None and args.namespace is None:
+        raise UsageError("--acl-user needs --namespace")
+    checks = await ops.doctor(
+        client,
+        pool_size=args.pool_size,
+        budget=COMMAND_TIMEOUT,
+        namespace=args.namespace,
+        user=args.acl_user,
+        local=args.local,
+        bloom=args.bloom,
+    )
     failed = any(c.status == "fail" for c in checks)
     if out.json:
         out.document({"ok": not failed, "checks": checks})
