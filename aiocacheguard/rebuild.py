@@ -10,9 +10,9 @@ One `Rebuilder` per Cache runs every miss (`Rebuilder.load`) and every refresh
    it meanwhile), anything (a forced refresh), or, with ``Policy(lock=False)``, whoever holds
    it (no exclusion, but a later set() or delete() still fences the fill out).
 2. **Wait** (the lock is busy): subscribe to the key's fill channel, re-check, and sleep until
-   a fill is announced or the holder's lease can have run out; a fill message carries the
-   record, so no read is needed; a lease that ran out is taken over. Without pub/sub the wait
-   is the lease-bounded re-check alone.
+   a fill is announced or the holder's lease can have run out, then re-check (one read per
+   process: the single-flight has already made one waiter of all its callers); a lease that
+   ran out is taken over. Without pub/sub the wait is the lease-bounded re-check alone.
 3. **Load as holder**: run the loader with the lease renewed, encode, and write with the fenced
    fill (written only while our token holds the lock), which also wakes the waiters.
 
@@ -25,6 +25,9 @@ Guarantees:
       ``wait_timeout``, loads itself (or raises `LockTimeout` if the policy says so).
     - A forced refresh that finds another holder waits for that holder's fill and returns
       it; it does not return the value it meant to replace.
+    - A value returned is a record read from Redis (checked by the codec, signature and all),
+      never a pub/sub message: a fill message is only a wake-up, so whoever can PUBLISH to a
+      fill channel can make waiters re-check early, never hand them a value.
 
 Limitations:
     - An acquisition that timed out may land after the release sent for it; the lock's lease
@@ -72,7 +75,7 @@ class Rebuilder:
     Args:
         runner: Runs the lock's scripts (the Cache's backend).
         notifier: Fill notifications.
-        codec: Encodes the loaded value; decodes what Redis or a fill message holds.
+        codec: Encodes the loaded value; decodes (and checks) what Redis holds.
         run_loader: Calls a loader (budget, bulkhead); its statistics and event hook are the
             protocol's too (``takeover``, ``lock_lost``).
     """
@@ -329,19 +332,11 @@ class Rebuilder:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     return attempt, None
+                # Woken by a message (a fill, a release, or anyone's PUBLISH: it only says
+                # "look again") or by the lease running out; either way, Redis decides.
                 notified = await signal.wait_notified(
                     min(remaining, attempt.lease_left + LEASE_SLACK)
                 )
-                filled = signal.take()
-                if filled:  # the fill message carried the record: no read needed
-                    entry = self._codec.decode(filled)
-                    if (
-                        entry is not None
-                        and entry.header != replacing
-                        and entry.fresh(self._codec.clock())
-                        and entry.usable(returns)
-                    ):
-                        return Attempt(Outcome.VALUE, value=filled), entry
 
     async def _load_as_holder(
         self, lock: RebuildLock, loader: Loader, policy: Policy, on_fill: OnFill | None

@@ -45,7 +45,6 @@ from ..record import HEADER_SIZE
 __all__ = (
     "ACQUIRE_OR_READ",
     "FILL",
-    "INLINE_LIMIT",
     "RELEASE_IF_OWNER",
     "RENEW_IF_OWNER",
     "UNANNOUNCED",
@@ -91,8 +90,9 @@ return {3, redis.call("PTTL", KEYS[2]), value and string.sub(value, 1, tonumber(
 """,
 )
 
-# Fill messages carry the record itself when it is at most ARGV's inline limit, so waiters
-# need no read of their own; larger records (and releases) publish "" and waiters read the key.
+# Fill messages are empty: a waiter takes a message as "look again" and reads the key, since
+# anyone allowed to PUBLISH could have sent it (a record in the message would be believed).
+# The record bytes are the client's, signed there when the Cache has a signing key.
 #
 # A script's PUBLISH is a notification, not part of the write: it runs under redis.pcall, so
 # an ACL that refuses the channel (or PUBLISH) leaves the write done and reported, not failed
@@ -101,7 +101,7 @@ return {3, redis.call("PTTL", KEYS[2]), value and string.sub(value, 1, tonumber(
 
 # KEYS[1] value key, KEYS[2] lock key
 # ARGV[1] token, or "" for an explicit write that supersedes whoever holds the lock;
-# ARGV[2] record bytes, ARGV[3] ttl in ms, ARGV[4] fill channel, ARGV[5] inline limit in bytes
+# ARGV[2] record bytes, ARGV[3] ttl in ms, ARGV[4] fill channel
 # Returns 1 if the value was written (the lock released, the fill published), 0 if the token
 # no longer owns the lock and nothing was written; 1 + UNANNOUNCED if written but the PUBLISH
 # was refused.
@@ -111,7 +111,7 @@ FILL = LuaScript(
 if ARGV[1] ~= "" and redis.call("GET", KEYS[2]) ~= ARGV[1] then return 0 end
 redis.call("SET", KEYS[1], ARGV[2], "PX", ARGV[3])
 redis.call("DEL", KEYS[2])
-local told = redis.pcall("PUBLISH", ARGV[4], #ARGV[2] <= tonumber(ARGV[5]) and ARGV[2] or "")
+local told = redis.pcall("PUBLISH", ARGV[4], "")
 if type(told) == "table" and told.err then return 3 end
 return 1
 """,
@@ -187,12 +187,6 @@ class Attempt:
     lease_left: float = 0.0  # seconds, when BUSY
 
 
-#: Records up to this size travel in the fill message itself. Redis disconnects a subscriber
-#: whose output buffer passes 8 MiB for a minute (client-output-buffer-limit pubsub), so big
-#: values are read by the waiters instead.
-INLINE_LIMIT = 64 * 1024
-
-
 def _ms(seconds: float) -> int:
     return max(1, round(seconds * 1000))
 
@@ -216,9 +210,7 @@ async def store(runner: ScriptRunner, value_key: bytes, record: bytes, ttl: floa
     wake to read this value.
     """
     channel, lock_key = KeySpace.channel(value_key), KeySpace.lock(value_key)
-    answer = await runner.eval(
-        FILL, (value_key, lock_key), ("", record, _ms(ttl), channel, INLINE_LIMIT)
-    )
+    answer = await runner.eval(FILL, (value_key, lock_key), ("", record, _ms(ttl), channel))
     _announced(runner, answer, channel)
 
 
@@ -302,7 +294,7 @@ class RebuildLock:
         answer = await self._runner.eval(
             FILL,
             (self.value_key, self.lock_key),
-            (self.token, record, _ms(ttl), self.channel, INLINE_LIMIT),
+            (self.token, record, _ms(ttl), self.channel),
         )
         written = _announced(self._runner, answer, self.channel)
         self.may_hold = False

@@ -19,6 +19,10 @@ Guarantees:
       falls back to re-checking when the holder's lease can have run out. One warning per
       episode says so, and for ``RETRY_AFTER`` seconds later listeners skip the attempt.
 
+    - A message is a wake-up, nothing more: its data is dropped here, unread, so whoever can
+      PUBLISH to a fill channel (any client with that ACL right) can make listeners look
+      again early, never hand them a value.
+
 Limitations:
     - Pub/sub is at-most-once: a message published while the connection is down is lost.
       Callers must bound every wait by something they can re-check (the lock's remaining
@@ -49,27 +53,17 @@ RETRY_AFTER: Final = 5.0
 
 
 class Signal:
-    """
-    One listener's view of a channel: set by each message, cleared by each wait; keeps the
-    latest message's data for `take`.
-    """
+    """One listener's view of a channel: set by each message, cleared by each wait."""
 
-    __slots__ = ("_data", "_event", "live")
+    __slots__ = ("_event", "live")
 
     def __init__(self, *, live: bool = True) -> None:
         self._event = asyncio.Event()
-        self._data = b""
         #: False when no subscription stands behind this signal: it is never set.
         self.live = live
 
-    def set(self, data: bytes = b"") -> None:
-        self._data = data
+    def set(self) -> None:
         self._event.set()
-
-    def take(self) -> bytes:
-        """The latest message's data (b"" if none or empty), forgotten once taken."""
-        data, self._data = self._data, b""
-        return data
 
     async def wait_notified(self, within: float) -> bool:
         """True if a message arrived (since the last wait) within ``within`` seconds."""
@@ -118,7 +112,8 @@ class FillNotifier:
 
     def deliver(self, channel: bytes, data: bytes = b"") -> None:
         """
-        Wake every listener of ``channel`` with ``data`` (called by the subscriber). The
+        Wake every listener of ``channel`` (called by the subscriber). ``data``, the message's
+        body, is ignored: anyone may have published it (see the module's guarantees). The
         channel ``b""`` says the connection was replaced (any fill may have been missed):
         every listener of every channel is woken to re-check, and subscribing is tried
         again at once by the next listener, whatever failed before.
@@ -132,7 +127,7 @@ class FillNotifier:
         entry = self._channels.get(channel)
         if entry is not None:
             for signal in entry.signals:
-                signal.set(data)
+                signal.set()
 
     @contextlib.asynccontextmanager
     async def listen(self, channel: bytes) -> AsyncIterator[Signal]:

@@ -207,7 +207,7 @@ async def test_subscriptions_stay_bounded_without_unsubscribe(
             channel = f"{{{namespace}:live}}:fill".encode()
             async with notifier.listen(channel) as signal:
                 await client.publish(channel, b"hello")
-                assert await signal.wait_notified(2.0) and signal.take() == b"hello"
+                assert await signal.wait_notified(2.0)  # (its body is never read: a wake-up)
             assert notifier.fallbacks == 0
             assert backend.permission_errors >= 1
             assert len(warnings_of(caplog, "unsubscribe")) == 1
