@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Awaitable, Callable
+import warnings
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final, Self, TypeVar, cast
 
 from . import permissions
@@ -14,7 +15,13 @@ from ._types import Key, Serializer
 from .backend import RedisBackend, RedisClient, client_from_url
 from .bulk import BulkOperations
 from .codec import DEFAULT_MAX_VALUE_BYTES, Entry, RecordCodec
-from .errors import AuthenticationError, BackendError, CacheClosedError
+from .errors import (
+    AuthenticationError,
+    BackendError,
+    CacheClosedError,
+    ConfigurationError,
+    InsecurePickleWarning,
+)
 from .guards.bloom import BloomFilter
 from .guards.breaker import Breaker
 from .guards.local import LocalCache
@@ -28,8 +35,9 @@ from .near import NearCache
 from .policy import Policy
 from .reading import Reader
 from .rebuild import Rebuilder
+from .record import Signer
 from .refreshing import Refreshes
-from .serializers import MsgspecJsonSerializer
+from .serializers import MsgspecJsonSerializer, PickleSerializer
 
 __all__ = ("Cache",)
 
@@ -74,9 +82,21 @@ class Cache(BulkOperations):
         local: An L1 in this process (`LocalCache`): hits without I/O, invalidated by Redis
             (CLIENT TRACKING) when any client changes a key; see `aiocacheguard.near`.
         max_value_bytes: Largest record cached, default 16 MiB (see `ValueTooLargeError`).
+        signing_key: Sign every record written (HMAC-SHA256, bound to its Redis key) and
+            serve only records signed with this key or a ``verify_keys`` one: any other is a
+            miss, counted in ``forged_records``, its payload never decoded. At least 32 bytes
+            (``secrets.token_bytes(32)``), the same in every process of the namespace.
+            Needed with `PickleSerializer` wherever others can write to Redis.
+        verify_keys: Keys whose records are accepted but never written, for a rotation:
+            ``signing_key=new, verify_keys=(old,)`` (docs/security.md gives the steps).
 
     Raises:
-        ConfigurationError: an argument is out of range; the message says what is accepted.
+        ConfigurationError: an argument is out of range; the message says what is accepted
+            (never a key's bytes).
+
+    Warns:
+        InsecurePickleWarning: `PickleSerializer` without ``signing_key``: a record anyone
+            wrote to Redis runs code here when read.
 
     Example:
         >>> import asyncio, redis.asyncio as redis
@@ -116,10 +136,13 @@ class Cache(BulkOperations):
         max_concurrent_loads: int | None = None,
         local: LocalCache | None = None,
         max_value_bytes: int | None = DEFAULT_MAX_VALUE_BYTES,
+        signing_key: bytes | None = None,
+        verify_keys: Sequence[bytes] = (),
     ) -> None:
         check_instance("policy", policy, Policy)
         serializer = MsgspecJsonSerializer() if serializer is None else serializer
         check_serializer(serializer)
+        signer = _signer(signing_key, verify_keys, serializer)
         check_seconds("command_timeout", command_timeout, maximum=60.0)
         check_instance("bloom", bloom, BloomFilter, optional=True)
         self.keys = KeySpace(namespace)
@@ -130,7 +153,7 @@ class Cache(BulkOperations):
         self.breaker = self._backend.breaker
         self._replica = None if replica is None else RedisBackend.of(replica, budget, None, breaker)
         self._counters = counters = Counters()
-        self._codec = RecordCodec(serializer, max_value_bytes, clock=clock, rng=rng)
+        self._codec = RecordCodec(serializer, max_value_bytes, clock=clock, rng=rng, signer=signer)
         self._near = near = NearCache.of(local, client, self.keys.prefix, clock, budget)
         self._local = None if near is None else near.store
         self._reads = Reader(self._backend, self._codec, counters, replica=self._replica, near=near)
@@ -286,7 +309,7 @@ class Cache(BulkOperations):
         (``jitter``: spread an explicit ``ttl`` as the policy spreads its own)."""
         rkey = self.keys.value(key)
         stored = self._rebuilder.encode(
-            value, self.policy.for_write(ttl=ttl, negative=value is None, jitter=jitter)
+            rkey, value, self.policy.for_write(ttl=ttl, negative=value is None, jitter=jitter)
         )
 
         async def write() -> None:
@@ -465,3 +488,26 @@ class Cache(BulkOperations):
         self._reads.forget(rkey)
         self._loads.forget(rkey)
         self._refreshes.forget(rkey)
+
+
+def _signer(
+    signing_key: bytes | None, verify_keys: Sequence[bytes], serializer: Serializer
+) -> Signer | None:
+    """The Cache's record signer (None: unsigned), its keys checked before any I/O."""
+    if signing_key is None:
+        if verify_keys:
+            raise ConfigurationError(
+                "verify_keys",
+                f"<{len(verify_keys)} key(s)>",
+                "keys beside a signing_key (a Cache without one checks no signature)",
+            )
+        if isinstance(serializer, PickleSerializer):
+            warnings.warn(
+                "PickleSerializer without signing_key: whoever can write to this Redis can "
+                "run code in this process through any record it reads; pass "
+                "signing_key=<32+ secret bytes> (see docs/security.md)",
+                InsecurePickleWarning,
+                stacklevel=3,
+            )
+        return None
+    return Signer(signing_key, verify_keys)

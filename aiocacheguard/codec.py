@@ -14,7 +14,7 @@ from ._episodes import Episode
 from ._types import Serializer
 from .errors import ValueTooLargeError
 from .policy import Policy
-from .record import Record, RecordError, header_of
+from .record import SIGNED_FORMAT_VERSION, Record, RecordError, Signer, header_of
 from .serializers import typed_decoder
 
 __all__ = ("DEFAULT_MAX_VALUE_BYTES", "Entry", "RecordCodec")
@@ -127,6 +127,9 @@ class RecordCodec:
             `DEFAULT_MAX_VALUE_BYTES`.
         clock: Wall-clock seconds, shared by every process reading the records.
         rng: Draws the TTL jitter (default: an unseeded `random.Random`).
+        signer: Signs every record written; every record read must carry a signature it
+            verifies, or it is refused unread (counted in ``forged_records``). None: records
+            are neither signed nor checked.
 
     Raises:
         ConfigurationError: ``max_value_bytes`` is not a positive integer or None.
@@ -134,12 +137,15 @@ class RecordCodec:
 
     __slots__ = (
         "_decoders",
+        "_forged_episode",
         "_too_large_episode",
         "clock",
         "decode_errors",
+        "forged",
         "max_value_bytes",
         "rng",
         "serializer",
+        "signer",
         "too_large",
     )
 
@@ -150,6 +156,7 @@ class RecordCodec:
         *,
         clock: Callable[[], float],
         rng: random.Random | None = None,
+        signer: Signer | None = None,
     ) -> None:
         if max_value_bytes is not None:
             check_int("max_value_bytes", max_value_bytes, minimum=1)
@@ -163,11 +170,19 @@ class RecordCodec:
         #: Records past ``max_value_bytes``: refused on write, or found on read (a miss).
         self.too_large = 0
         self._too_large_episode = Episode("loaded values too large to cache")
+        self.signer = signer
+        #: Records refused because their signature did not verify (``signer`` only).
+        self.forged = 0
+        self._forged_episode = Episode("signature checks of records")
         self._decoders: dict[object, Callable[[bytes], Any] | None] = {}
 
     def counters(self) -> dict[str, int]:
         """The codec's share of a Cache's statistics."""
-        return {"decode_errors": self.decode_errors, "values_too_large": self.too_large}
+        return {
+            "decode_errors": self.decode_errors,
+            "values_too_large": self.too_large,
+            "forged_records": self.forged,
+        }
 
     def decoder(self, returns: object) -> Callable[[bytes], Any] | None:
         """
@@ -186,11 +201,12 @@ class RecordCodec:
         return decode
 
     def encode(
-        self, value: Any, policy: Policy, *, compute_time: float
+        self, value: Any, policy: Policy, *, compute_time: float, rkey: bytes
     ) -> tuple[bytes, float] | None:
         """
-        The record bytes of ``value`` and their Redis TTL; None when the policy does not cache
-        it (a negative result with ``negative_ttl=None``).
+        The record bytes of ``value`` for the Redis key ``rkey`` (signed for it, with a
+        ``signer``) and their Redis TTL; None when the policy does not cache it (a negative
+        result with ``negative_ttl=None``).
 
         TTLs are shortened by one random fraction up to ``policy.jitter`` (soft TTL alike), and
         Redis keeps values ``stale_if_error`` longer than their logical expiry.
@@ -217,7 +233,7 @@ class RecordCodec:
             compute_time=compute_time,
         )
         grace = 0.0 if negative or policy.stale_if_error is None else policy.stale_if_error
-        data = record.encode()
+        data = record.encode(self.signer, rkey)
         limit = self.max_value_bytes
         if limit is not None and len(data) > limit:
             self.too_large += 1
@@ -234,16 +250,22 @@ class RecordCodec:
             f"({self.too_large} refused so far)"
         )
 
-    def decode(self, data: bytes) -> Entry | None:
+    def decode(self, data: bytes, rkey: bytes) -> Entry | None:
         """
-        The entry stored as ``data``; None (and counted) when it is foreign, written by
-        another serializer, or larger than ``max_value_bytes`` (not even its header is read,
-        so a huge record costs its transfer but never blocks the loop while decoded). Its
-        payload is decoded when first used (`Entry.usable`).
+        The entry stored as ``data`` under the Redis key ``rkey``; None (and counted) when it
+        is foreign, written by another serializer, larger than ``max_value_bytes`` (not even
+        its header is read, so a huge record costs its transfer but never blocks the loop
+        while decoded), or, with a ``signer``, not signed for ``rkey`` with one of its keys
+        (checked before anything of it is read). Its payload is decoded when first used
+        (`Entry.usable`).
         """
         limit = self.max_value_bytes
         if limit is not None and len(data) > limit:
             self.too_large += 1
+            return None
+        signer = self.signer
+        if signer is not None and not signer.verify(rkey, data):
+            self._refuse(rkey, data)
             return None
         try:
             record = Record.decode(data)
@@ -254,3 +276,14 @@ class RecordCodec:
             self.decode_errors += 1
             return None
         return Entry(record, header_of(data), self)
+
+    def _refuse(self, rkey: bytes, data: bytes) -> None:
+        """A record that failed its signature check: counted, and said once per episode."""
+        self.forged += 1
+        unsigned = len(data) < 3 or data[2] != SIGNED_FORMAT_VERSION  # (or not a record at all)
+        self._forged_episode.failed(
+            f"a record under {rkey!r} was refused ({'unsigned' if unsigned else 'bad signature'}"
+            f", {self.forged} refused so far): it is not signed for this key with the Cache's "
+            "signing_key or verify_keys. Either processes without the key write to this "
+            "namespace, or someone who can write to Redis planted it; treated as a miss"
+        )

@@ -29,6 +29,7 @@ them all:
 ```
 CacheGuardWarning
  +-- InsecureTLSWarning                     TLS that verifies no certificate (ssl_cert_reqs=none)
+ +-- InsecurePickleWarning                  PickleSerializer without a signing_key
 ```
 
 `PermissionDeniedError` and `AuthenticationError` are configuration errors of the Redis user,
@@ -49,6 +50,7 @@ __all__ = (
     "CacheGuardWarning",
     "CacheNotBoundError",
     "ConfigurationError",
+    "InsecurePickleWarning",
     "InsecureTLSWarning",
     "InvalidKeyError",
     "LoadTimeout",
@@ -191,4 +193,12 @@ class InsecureTLSWarning(CacheGuardWarning):
     (``ssl_cert_reqs=none``): the traffic is encrypted, but anyone on the network path can
     pose as Redis and read it, the password included. Give the CA instead
     (``ssl_ca_certs=/path/to/ca.pem``); see docs/security.md.
+    """
+
+
+class InsecurePickleWarning(CacheGuardWarning):
+    """
+    A Cache uses `PickleSerializer` without a ``signing_key``: whoever can write to the Redis
+    database runs code of their choosing in this process through any record it reads. Warned
+    once, when the Cache is created; docs/security.md says what to do instead.
     """

@@ -140,6 +140,10 @@ class Statistics:
         values_too_large: Records larger than the Cache's ``max_value_bytes``: a ``set``
             refused with `ValueTooLargeError`, a loaded value served but not cached, or a
             stored record found on read and treated as a miss (not decoded).
+        forged_records: Records refused because they were not signed for their key with the
+            Cache's ``signing_key`` or ``verify_keys`` (unsigned, tampered, or signed with
+            another key): treated as a miss, their payload never decoded; one warning per
+            episode. Always 0 without a ``signing_key``.
         redis_errors: Redis commands that failed or ran out of time.
         pubsub_renewals: Times the fill notifications' pub/sub connection was found silent
             (open, but its health PING unanswered) and replaced; its waiters re-checked Redis.
@@ -191,6 +195,7 @@ class Statistics:
     lock_lost: int = 0
     decode_errors: int = 0
     values_too_large: int = 0
+    forged_records: int = 0
     redis_errors: int = 0
     pubsub_renewals: int = 0
     soft_expired_served: int = 0
@@ -247,6 +252,7 @@ class Counters:
     lock_lost: int
     decode_errors: int
     values_too_large: int
+    forged_records: int
     redis_errors: int
     pubsub_renewals: int
     soft_expired_served: int

@@ -133,7 +133,7 @@ class Reader:
             if near is not None and token:
                 near.abandon(rkey, token)
             raise
-        entry = None if data is None else self._codec.decode(data)
+        entry = None if data is None else self._codec.decode(data, rkey)
         if near is not None and token:
             near.fill(rkey, token, entry, len(data or b""), local_ttl)
         counters = self._counters

@@ -156,15 +156,16 @@ class Rebuilder:
         )
         return (replacing.result(returns), False) if value is _BUSY else (value, loaded)
 
-    def encode(self, value: Any, policy: Policy) -> tuple[bytes, float]:
+    def encode(self, rkey: bytes, value: Any, policy: Policy) -> tuple[bytes, float]:
         """
-        An explicit write's (``Cache.set``) record and its TTL, with no I/O; `store` writes it.
+        An explicit write's (``Cache.set``) record for ``rkey`` and its TTL, with no I/O;
+        `store` writes it.
 
         Raises:
             SerializationError: the value cannot be encoded, or its record is larger than
                 the codec's limit (`ValueTooLargeError`).
         """
-        encoded = self._codec.encode(value, policy, compute_time=0.0)
+        encoded = self._codec.encode(value, policy, compute_time=0.0, rkey=rkey)
         if encoded is None:  # the codec stores None only under a negative_ttl
             raise ConfigurationError(
                 "negative_ttl",
@@ -269,7 +270,7 @@ class Rebuilder:
             attempt = await self._acquire_once(lock, mode, replacing)
             if attempt.outcome is not Outcome.VALUE:
                 return attempt, None
-            entry = self._codec.decode(attempt.value)
+            entry = self._codec.decode(attempt.value, lock.value_key)
             if entry is not None and entry.fresh(self._codec.clock()) and entry.usable(returns):
                 return attempt, entry
             mode, replacing = Acquire.STALE, header_of(attempt.value)  # take the lock over it
@@ -346,7 +347,9 @@ class Rebuilder:
         async with lock.kept_alive():
             value = await self._run_loader(lock.value_key, loader, policy)
         try:
-            written = self._codec.encode(value, policy, compute_time=time.monotonic() - started)
+            written = self._codec.encode(
+                value, policy, compute_time=time.monotonic() - started, rkey=lock.value_key
+            )
         except ValueTooLargeError as exc:  # served to the callers, but not cached
             self._codec.not_cached(lock.value_key, exc)
             written = None

@@ -17,6 +17,7 @@ from aiocacheguard import (
     Cache,
     CacheClosedError,
     ConfigurationError,
+    InsecurePickleWarning,
     InvalidKeyError,
     MsgpackSerializer,
     PickleSerializer,
@@ -136,9 +137,9 @@ async def test_record_of_another_serializer_is_a_miss_not_unpickled(
     client: redis.Redis, namespace: str
 ) -> None:
     policy = Policy(ttl=30.0)
-    async with Cache(
-        client, namespace=namespace, policy=policy, serializer=PickleSerializer()
-    ) as pickled:
+    with pytest.warns(InsecurePickleWarning, match="PickleSerializer without signing_key"):
+        pickled = Cache(client, namespace=namespace, policy=policy, serializer=PickleSerializer())
+    async with pickled:
         await pickled.set("k", {"a": 1})
     async with Cache(client, namespace=namespace, policy=policy) as as_json:
         assert await as_json.get("k", default=MISSING) is MISSING

@@ -304,7 +304,7 @@ async def test_a_lost_invalidation_connection_never_leaves_the_old_value_served(
 
 async def _record_of(cache: Cache, value: object) -> bytes:
     """The bytes the Cache stores for ``value`` (written by a plain client in the tests)."""
-    encoded = cache._codec.encode(value, cache.policy, compute_time=0.0)
+    encoded = cache._codec.encode(value, cache.policy, compute_time=0.0, rkey=b"")
     assert encoded is not None
     return encoded[0]
 
@@ -670,7 +670,8 @@ def test_max_bytes_bounds_the_memory_of_100_000_small_entries() -> None:
     )
     near.store.resume()  # serving, as once the listener listens
     values = [{"id": i, "name": f"user {i}", "tags": ["a", "b"]} for i in range(100_000)]
-    records = [codec.encode(v, Policy(ttl=600.0), compute_time=0.0) for v in values]
+    policy = Policy(ttl=600.0)
+    records = [codec.encode(v, policy, compute_time=0.0, rkey=b"") for v in values]
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
@@ -678,7 +679,7 @@ def test_max_bytes_bounds_the_memory_of_100_000_small_entries() -> None:
             assert encoded is not None
             rkey = b"{ns:user:%d}" % i
             token = near.begin(rkey)
-            entry = codec.decode(encoded[0])
+            entry = codec.decode(encoded[0], rkey)
             assert entry is not None
             near.fill(rkey, token, entry, len(encoded[0]), None)
             held_entry = near.store.get(rkey)

@@ -18,7 +18,7 @@ import msgspec
 from ..backend import RedisClient, budgeted
 from ..bulk import COMMAND_TIMEOUT, SCAN_COUNT, NamespaceKeys, Node, nodes_of, scan_node
 from ..keys import KeySpace
-from ..record import HEADER_SIZE, Record, RecordError
+from ..record import SIGNED_HEADER_SIZE, Record, RecordError
 from ._common import SERIALIZERS
 from ._common import pipelined as _pipelined
 from ._common import text as _text
@@ -212,7 +212,9 @@ async def _namespace_stats(
         examined_total += examined
         scale = 1.0 if complete or not examined else max(1.0, size / examined)
         sampled = sampled or not complete
-        headers = await _pipelined(client, [("GETRANGE", k, 0, HEADER_SIZE - 1) for k in values])
+        # A signed record's header is followed by its signature: read both, so it decodes.
+        reads = [("GETRANGE", k, 0, SIGNED_HEADER_SIZE - 1) for k in values]
+        headers = await _pipelined(client, reads)
         for header in headers:
             counts["entries"] += scale
             try:
