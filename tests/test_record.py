@@ -80,3 +80,17 @@ def test_foreign_or_corrupt_bytes_are_refused(data: bytes) -> None:
 
 def test_header_is_fixed_size() -> None:
     assert len(make(payload=b"").encode()) == struct.calcsize(">2sBBBdddfQ") == HEADER_SIZE == 41
+
+
+def test_signed_record_is_format_3_with_the_same_header() -> None:
+    from aiocacheguard.record import SIGNED_HEADER_SIZE, Signer
+
+    record, signer = make(), Signer(b"k" * 32)
+    data = record.encode(signer, b"{ns:k}")
+    assert data[2] == 3 and len(data) == SIGNED_HEADER_SIZE + len(record.payload)
+    assert Record.decode(data) == record  # read (unchecked) like any other version
+    assert header_of(data) == data[:HEADER_SIZE]  # the lock's identity of a stored copy
+    assert data[:HEADER_SIZE] == record.encode()[:2] + b"\x03" + record.encode()[3:HEADER_SIZE]
+    assert signer.verify(b"{ns:k}", data) and not signer.verify(b"{ns:k}", record.encode())
+    with pytest.raises(RecordError):
+        Record.decode(data[: SIGNED_HEADER_SIZE - 1])  # cut inside the signature
