@@ -18,6 +18,12 @@ of it could not reach Redis, rather than spend a budget already known to be lost
 On a Redis Cluster, batches are made per primary (a `Route`) and each primary has a circuit
 breaker of its own: a dead primary fails its own keys, and the keys of the others stay hits.
 
+Reads are bounded by the Cache's ``max_value_bytes``: a value past it (written by a client
+without the limit) is refused inside Redis, in the read's own round trip (`Read`): a lone read
+is ``GETRANGE key 0 limit``, a batch the `READ_WITHIN` script (STRLEN before GET), a Cluster
+node's pipeline GETRANGEs. So it is never transferred, never times a read out, and the circuit
+breaker never hears of it. Without a limit, reads are plain GET and MGET.
+
 A batch of reads that runs out of its budget (one huge value in it, say) is not failed as a
 whole: each read is retried alone with a budget of its own, so one slow value fails alone (a
 read in such a batch may take up to two budgets). Not when Redis itself is what is slow: a
@@ -110,6 +116,45 @@ MAX_STRANDED = 64
 #: What `RedisBackend.get` returns for a key holding another Redis type (a hash, a list): bytes
 #: no record starts with, so the Cache counts them as foreign and the next fill replaces them.
 FOREIGN: Final = b""
+
+#: What a read of one key gives: its bytes, None when it is missing, or, for a value larger
+#: than the backend's ``max_value_bytes``, an int: the bytes it is known to have at least. Such
+#: a value is refused inside Redis (its length is checked first, in the same round trip), so
+#: it costs one short round trip, not its transfer, and is no failure of the node.
+Read = bytes | int | None
+
+# KEYS: the keys to read
+# ARGV[1] the largest value returned (max_value_bytes), ARGV[2] the largest returned here
+# Returns, in the keys' order: the value if it has at most ARGV[2] bytes; false (nil) for a
+# missing key; "" for a key of another Redis type (`FOREIGN`); else the value's length, its
+# bytes left in Redis: past ARGV[1] it is refused, else the caller reads it with GETRANGE.
+# STRLEN first: a GET would copy a huge value into Lua (blocking Redis meanwhile), and a Lua
+# copy of any large value costs Redis more than the reply's own (measured: 2-3x a MGET's
+# time for 100 KB values), so values past ARGV[2] are read apart, GETRANGE-bounded.
+READ_WITHIN = LuaScript(
+    "read_within",
+    """
+local inline = tonumber(ARGV[2])
+local values = {}
+for i, key in ipairs(KEYS) do
+  local size = redis.pcall("STRLEN", key)
+  if type(size) == "table" then
+    values[i] = ""
+  elseif size == 0 then
+    values[i] = false
+  elseif size > inline then
+    values[i] = size
+  else
+    values[i] = redis.call("GET", key)
+  end
+end
+return values
+""",
+)
+#: Values up to this size come back in `READ_WITHIN`'s own reply; larger ones (up to
+#: ``max_value_bytes``) are read in a second round trip, where their transfer costs more than
+#: the round trip does.
+READ_INLINE = 16 * 1024
 
 #: What redis-py and sockets raise. redis-py's cluster errors (a slot no node covers, say) do
 #: not derive from RedisError.
@@ -207,15 +252,40 @@ def _lean_pool(client: RedisClient) -> redis.ConnectionPool | None:
     return client.connection_pool if _REDIS_PY_OWN else None
 
 
-async def _send_get(connection: AbstractConnection, key: bytes) -> Any:
-    """One GET on ``connection``, as ``execute_command`` sends it (a health check included)."""
-    await connection.send_packed_command(connection.pack_command("GET", key))
+def _read_command(key: bytes, limit: int | None) -> tuple[str | bytes | int, ...]:
+    """
+    The command reading one value: GET, or with a limit ``GETRANGE key 0 limit``, which
+    answers at most ``limit + 1`` bytes however large the value (`_within` reads the answer).
+    """
+    return ("GET", key) if limit is None else ("GETRANGE", key, 0, limit)
+
+
+def _within(data: bytes | None, limit: int | None) -> Read:
+    """
+    What a read by `_read_command` found: the value, None for a missing key (GETRANGE
+    answers ``b""`` for one; a record is never empty), or, for a value past ``limit``, the
+    bytes it is known to have at least (`Read`).
+    """
+    if limit is None or data is None:
+        return data
+    if not data:
+        return None
+    size = len(data)
+    return size if size > limit else data
+
+
+async def _send_get(connection: AbstractConnection, key: bytes, limit: int | None) -> Any:
+    """One read (`_read_command`) on ``connection``, as ``execute_command`` sends it (a
+    health check included)."""
+    await connection.send_packed_command(connection.pack_command(*_read_command(key, limit)))
     return await connection.read_response()
 
 
-async def _retried(connection: AbstractConnection, key: bytes, first: Exception) -> Any:
+async def _retried(
+    connection: AbstractConnection, key: bytes, limit: int | None, first: Exception
+) -> Any:
     """
-    A GET whose first attempt failed with ``first``, under the connection's retry policy as
+    A read whose first attempt failed with ``first``, under the connection's retry policy as
     ``execute_command`` runs it (attempts, errors retried, backoff, the connection dropped
     before each retry), ``first`` counted as its first attempt.
     """
@@ -226,12 +296,12 @@ async def _retried(connection: AbstractConnection, key: bytes, first: Exception)
         if failed is not None:
             error, failed = failed, None
             raise error
-        return await _send_get(connection, key)
+        return await _send_get(connection, key, limit)
 
     return await connection.retry.call_with_retry(attempt, lambda _: connection.disconnect())
 
 
-def _is_wrongtype(exc: BaseException) -> bool:
+def _is_wrongtype(exc: object) -> bool:
     return isinstance(exc, redis_errors.ResponseError) and str(exc).startswith("WRONGTYPE")
 
 
@@ -595,6 +665,8 @@ class RedisBackend:
         command_timeout: Seconds one command may take, from being asked for to its answer.
         max_in_flight: Commands (or batches) outstanding at once. Default: half the client's
             pool size, at most 50, so other users of the same client keep connections too.
+        max_value_bytes: The largest value a read returns; a larger one is refused inside
+            Redis and read as its length (`Read`). None: no limit, plain GET and MGET.
     """
 
     def __init__(
@@ -604,6 +676,7 @@ class RedisBackend:
         command_timeout: float,
         max_in_flight: int | None = None,
         breaker: CircuitBreaker | None = None,
+        max_value_bytes: int | None = None,
     ) -> None:
         if not isinstance(client, redis.Redis | RedisCluster):
             raise ConfigurationError(
@@ -625,6 +698,7 @@ class RedisBackend:
             check_int("max_in_flight", max_in_flight, minimum=1)
         self.client = client
         self.breaker = breaker
+        self.max_value_bytes = max_value_bytes
         self._cluster = client if is_cluster(client) else None
         self._pool = _lean_pool(client)
         # The lone command running (`_direct`), its deadline, and the one timer watching it.
@@ -640,7 +714,7 @@ class RedisBackend:
         self.slots = asyncio.Semaphore(max_in_flight)
         self._cluster_slots = asyncio.Semaphore(max_in_flight)
         self._outstanding = 0
-        self._reads: _Batcher[bytes, bytes | None] = _Batcher(
+        self._reads: _Batcher[bytes, Read] = _Batcher(
             self, self._mget, name="mget", route=self.route, split_on_timeout=True
         )
         self._scripts: _Batcher[_ScriptCall, Any] = _Batcher(
@@ -670,6 +744,8 @@ class RedisBackend:
         max_in_flight: int | None,
         breaker: Breaker | None,
         on_transition: Callable[[BreakerState, BreakerState, str | None], None] | None = None,
+        *,
+        max_value_bytes: int | None = None,
     ) -> RedisBackend:
         """A backend with a circuit breaker of its own (a replica's failures say nothing of
         its primary's, so each client gets one)."""
@@ -678,7 +754,11 @@ class RedisBackend:
         if breaker is not None:
             circuit = CircuitBreaker(breaker, on_transition=on_transition)
         return cls(
-            client, command_timeout=command_timeout, max_in_flight=max_in_flight, breaker=circuit
+            client,
+            command_timeout=command_timeout,
+            max_in_flight=max_in_flight,
+            breaker=circuit,
+            max_value_bytes=max_value_bytes,
         )
 
     def counters(self) -> dict[str, int]:
@@ -846,10 +926,11 @@ class RedisBackend:
         self.note(exc)
         raise error from exc
 
-    async def get(self, key: bytes) -> bytes | None:
+    async def get(self, key: bytes) -> Read:
         """
-        GET ``key`` (`FOREIGN` for a key of another type): straight to Redis when nothing else
-        is outstanding, else batched.
+        Read ``key`` (`FOREIGN` for a key of another type; the length of one past
+        ``max_value_bytes``, see `Read`): straight to Redis when nothing else is outstanding,
+        else batched.
         """
         self._outstanding += 1
         try:
@@ -889,9 +970,9 @@ class RedisBackend:
             await self.client.script_load(script.source)
             return await self.client.evalsha(script.sha, len(keys), *keys, *args)
 
-    async def _get_lone(self, key: bytes) -> bytes | None:
+    async def _get_lone(self, key: bytes) -> Read:
         """
-        The lone GET (`_direct`): where nothing would be left out (`_lean`), on a connection
+        The lone read (`_direct`): where nothing would be left out (`_lean`), on a connection
         borrowed from the client's pool, not through ``execute_command``, whose retry wrapper
         and metrics hooks cost a lone hit about as much again as the library's own share.
 
@@ -906,24 +987,29 @@ class RedisBackend:
         pool = self._lean()
         if pool is None:
             return await self._get_standalone(key)
+        limit = self.max_value_bytes
         try:
             connection = await pool.get_connection()  # type: ignore[no-untyped-call]
             try:
                 try:
-                    return cast("bytes | None", await _send_get(connection, key))
+                    data = await _send_get(connection, key, limit)
                 except Exception as exc:  # the policy says what is retried: its first attempt
-                    return cast("bytes | None", await _retried(connection, key, exc))
+                    data = await _retried(connection, key, limit, exc)
             finally:
                 await pool.release(connection)
+            return _within(data, limit)
         except redis_errors.ResponseError as exc:
             if _is_wrongtype(exc):
                 return FOREIGN
             raise
 
-    async def _get_standalone(self, key: bytes) -> bytes | None:
-        """GET on a single Redis, through the client (the lone GET's is `_get_lone`)."""
+    async def _get_standalone(self, key: bytes) -> Read:
+        """One read on a single Redis, through the client (the lone read's is `_get_lone`)."""
+        limit, client = self.max_value_bytes, self.client
         try:
-            return cast("bytes | None", await self.client.get(key))
+            if limit is None:
+                return cast("bytes | None", await client.get(key))
+            return _within(cast("bytes", await client.getrange(key, 0, limit)), limit)
         except redis_errors.ResponseError as exc:
             if _is_wrongtype(exc):
                 return FOREIGN
@@ -932,14 +1018,15 @@ class RedisBackend:
     def _lean(self) -> redis.ConnectionPool | None:
         """
         `_lean_pool`, unless since then ``execute_command`` was replaced on the class or
-        patched on the client (``mock.patch.object``), ``get`` patched on the client, or
-        redis-py's own metrics turned on: checked at each GET, for a few attribute reads.
+        patched on the client (``mock.patch.object``), ``get`` or ``getrange`` patched on the
+        client, or redis-py's own metrics turned on: checked at each read, for a few attribute
+        reads.
         """
         pool = self._pool
         if pool is None or redis.Redis.execute_command is not _EXECUTE_COMMAND:
             return None
         patched = self.client.__dict__
-        if "execute_command" in patched or "get" in patched:
+        if "execute_command" in patched or "get" in patched or "getrange" in patched:
             return None
         try:
             if get_observability_instance().get_provider_manager() is not None:
@@ -948,30 +1035,55 @@ class RedisBackend:
             return None
         return pool
 
-    async def _read_one(self, key: bytes) -> bytes | None:
+    async def _read_one(self, key: bytes) -> Read:
         (value,) = await self._mget([key])
         if isinstance(value, BaseException):
             raise value
         return value
 
-    async def _mget(self, keys: list[bytes]) -> list[bytes | BaseException | None]:
+    async def _mget(self, keys: list[bytes]) -> list[Read | BaseException]:
         """
-        The values of ``keys`` (`FOREIGN` for a key of another type, where Redis says so: a
-        MGET answers nil for those), or in its place the error of a cluster node that failed.
+        What each of ``keys`` holds (`Read`; `FOREIGN` for a key of another type, where Redis
+        says so: a MGET answers nil for those), or in its place the error of a cluster node
+        that failed.
+
+        With ``max_value_bytes``, one `READ_WITHIN` script instead of the MGET, so that a value
+        past the limit stays in Redis; values too large for its reply (past `READ_INLINE`)
+        are read in a second round trip, each with GETRANGE.
         """
         client = self.client
         if is_cluster(client):
             return await self._read_cluster(client, keys)
         if len(keys) == 1:
             return [await self._get_standalone(keys[0])]
-        return cast("list[bytes | BaseException | None]", list(await client.mget(keys)))
+        limit = self.max_value_bytes
+        if limit is None:
+            return cast("list[Read | BaseException]", list(await client.mget(keys)))
+        inline = min(limit, READ_INLINE)
+        results: list[Read | BaseException] = await self._evalsha_loading(
+            (READ_WITHIN, tuple(keys), (limit, inline))
+        )
+        apart = [i for i, r in enumerate(results) if isinstance(r, int) and r <= limit]
+        if apart:
+            async with client.pipeline(transaction=False) as pipe:
+                for i in apart:
+                    pipe.getrange(keys[i], 0, limit)
+                read = await pipe.execute(raise_on_error=False)
+            for i, data in zip(apart, read, strict=True):
+                if _is_wrongtype(data):
+                    results[i] = FOREIGN  # replaced by a hash (say) since the script
+                elif isinstance(data, BaseException):
+                    raise data
+                else:
+                    results[i] = _within(data, limit)
+        return results
 
     async def _read_cluster(
         self, cluster: RedisCluster, keys: list[bytes]
-    ) -> list[bytes | BaseException | None]:
+    ) -> list[Read | BaseException]:
         """
-        GET ``keys`` on a cluster: one pipeline per primary (normally one: batches are made
-        per route), each with its own fate.
+        Read ``keys`` on a cluster (`_read_command`, bounded by ``max_value_bytes``): one
+        pipeline per primary (normally one: batches are made per route), each with its own fate.
 
         Not through the cluster client's ``mget_nonatomic``: its pipeline fails as a whole
         when one node fails, and before failing it closes the connections to every node
@@ -983,7 +1095,8 @@ class RedisBackend:
         # A no-op unless a failure asked for a new slot map.
         failed, self._failed_node = self._failed_node, None
         await cluster.initialize(last_failed_node_name=failed)
-        results: list[bytes | BaseException | None] = [None] * len(keys)
+        limit = self.max_value_bytes
+        results: list[Read | BaseException] = [None] * len(keys)
         nodes: dict[str, tuple[ClusterNode, list[PipelineCommand]]] = {}
         for position, key in enumerate(keys):
             try:
@@ -991,7 +1104,8 @@ class RedisBackend:
             except redis_errors.RedisClusterException as exc:  # a slot no node serves
                 results[position] = exc
                 continue
-            nodes.setdefault(node.name, (node, []))[1].append(PipelineCommand(position, "GET", key))
+            command = PipelineCommand(position, *_read_command(key, limit))
+            nodes.setdefault(node.name, (node, []))[1].append(command)
 
         async def read(node: ClusterNode, commands: list[PipelineCommand]) -> None:
             try:
@@ -1011,18 +1125,22 @@ class RedisBackend:
                     if _is_wrongtype(result):
                         result = FOREIGN
                     elif isinstance(result, redis_errors.MovedError | redis_errors.AskError):
-                        result = await self._read_redirected(cluster, command.args[1])
+                        result = await self._read_redirected(cluster, command.args[1], limit)
+                elif not isinstance(result, BaseException):
+                    result = _within(result, limit)
                 results[command.position] = result
 
         await asyncio.gather(*(read(node, commands) for node, commands in nodes.values()))
         return results
 
     @staticmethod
-    async def _read_redirected(cluster: RedisCluster, key: bytes) -> bytes | Exception | None:
+    async def _read_redirected(
+        cluster: RedisCluster, key: bytes, limit: int | None
+    ) -> Read | Exception:
         """A key whose slot moved: through the cluster client, which follows the redirect and
         updates its slot map."""
         try:
-            return cast("bytes | None", await cluster.get(key))
+            return _within(await cluster.execute_command(*_read_command(key, limit)), limit)
         except redis_errors.ResponseError as exc:
             return FOREIGN if _is_wrongtype(exc) else exc
         except (*_REDIS_ERRORS, TimeoutError) as exc:

@@ -149,11 +149,16 @@ class Cache(BulkOperations):
         self.policy, self.serializer, self.bloom = policy, serializer, bloom
         self._emit = emit = Emitter(hook)
         budget, moved = float(command_timeout), emit.breaker_moved
-        self._backend = RedisBackend.of(client, budget, max_in_flight, breaker, moved)
-        self.breaker = self._backend.breaker
-        self._replica = None if replica is None else RedisBackend.of(replica, budget, None, breaker)
-        self._counters = counters = Counters()
         self._codec = RecordCodec(serializer, max_value_bytes, clock=clock, rng=rng, signer=signer)
+        limit = self._codec.max_value_bytes  # (checked) reads refuse larger values in Redis
+        self._backend = RedisBackend.of(
+            client, budget, max_in_flight, breaker, moved, max_value_bytes=limit
+        )
+        self.breaker = self._backend.breaker
+        self._replica = None
+        if replica is not None:
+            self._replica = RedisBackend.of(replica, budget, None, breaker, max_value_bytes=limit)
+        self._counters = counters = Counters()
         self._near = near = NearCache.of(local, client, self.keys.prefix, clock, budget)
         self._local = None if near is None else near.store
         self._reads = Reader(self._backend, self._codec, counters, replica=self._replica, near=near)

@@ -139,6 +139,7 @@ class RecordCodec:
         "_decoders",
         "_forged_episode",
         "_too_large_episode",
+        "_too_large_found",
         "clock",
         "decode_errors",
         "forged",
@@ -174,6 +175,7 @@ class RecordCodec:
         #: Records refused because their signature did not verify (``signer`` only).
         self.forged = 0
         self._forged_episode = Episode("signature checks of records")
+        self._too_large_found = Episode("stored values too large to read")
         self._decoders: dict[object, Callable[[bytes], Any] | None] = {}
 
     def counters(self) -> dict[str, int]:
@@ -248,6 +250,19 @@ class RecordCodec:
         self._too_large_episode.failed(
             f"a loaded value is not cached (key {rkey!r}): {error} "
             f"({self.too_large} refused so far)"
+        )
+
+    def refused(self, rkey: bytes, size: int) -> None:
+        """
+        A stored record past ``max_value_bytes`` (written by a client without the limit),
+        refused inside Redis by the read (`aiocacheguard.backend.Read`): a counted miss, said
+        once per episode with counts, never a failure of Redis.
+        """
+        self.too_large += 1
+        self._too_large_found.failed(
+            f"a stored value past max_value_bytes={self.max_value_bytes:,} is read as a miss "
+            f"(key {rkey!r}, {size:,} bytes or more, left in Redis until a write replaces it; "
+            f"{self.too_large} too large so far)"
         )
 
     def decode(self, data: bytes, rkey: bytes) -> Entry | None:

@@ -133,6 +133,9 @@ class Reader:
             if near is not None and token:
                 near.abandon(rkey, token)
             raise
+        if isinstance(data, int):  # past max_value_bytes, refused inside Redis: a miss
+            self._codec.refused(rkey, data)
+            data = None
         entry = None if data is None else self._codec.decode(data, rkey)
         if near is not None and token:
             near.fill(rkey, token, entry, len(data or b""), local_ttl)

@@ -215,6 +215,7 @@ class Rebuilder:
             lock_key=KeySpace.lock(rkey),
             channel=KeySpace.channel(rkey),
             lock_ttl=policy.lock_ttl,
+            max_value_bytes=self._codec.max_value_bytes,
         )
         if not policy.lock:
             mode = Acquire.CLAIM

@@ -110,7 +110,9 @@ async def test_corrupt_payload_is_a_counted_miss(
 ) -> None:
     await client.set(cache.keys.value("k"), garbage)
     assert await cache.get("k", default=MISSING) is MISSING
-    assert cache.statistics().decode_errors == 1
+    # An empty string reads as a missing key (under max_value_bytes a read is GETRANGE, which
+    # answers "" for both; a record is never empty): a plain miss, overwritten all the same.
+    assert cache.statistics().decode_errors == (0 if garbage == b"" else 1)
 
     async def load() -> str:
         return "fresh"

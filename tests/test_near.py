@@ -43,7 +43,7 @@ async def near(client: redis.Redis, namespace: str) -> AsyncIterator[Cache]:
 
 
 async def reads(client: redis.Redis) -> int:
-    return await command_calls(client, "get", "mget")
+    return await command_calls(client, "get", "getrange", "mget")
 
 
 async def held(cache: Cache, key: str, value: object) -> None:

@@ -59,20 +59,23 @@ __all__ = (
 
 # KEYS[1] value key, KEYS[2] lock key
 # ARGV[1] token, ARGV[2] lease in ms, ARGV[3] mode (an `Acquire` value), ARGV[4] prefix
-# (mode "stale" only), ARGV[5] header size
+# (mode "stale" only), ARGV[5] header size, ARGV[6] the largest value read (max_value_bytes),
+# "" for no limit
 # Returns {1, value} if a value is there that the mode does not override, {2, ""} if the lock
 # was taken, {3, pttl, header} if another token holds it (pttl: its remaining lease in ms;
 # header: the first ARGV[5] bytes of the value now stored, "" if none).
-# A key of another Redis type (a hash where a record belongs) is foreign data: read as "no
+# A key of another Redis type (a hash where a record belongs), or a value past ARGV[6] (its
+# length is asked first: it is neither copied into Lua nor sent), is foreign data: read as "no
 # value", so the lock is taken and the fill (a SET) replaces it.
 ACQUIRE_OR_READ = LuaScript(
     "acquire_or_read",
     """
 local mode = ARGV[3]
+local limit = tonumber(ARGV[6])
 local function stored()
-  local value = redis.pcall("GET", KEYS[1])
-  if type(value) == "table" then return false end
-  return value
+  local size = redis.pcall("STRLEN", KEYS[1])
+  if type(size) == "table" or size == 0 or (limit and size > limit) then return false end
+  return redis.call("GET", KEYS[1])
 end
 if mode == "absent" or mode == "stale" then
   local value = stored()
@@ -232,6 +235,8 @@ class RebuildLock:
         runner: Runs the scripts (the Cache's backend).
         value_key, lock_key, channel: The Redis names of the entry (one hash slot).
         lock_ttl: The lease, in seconds.
+        max_value_bytes: A value stored past it is read as no value (left in Redis, not sent);
+            None: no limit.
     """
 
     __slots__ = (
@@ -240,6 +245,7 @@ class RebuildLock:
         "lock_key",
         "lock_ttl",
         "lost",
+        "max_value_bytes",
         "may_hold",
         "token",
         "value_key",
@@ -253,8 +259,10 @@ class RebuildLock:
         lock_key: bytes,
         channel: bytes,
         lock_ttl: float,
+        max_value_bytes: int | None = None,
     ) -> None:
         self._runner = runner
+        self.max_value_bytes = max_value_bytes
         self.value_key = value_key
         self.lock_key = lock_key
         self.channel = channel
@@ -279,7 +287,14 @@ class RebuildLock:
         kind, payload, *rest = await self._runner.eval(
             ACQUIRE_OR_READ,
             (self.value_key, self.lock_key),
-            (self.token, _ms(self.lock_ttl), mode.value, replacing, HEADER_SIZE),
+            (
+                self.token,
+                _ms(self.lock_ttl),
+                mode.value,
+                replacing,
+                HEADER_SIZE,
+                "" if self.max_value_bytes is None else self.max_value_bytes,
+            ),
         )
         outcome = Outcome(int(kind))
         if outcome is Outcome.ACQUIRED:

@@ -1,7 +1,10 @@
 """
 Values past the Cache's ``max_value_bytes``: refused on write with a named error before any
-I/O, served but not cached when a loader returns one, skipped (not decoded) when found in
-Redis.
+I/O, served but not cached when a loader returns one, and, when found in Redis (written by a
+client without the limit), refused inside Redis: every read (the lone GET, a batch, a
+Cluster node's pipeline, the rebuild lock's acquisition) checks the length in the same round
+trip, so the value is never transferred, never times a read out, and is no failure of the node
+(the circuit breaker never hears of it); each is a counted miss, said once per episode.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 from aiocacheguard import (
     Cache,
@@ -23,11 +27,19 @@ from aiocacheguard import (
     ValueTooLargeError,
 )
 from aiocacheguard.codec import DEFAULT_MAX_VALUE_BYTES
-from aiocacheguard.testing import FaultProxy, RedisServer
+from aiocacheguard.testing import FaultProxy, RedisClusterServer, RedisServer
 
-from ..helpers import GatedLoader
+from ..helpers import GatedLoader, command_calls
 
 LIMIT = 10_000
+#: A value another client stored without the limit: 4,000 times it, big enough that its
+#: transfer cannot hide in the bound below (the issue's was 300 MB: 450 ms a read).
+HUGE = 40 * 1024 * 1024
+#: What a read of it may cost in bytes Redis sends: at most the limit (a bounded GETRANGE
+#: answers ``LIMIT + 1`` bytes), the other keys' small values and INFO's own replies.
+SENT_BOUND = 200_000
+
+Client = redis.Redis | RedisCluster
 
 
 @pytest.fixture
@@ -142,3 +154,90 @@ async def test_a_stored_record_past_the_limit_is_a_counted_miss_never_decoded(
         assert await reader.get_or_load("k", loader) == "small"
         assert loader.calls == 1
         assert reader_json.decoded == 1  # the small value's hit; never the big record
+
+
+@pytest.fixture(params=["standalone", "cluster"])
+async def deployment(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Client, list[int]]]:
+    """A client, and the ports of the servers holding its keys (to read their counters)."""
+    if request.param == "standalone":
+        server: RedisServer = request.getfixturevalue("redis_server")
+        client: Client = redis.Redis(port=server.port)
+        ports = [server.port]
+    else:
+        cluster: RedisClusterServer = request.getfixturevalue("redis_cluster")
+        client = RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in cluster.startup_nodes])
+        await client.initialize()
+        ports = [p for _, p in cluster.startup_nodes]
+    yield client, ports
+    await client.aclose()
+
+
+async def sent(ports: list[int]) -> int:
+    """Bytes the servers have sent to their clients (INFO stats), all servers together."""
+    total = 0
+    for port in ports:
+        admin = redis.Redis(port=port)
+        try:
+            total += int((await admin.info("stats"))["total_net_output_bytes"])
+        finally:
+            await admin.aclose()
+    return total
+
+
+async def test_a_stored_value_past_the_limit_costs_one_short_read_and_no_breaker_count(
+    deployment: tuple[Client, list[int]], namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    client, ports = deployment
+    caplog.set_level(logging.WARNING, "aiocacheguard")
+    async with Cache(
+        client, namespace=namespace, policy=Policy(ttl=30.0), max_value_bytes=LIMIT
+    ) as cache:
+        await cache.set_many({f"k{i}": i for i in range(20)})
+        huge, other = cache.keys.value("huge"), cache.keys.value("other")
+        await client.set(huge, b"h" * HUGE)  # another client, with no limit
+        await client.set(other, b"o" * HUGE)
+        try:
+            before = await sent(ports)
+            # The lone read, many times: more than the breaker's run of failures.
+            for _ in range(10):
+                assert await cache.get("huge", default="absent") == "absent"
+            # Batched with other keys' reads (a MGET's place; per node on a cluster).
+            for _ in range(3):
+                reads = await asyncio.gather(
+                    cache.get("huge", default="absent"),
+                    *(cache.get(f"k{i}") for i in range(20)),
+                )
+                assert reads == ["absent", *range(20)]
+            assert await cache.get_many(["k1", "huge", "k2"]) == [1, None, 2]
+            # A miss: the rebuild lock's acquisition must not send it either; the fill
+            # replaces it.
+            loader = ready("small")
+            assert await cache.get_or_load("other", loader) == "small"
+            assert loader.calls == 1 and await client.strlen(other) < LIMIT
+            assert await sent(ports) - before < SENT_BOUND  # 15 reads of 40 MB: never sent
+            stats = cache.statistics()
+            assert stats.values_too_large == 10 + 3 + 1 + 1
+            assert stats.redis_errors == 0 and stats.breaker_opened == 0
+            assert cache.breaker is not None and all(b.closed for b in cache._backend.breakers())
+            assert await cache.get("k7") == 7  # every other key still served
+            assert caplog.text.count("past max_value_bytes=10,000") == 1  # once an episode
+            assert "is read as a miss" in caplog.text
+        finally:
+            await client.delete(huge, other)
+
+
+async def test_without_a_limit_reads_are_plain_get_and_mget(
+    client: redis.Redis, namespace: str
+) -> None:
+    big = "b" * (2 * LIMIT)
+    async with Cache(
+        client, namespace=namespace, policy=Policy(ttl=30.0), max_value_bytes=None
+    ) as cache:
+        await cache.set_many({f"k{i}": big for i in range(10)})
+        bounded = await command_calls(client, "getrange", "strlen", "evalsha")
+        gets = await command_calls(client, "get", "mget")
+        assert await cache.get("k0") == big  # the lone read
+        assert await asyncio.gather(*(cache.get(f"k{i}") for i in range(10))) == [big] * 10
+        assert await command_calls(client, "getrange", "strlen", "evalsha") == bounded
+        assert await command_calls(client, "get", "mget") - gets >= 2  # (the batch: 1 or 2)
+        assert cache.statistics().values_too_large == 0
