@@ -430,7 +430,16 @@ class Cache(BulkOperations):
         """
         Load ``key`` again now, whatever is cached, write it, and return the new value. Joins a
         refresh of the key running here; if another process holds the rebuild lock, waits for
-        its fill and returns it. Raises what `get_or_load` raises.
+        its fill and returns it. A value it could not write is not returned: like `set`, it
+        raises, so a caller never holds a value that later reads do not see.
+
+        Raises:
+            BackendError: Redis failed or did not answer within ``command_timeout`` (or the
+                circuit breaker is open): nothing was written, reads keep the old value.
+            LockTimeout: another process's refresh held the key's rebuild lock for
+                ``policy.wait_timeout`` without filling it.
+            ValueTooLargeError: the value is past ``max_value_bytes`` (not written).
+            Exception: what `get_or_load` raises otherwise (the loader's own errors).
         """
         self._check_open()
         rkey = self.keys.value(key)

@@ -430,7 +430,10 @@ class Cached(Generic[P, T]):
         return await cache.delete(self.cache_key(*args, **kwargs))
 
     async def refresh(self, *args: P.args, **kwargs: P.kwargs) -> T:
-        """Call the function again for these arguments, cache and return the new value."""
+        """
+        Call the function again for these arguments, cache and return the new value; raises
+        as `Cache.refresh` does when it could not be written (a `BackendError`, say).
+        """
         cache, policy = self._target()
         key = self.cache_key(*args, **kwargs)
         loader = self._loader(args, kwargs)

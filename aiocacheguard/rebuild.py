@@ -28,6 +28,9 @@ Guarantees:
     - A value returned is a record read from Redis (checked by the codec, signature and all),
       never a pub/sub message: a fill message is only a wake-up, so whoever can PUBLISH to a
       fill channel can make waiters re-check early, never hand them a value.
+    - A forced refresh returns only a value that is in Redis: one that could not be written
+      (Redis failed, the holder it waited for never filled, the value is too large) raises,
+      as ``Cache.set`` does, rather than return a value that later reads would not see.
 
 Limitations:
     - An acquisition that timed out may land after the release sent for it; the lock's lease
@@ -139,10 +142,24 @@ class Rebuilder:
         was already replaced (that value is returned) or, in the background case
         (``replacing`` given), another process is refreshing it (``replacing`` is returned).
         With ``replacing=None`` (a forced refresh), a refresh by another process is waited for.
+
+        Raises:
+            BackendError: a forced refresh could not write (Redis failed or did not answer).
+            LockTimeout: a forced refresh waited ``wait_timeout`` for another process's fill.
+            ValueTooLargeError: a forced refresh's value is past ``max_value_bytes``.
+            Exception: whatever the loader raised.
         """
         if replacing is None:
             return await self._rebuild(
-                rkey, loader, policy, Acquire.ANY, b"", on_fill, wait=True, returns=returns
+                rkey,
+                loader,
+                policy,
+                Acquire.ANY,
+                b"",
+                on_fill,
+                wait=True,
+                returns=returns,
+                forced=True,
             )
         value, loaded = await self._rebuild(
             rkey,
@@ -207,8 +224,12 @@ class Rebuilder:
         *,
         wait: bool,
         returns: object = None,
+        forced: bool = False,
     ) -> tuple[Any, bool]:
-        """The value, and whether this call loaded and wrote it (as the lock's holder)."""
+        """
+        The value, and whether this call loaded and wrote it (as the lock's holder). A
+        ``forced`` rebuild (`refresh`) raises where the value could not be written.
+        """
         lock = RebuildLock(
             self._runner,
             value_key=rkey,
@@ -238,12 +259,20 @@ class Rebuilder:
                 # raising a BackendError of its own is not taken for Redis failing.
                 if lock.may_hold:
                     self._release_later(lock)
+                if forced:
+                    raise  # it could not write: say so, as set() does (reads keep the old)
                 self._counters.unwritten_loads += 1
                 return await self._run_loader(rkey, loader, policy), False
             if entry is not None:
                 return entry.result(returns), False
             if attempt.outcome is Outcome.ACQUIRED:
-                return await self._load_as_holder(lock, loader, policy, on_fill), True
+                return await self._load_as_holder(lock, loader, policy, on_fill, forced), True
+            if forced:
+                raise LockTimeout(
+                    f"a forced refresh waited wait_timeout={policy.wait_timeout}s for another "
+                    "process's refresh of the key, which holds its rebuild lock, to fill it; "
+                    "nothing was written"
+                )
             if policy.on_wait_timeout == "raise":
                 raise LockTimeout(
                     f"waited wait_timeout={policy.wait_timeout}s for another process to fill "
@@ -341,8 +370,17 @@ class Rebuilder:
                 )
 
     async def _load_as_holder(
-        self, lock: RebuildLock, loader: Loader, policy: Policy, on_fill: OnFill | None
+        self,
+        lock: RebuildLock,
+        loader: Loader,
+        policy: Policy,
+        on_fill: OnFill | None,
+        forced: bool = False,
     ) -> Any:
+        """
+        Load, write with the fenced fill, return the value. A value that is not written (Redis
+        failed, or it is too large) is still returned, unless ``forced``: then it raises.
+        """
         self._counters.lock_acquired += 1
         started = time.monotonic()
         async with lock.kept_alive():
@@ -352,13 +390,13 @@ class Rebuilder:
                 value, policy, compute_time=time.monotonic() - started, rkey=lock.value_key
             )
         except ValueTooLargeError as exc:  # served to the callers, but not cached
+            if forced:
+                await self._let_go(lock)
+                raise  # (counted) as set() refuses it
             self._codec.not_cached(lock.value_key, exc)
             written = None
         if written is None:  # not cached (a None, or too large): let go of the lock
-            try:
-                await lock.release()
-            except BackendError:
-                self._release_later(lock)
+            await self._let_go(lock)
             return value
         try:
             if on_fill is not None and value is not None:
@@ -369,11 +407,20 @@ class Rebuilder:
         except BackendError:
             if lock.may_hold:  # the fill may not have landed: don't leave the lock standing
                 self._release_later(lock)
+            if forced:
+                raise  # it may not have been written: say so, as set() does
             return value  # counted; the value is still served to this process's callers
         if not filled:
             self._counters.lock_lost += 1
             self._emit("lock_lost", lock.value_key)
         return value
+
+    async def _let_go(self, lock: RebuildLock) -> None:
+        """Release the lock now, or in the background if Redis fails."""
+        try:
+            await lock.release()
+        except BackendError:
+            self._release_later(lock)
 
     async def aclose(self) -> None:
         """Wait for the releases still on their way (each bounded by a command budget)."""
