@@ -35,8 +35,9 @@ LIMIT = 10_000
 #: A value another client stored without the limit: 4,000 times it, big enough that its
 #: transfer cannot hide in the bound below (the issue's was 300 MB: 450 ms a read).
 HUGE = 40 * 1024 * 1024
-#: What a read of it may cost in bytes Redis sends: at most the limit (a bounded GETRANGE
-#: answers ``LIMIT + 1`` bytes), the other keys' small values and INFO's own replies.
+#: What the test's reads of it may cost in bytes Redis sends: a lone read's GETRANGE answers
+#: ``LIMIT + 1`` bytes of it (10 of those), a batch's script or a lock's acquisition none; then
+#: the other keys' small values and INFO's own replies. Measured: 145-158 KB (before: 671 MB).
 SENT_BOUND = 200_000
 
 Client = redis.Redis | RedisCluster
