@@ -242,3 +242,31 @@ async def test_without_a_limit_reads_are_plain_get_and_mget(
         assert await command_calls(client, "getrange", "strlen", "evalsha") == bounded
         assert await command_calls(client, "get", "mget") - gets >= 2  # (the batch: 1 or 2)
         assert cache.statistics().values_too_large == 0
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+async def test_a_batch_tells_each_kind_of_key_apart(
+    redis_server: RedisServer, namespace: str, protocol: int
+) -> None:
+    """Missing, small, large (read apart), too large and another type, over RESP2 and RESP3."""
+    client = redis.Redis(port=redis_server.port, protocol=protocol)
+    try:
+        async with Cache(
+            client, namespace=namespace, policy=Policy(ttl=30.0), max_value_bytes=100_000
+        ) as cache:
+            await cache.set_many({"small": "s", "large": "l" * 50_000})
+            await client.set(cache.keys.value("huge"), b"h" * 200_000)
+            await client.hset(cache.keys.value("hash"), "field", "value")
+            names = ["small", "missing", "large", "huge", "hash"]
+            before = await command_calls(client, "getrange")
+            for _ in range(2):  # the lone read (the first), then a batch of the others
+                got = await asyncio.gather(*(cache.get(name, default="-") for name in names))
+                assert got == ["s", "-", "l" * 50_000, "-", "-"]
+            # Each round: the lone read's GETRANGE and the large value's, read apart; no more
+            # (a missing key is said in the script's own reply, on either protocol).
+            assert await command_calls(client, "getrange") - before == 2 * 2
+            stats = cache.statistics()
+            assert stats.values_too_large == 2 and stats.decode_errors == 2
+            assert stats.redis_errors == 0
+    finally:
+        await client.aclose()
