@@ -33,7 +33,7 @@ async def test_concurrent_misses_call_the_loader_once(cache: Cache, client: redi
     warm = GatedLoader()
     warm.release.set()
     await cache.get_or_load("warm-up", warm)  # the server learns the scripts (NOSCRIPT once)
-    reads_before = await command_calls(client, "get", "mget")
+    reads_before = await command_calls(client, "get", "getrange", "mget")
     scripts_before = await command_calls(client, "evalsha")
     tasks = spawn(cache, loader)
     await loader.started.wait()
@@ -43,10 +43,11 @@ async def test_concurrent_misses_call_the_loader_once(cache: Cache, client: redi
     assert loader.calls == 1
     assert all(r == {"board": [1, 2, 3]} for r in results)
     assert all(r is results[0] for r in results)  # one object, shared
-    # One read by the flight, then two scripts (take the lock; fenced fill), each of which
-    # reads one key inside Redis: INFO commandstats counts those GETs too.
+    # One read by the flight (a GETRANGE under max_value_bytes), then two scripts (take the
+    # lock; fenced fill). The fill reads the lock inside Redis, and INFO commandstats counts
+    # that GET too; the acquisition asks the value's length first (STRLEN) and finds none.
     assert await command_calls(client, "evalsha") - scripts_before == 2
-    assert await command_calls(client, "get", "mget") - reads_before == 1 + 2
+    assert await command_calls(client, "get", "getrange", "mget") - reads_before == 1 + 1
     stats = cache.statistics()
     assert (stats.misses, stats.loader_calls, stats.hits) == (2, 2, 0)  # with the warm-up
     assert await cache.get("k") == {"board": [1, 2, 3]}
@@ -55,20 +56,20 @@ async def test_concurrent_misses_call_the_loader_once(cache: Cache, client: redi
 async def test_concurrent_hits_send_one_read(cache: Cache, client: redis.Redis) -> None:
     await cache.set("k", [1, 2])
     loader = GatedLoader()
-    reads_before = await command_calls(client, "get", "mget")
+    reads_before = await command_calls(client, "get", "getrange", "mget")
     results = await asyncio.gather(*spawn(cache, loader))
     assert loader.calls == 0
     assert results == [[1, 2]] * N
-    assert await command_calls(client, "get", "mget") - reads_before == 1
+    assert await command_calls(client, "get", "getrange", "mget") - reads_before == 1
     assert cache.statistics().hits == 1
 
 
 async def test_concurrent_gets_send_one_read(cache: Cache, client: redis.Redis) -> None:
     await cache.set("k", "v")
-    reads_before = await command_calls(client, "get", "mget")
+    reads_before = await command_calls(client, "get", "getrange", "mget")
     results = await asyncio.gather(*(cache.get("k") for _ in range(N)))
     assert results == ["v"] * N
-    assert await command_calls(client, "get", "mget") - reads_before == 1
+    assert await command_calls(client, "get", "getrange", "mget") - reads_before == 1
 
 
 async def test_failing_loader_reaches_every_caller_and_caches_nothing(
