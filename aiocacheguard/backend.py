@@ -253,12 +253,21 @@ def _lean_pool(client: RedisClient) -> redis.ConnectionPool | None:
     return client.connection_pool if _REDIS_PY_OWN else None
 
 
-def _read_command(key: bytes, limit: int | None) -> tuple[str | bytes | int, ...]:
+#: The end of a bounded read's command (`_read_command`), made once: ``0 limit``, as bytes,
+#: which redis-py packs faster than ints (0.7 us a hit).
+_Bounds = tuple[bytes, bytes]
+
+
+def _bounds(limit: int | None) -> _Bounds | None:
+    return None if limit is None else (b"0", str(limit).encode())
+
+
+def _read_command(key: bytes, bounds: _Bounds | None) -> tuple[str | bytes, ...]:
     """
     The command reading one value: GET, or with a limit ``GETRANGE key 0 limit``, which
     answers at most ``limit + 1`` bytes however large the value (`_within` reads the answer).
     """
-    return ("GET", key) if limit is None else ("GETRANGE", key, 0, limit)
+    return ("GET", key) if bounds is None else ("GETRANGE", key, *bounds)
 
 
 def _within(data: bytes | None, limit: int | None) -> Read:
@@ -275,15 +284,15 @@ def _within(data: bytes | None, limit: int | None) -> Read:
     return size if size > limit else data
 
 
-async def _send_get(connection: AbstractConnection, key: bytes, limit: int | None) -> Any:
+async def _send_get(connection: AbstractConnection, key: bytes, bounds: _Bounds | None) -> Any:
     """One read (`_read_command`) on ``connection``, as ``execute_command`` sends it (a
     health check included)."""
-    await connection.send_packed_command(connection.pack_command(*_read_command(key, limit)))
+    await connection.send_packed_command(connection.pack_command(*_read_command(key, bounds)))
     return await connection.read_response()
 
 
 async def _retried(
-    connection: AbstractConnection, key: bytes, limit: int | None, first: Exception
+    connection: AbstractConnection, key: bytes, bounds: _Bounds | None, first: Exception
 ) -> Any:
     """
     A read whose first attempt failed with ``first``, under the connection's retry policy as
@@ -297,7 +306,7 @@ async def _retried(
         if failed is not None:
             error, failed = failed, None
             raise error
-        return await _send_get(connection, key, limit)
+        return await _send_get(connection, key, bounds)
 
     return await connection.retry.call_with_retry(attempt, lambda _: connection.disconnect())
 
@@ -700,6 +709,7 @@ class RedisBackend:
         self.client = client
         self.breaker = breaker
         self.max_value_bytes = max_value_bytes
+        self._bounds = _bounds(max_value_bytes)
         self._cluster = client if is_cluster(client) else None
         self._pool = _lean_pool(client)
         # The lone command running (`_direct`), its deadline, and the one timer watching it.
@@ -988,17 +998,17 @@ class RedisBackend:
         pool = self._lean()
         if pool is None:
             return await self._get_standalone(key)
-        limit = self.max_value_bytes
+        bounds = self._bounds
         try:
             connection = await pool.get_connection()  # type: ignore[no-untyped-call]
             try:
                 try:
-                    data = await _send_get(connection, key, limit)
+                    data = await _send_get(connection, key, bounds)
                 except Exception as exc:  # the policy says what is retried: its first attempt
-                    data = await _retried(connection, key, limit, exc)
+                    data = await _retried(connection, key, bounds, exc)
             finally:
                 await pool.release(connection)
-            return _within(data, limit)
+            return _within(data, self.max_value_bytes)
         except redis_errors.ResponseError as exc:
             if _is_wrongtype(exc):
                 return FOREIGN
@@ -1089,7 +1099,7 @@ class RedisBackend:
         # A no-op unless a failure asked for a new slot map.
         failed, self._failed_node = self._failed_node, None
         await cluster.initialize(last_failed_node_name=failed)
-        limit = self.max_value_bytes
+        limit, bounds = self.max_value_bytes, self._bounds
         results: list[Read | BaseException] = [None] * len(keys)
         nodes: dict[str, tuple[ClusterNode, list[PipelineCommand]]] = {}
         for position, key in enumerate(keys):
@@ -1098,7 +1108,7 @@ class RedisBackend:
             except redis_errors.RedisClusterException as exc:  # a slot no node serves
                 results[position] = exc
                 continue
-            command = PipelineCommand(position, *_read_command(key, limit))
+            command = PipelineCommand(position, *_read_command(key, bounds))
             nodes.setdefault(node.name, (node, []))[1].append(command)
 
         async def read(node: ClusterNode, commands: list[PipelineCommand]) -> None:
@@ -1119,7 +1129,7 @@ class RedisBackend:
                     if _is_wrongtype(result):
                         result = FOREIGN
                     elif isinstance(result, redis_errors.MovedError | redis_errors.AskError):
-                        result = await self._read_redirected(cluster, command.args[1], limit)
+                        result = await self._read_redirected(cluster, command.args[1])
                 elif not isinstance(result, BaseException):
                     result = _within(result, limit)
                 results[command.position] = result
@@ -1127,14 +1137,12 @@ class RedisBackend:
         await asyncio.gather(*(read(node, commands) for node, commands in nodes.values()))
         return results
 
-    @staticmethod
-    async def _read_redirected(
-        cluster: RedisCluster, key: bytes, limit: int | None
-    ) -> Read | Exception:
+    async def _read_redirected(self, cluster: RedisCluster, key: bytes) -> Read | Exception:
         """A key whose slot moved: through the cluster client, which follows the redirect and
         updates its slot map."""
+        command = _read_command(key, self._bounds)
         try:
-            return _within(await cluster.execute_command(*_read_command(key, limit)), limit)
+            return _within(await cluster.execute_command(*command), self.max_value_bytes)
         except redis_errors.ResponseError as exc:
             return FOREIGN if _is_wrongtype(exc) else exc
         except (*_REDIS_ERRORS, TimeoutError) as exc:
