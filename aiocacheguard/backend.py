@@ -253,13 +253,28 @@ def _lean_pool(client: RedisClient) -> redis.ConnectionPool | None:
     return client.connection_pool if _REDIS_PY_OWN else None
 
 
-#: The end of a bounded read's command (`_read_command`), made once: ``0 limit``, as bytes,
-#: which redis-py packs faster than ints (0.7 us a hit).
+#: The end of a bounded read's command (`_read_command`), made once: ``0 limit``, as bytes.
 _Bounds = tuple[bytes, bytes]
+
+#: A GETRANGE in RESP up to its key's length (`_send_get`).
+_GETRANGE_HEAD: Final = b"*4\r\n$8\r\nGETRANGE\r\n$"
 
 
 def _bounds(limit: int | None) -> _Bounds | None:
     return None if limit is None else (b"0", str(limit).encode())
+
+
+def _packed_tail(bounds: _Bounds | None) -> bytes | None:
+    """A bounded read's RESP after its key (`_send_get`), made once."""
+    if bounds is None:
+        return None
+    start, end = bounds
+    return b"\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(start), start, len(end), end)
+
+
+def _pack_getrange(key: bytes, tail: bytes) -> bytes:
+    """``GETRANGE key 0 limit`` in RESP, as redis-py would pack it (``tail``: `_packed_tail`)."""
+    return b"".join((_GETRANGE_HEAD, b"%d" % len(key), b"\r\n", key, tail))
 
 
 def _read_command(key: bytes, bounds: _Bounds | None) -> tuple[str | bytes, ...]:
@@ -284,15 +299,24 @@ def _within(data: bytes | None, limit: int | None) -> Read:
     return size if size > limit else data
 
 
-async def _send_get(connection: AbstractConnection, key: bytes, bounds: _Bounds | None) -> Any:
-    """One read (`_read_command`) on ``connection``, as ``execute_command`` sends it (a
-    health check included)."""
-    await connection.send_packed_command(connection.pack_command(*_read_command(key, bounds)))
+async def _send_get(connection: AbstractConnection, key: bytes, tail: bytes | None) -> Any:
+    """
+    One read (`_read_command`; bounded with the `_packed_tail` ``tail``) on ``connection``,
+    as ``execute_command`` sends it (a health check included).
+
+    A bounded read is packed here: its RESP is fixed but for the key, and so made in 0.2 us,
+    where redis-py's packer takes 2.4 us (a GET's took 1.8 us), about 2 % of a lone hit.
+    """
+    if tail is None:
+        packed: bytes | list[bytes] = connection.pack_command("GET", key)
+    else:
+        packed = _pack_getrange(key, tail)
+    await connection.send_packed_command(packed)
     return await connection.read_response()
 
 
 async def _retried(
-    connection: AbstractConnection, key: bytes, bounds: _Bounds | None, first: Exception
+    connection: AbstractConnection, key: bytes, tail: bytes | None, first: Exception
 ) -> Any:
     """
     A read whose first attempt failed with ``first``, under the connection's retry policy as
@@ -306,7 +330,7 @@ async def _retried(
         if failed is not None:
             error, failed = failed, None
             raise error
-        return await _send_get(connection, key, bounds)
+        return await _send_get(connection, key, tail)
 
     return await connection.retry.call_with_retry(attempt, lambda _: connection.disconnect())
 
@@ -710,6 +734,7 @@ class RedisBackend:
         self.breaker = breaker
         self.max_value_bytes = max_value_bytes
         self._bounds = _bounds(max_value_bytes)
+        self._tail = _packed_tail(self._bounds)
         self._cluster = client if is_cluster(client) else None
         self._pool = _lean_pool(client)
         # The lone command running (`_direct`), its deadline, and the one timer watching it.
@@ -998,14 +1023,14 @@ class RedisBackend:
         pool = self._lean()
         if pool is None:
             return await self._get_standalone(key)
-        bounds = self._bounds
+        tail = self._tail
         try:
             connection = await pool.get_connection()  # type: ignore[no-untyped-call]
             try:
                 try:
-                    data = await _send_get(connection, key, bounds)
+                    data = await _send_get(connection, key, tail)
                 except Exception as exc:  # the policy says what is retried: its first attempt
-                    data = await _retried(connection, key, bounds, exc)
+                    data = await _retried(connection, key, tail, exc)
             finally:
                 await pool.release(connection)
             return _within(data, self.max_value_bytes)

@@ -22,6 +22,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from aiocacheguard import BackendTimeout, BackendUnavailable, Cache, Policy
+from aiocacheguard.backend import _bounds, _pack_getrange, _packed_tail
 from aiocacheguard.testing import FaultProxy, RedisServer
 
 from .helpers import wait_until
@@ -371,3 +372,14 @@ async def test_aclose_during_a_lone_read_leaves_no_connection_out_of_the_pool(
             await every_connection_free(pool)
         finally:
             await proxy.heal()
+
+
+@pytest.mark.parametrize("key", [b"k", b"{ns:123456789}", b"\r\n$4\r\nbin\x00" * 20])
+@pytest.mark.parametrize("limit", [1, 16 * 1024 * 1024])
+def test_the_lone_read_is_packed_as_redis_py_packs_it(key: bytes, limit: int) -> None:
+    # The bounded lone read packs its GETRANGE itself (a tenth of redis-py's time): byte for
+    # byte what redis-py's packer makes of the same command.
+    tail = _packed_tail(_bounds(limit))
+    assert tail is not None
+    packer = aioredis.Connection()
+    assert _pack_getrange(key, tail) == b"".join(packer.pack_command("GETRANGE", key, 0, limit))
