@@ -83,6 +83,8 @@ _SHA: Final = "0" * 40  # any script id: ACL DRYRUN checks the command and its k
 #: which runs as a user granted exactly this (tests/test_contract.py, "least-privilege").
 NEEDS: Final = (
     Need("get", "cache", ("GET", "{key}"), "read a value"),
+    Need("getrange", "cache", ("GETRANGE", "{key}", "0", "1"), "read one, up to max_value_bytes"),
+    Need("strlen", "cache", ("STRLEN", "{key}"), "check its length first (in a script)"),
     Need("mget", "cache", ("MGET", "{key}", "{lock}"), "read values in batches"),
     Need("evalsha", "cache", ("EVALSHA", _SHA, "2", "{key}", "{lock}"), "run the scripts"),
     Need("script|load", "cache", ("SCRIPT", "LOAD", "return 1"), "load them (NOSCRIPT)"),
