@@ -134,7 +134,7 @@ def grants(
 
     Example:
         >>> " ".join(grants("shop"))
-        '~{shop:* &{shop:* +get +mget +evalsha +script|load +set +del +unlink +publish +pttl +pexpire +subscribe +unsubscribe'
+        '~{shop:* &{shop:* +get +getrange +strlen +mget +evalsha +script|load +set +del +unlink +publish +pttl +pexpire +subscribe +unsubscribe'
     """  # noqa: E501
     prefix = KeySpace(namespace).prefix.decode()
     features = _features(local=local, bloom=bloom, clear=clear)
