@@ -392,7 +392,9 @@ async def test_a_renewal_whose_cancellation_is_lost_still_stops(cache: Cache) ->
         value_key=value_key,
         lock_key=cache.keys.lock(value_key),
         channel=cache.keys.channel(value_key),
-        lock_ttl=0.15,
+        # Long enough that the release below comes well within the lease on a busy machine
+        # (at 0.15 s a CI run once released 150 ms late and found the lock gone).
+        lock_ttl=1.0,
     )
     assert (await lock.acquire(Acquire.ABSENT)).outcome is Outcome.ACQUIRED
     async with asyncio.timeout(5):  # before: the renewal went on, and this waited for ever
