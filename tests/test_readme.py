@@ -54,3 +54,12 @@ def test_quickstart_runs(redis_server: RedisServer) -> None:
         check=True,
     )
     assert "10000 concurrent callers, 1 database query" in out.stdout
+
+
+def test_the_changelog_dates_this_version_and_names_its_tag() -> None:
+    from aiocacheguard import __version__
+
+    changelog = (ROOT / "CHANGELOG.md").read_text()
+    heading = rf"^## \[{re.escape(__version__)}\] - \d{{4}}-\d{{2}}-\d{{2}}$"
+    assert re.search(heading, changelog, flags=re.MULTILINE), __version__
+    assert f"`v{__version__}`" in changelog
