@@ -165,7 +165,9 @@ def setuser(
     user = f"cache-{namespace}" if user is None else user
     if not user or any(c.isspace() or c in "\"'" for c in user):
         raise ConfigurationError("user", user, "a user name without spaces or quotes")
-    return ["ACL", "SETUSER", user, "reset", "on", f">{password}", *rules]
+    # `resetchannels` too: Redis 6.2's `reset` keeps the server's default of every channel
+    # (acl-pubsub-default allchannels), after which a channel pattern is an error.
+    return ["ACL", "SETUSER", user, "reset", "resetchannels", "on", f">{password}", *rules]
 
 
 def command_line(arguments: Sequence[str]) -> str:

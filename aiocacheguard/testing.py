@@ -429,7 +429,10 @@ class RedisServer(_Throwaway):
                 said = output.read_text(errors="replace")[-2000:]
                 log = logfile.read_text(errors="replace")[-2000:] if logfile.exists() else ""
                 self._halt()  # (its CA stays, for the next attempt)
-                if self._tls and "'tls-port" in said and "Bad directive" in said:
+                if self._tls and (
+                    ("'tls-port" in said and "Bad directive" in said)  # Redis without TLS
+                    or "Failed finding TLS support" in said + log  # Valkey without TLS
+                ):
                     raise TLSUnavailableError(f"{binary} was built without TLS:\n{said}")
                 raise ServerError(f"redis-server on port {port} did not start:\n{said}{log}")
             time.sleep(0.01)

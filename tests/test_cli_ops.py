@@ -450,7 +450,9 @@ def test_acl_prints_the_line_that_makes_a_working_least_privileged_user(
     code, out, err = run(capsys, "acl", "--namespace", "shop", "--local", "--user", "shop-app")
     assert code == 0 and "replace <password>" in err
     (line,) = out.splitlines()
-    assert line.startswith("ACL SETUSER shop-app reset on '><password>' '~{shop:*' '&{shop:*'")
+    assert line.startswith(
+        "ACL SETUSER shop-app reset resetchannels on '><password>' '~{shop:*' '&{shop:*'"
+    )
     assert "'&__redis__:invalidate'" in line and "'+client|tracking'" in line
     assert "+scan" not in line and "+exists" not in line  # --clear, --bloom not asked
     arguments = shlex.split(line.replace("<password>", "pw"))

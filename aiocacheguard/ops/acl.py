@@ -22,7 +22,8 @@ class AclUser:
     Attributes:
         user: The user name.
         rules: Key and channel patterns, then commands (``~{shop:*``, ``+get``, ...).
-        arguments: The whole command, ``ACL SETUSER user reset on >PASSWORD rules...``.
+        arguments: The whole command,
+            ``ACL SETUSER user reset resetchannels on >PASSWORD rules...``.
         line: ``arguments`` as one line for redis-cli.
     """
 
