@@ -185,6 +185,24 @@ def test_warm_spreads_ttls_and_gives_a_null_the_ttl_too(
     assert 900_000 < absent <= 1_000_000, absent
 
 
+def test_key_names_reach_the_terminal_escaped(
+    capsys: pytest.CaptureFixture[str], server_url: str
+) -> None:
+    """A key name is anyone's bytes: an escape sequence, NUL, a newline or a bidirectional
+    override in one is shown escaped, as redis-cli shows it, never sent to the terminal."""
+    hostile = "evil\x1b[2J\x00\nfake row\u202e\\"
+    with redis.Redis.from_url(server_url) as client:
+        client.set(f"{{shop:{hostile}}}".encode(), b"x" * 100)
+    common = ["--redis-url", server_url, "--namespace", "shop", "--plain"]
+    escaped = "evil\\x1b[2J\\x00\\nfake row\\u202e\\\\"
+    for args in (["keys", "*"], ["clear", "*"], ["inspect", hostile]):
+        _, out, _ = run(capsys, *args, *common)
+        assert escaped in out, (args, out)
+        assert not any(c in out for c in "\x1b\x00\u202e"), (args, out)
+    _, out, _ = run(capsys, "keys", "*", *common)
+    assert len(out.strip().splitlines()) == 3  # title, header, the one key: no row forged
+
+
 def test_clear_is_a_dry_run_without_yes(
     capsys: pytest.CaptureFixture[str], server_url: str, tmp_path: Path
 ) -> None:

@@ -24,6 +24,7 @@ import re
 import sys
 import time
 import traceback
+import unicodedata
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -433,6 +434,31 @@ _STATUS_STYLE: Final = {
 }
 
 
+#: How `shown` writes the characters a terminal would act on, as redis-cli writes them.
+_ESCAPES: Final = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t", "\a": "\\a", "\b": "\\b"}
+
+
+def shown(name: str) -> str:
+    """
+    A key name from Redis as the terminal may show it: a control or format character (an
+    escape sequence, NUL, a newline that would break a row, a bidirectional override) is
+    written as redis-cli writes it (``\\n``, ``\\x1b``, ``\\u202e``), and so is a backslash.
+
+    >>> shown("user:\\x1b[31m7\\n")
+    'user:\\\\x1b[31m7\\\\n'
+    """
+    out = []
+    for char in name:
+        if char in _ESCAPES:
+            out.append(_ESCAPES[char])
+        elif unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp"):
+            code = ord(char)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+        else:
+            out.append(char)
+    return "".join(out)
+
+
 def _styled(cell: str) -> Any:
     from rich.text import Text
 
@@ -573,14 +599,14 @@ async def _stats(client: RedisClient, args: argparse.Namespace, out: Output) -> 
         out.table(
             "stuck locks (no lease, or a lease far beyond any lock_ttl)",
             ["key", "lease left"],
-            [[lock.key, _seconds(lock.lease_left, "none (never expires)")]
+            [[shown(lock.key), _seconds(lock.lease_left, "none (never expires)")]
              for lock in found.stuck_locks],
         )  # fmt: skip
     if found.blooms:
         out.table(
             "Bloom filters",
             ["name", "bits", "set", "fill"],
-            [[b.name, f"{b.bits:,}", f"{b.set_bits:,}", f"{b.fill_ratio:.1%}"]
+            [[shown(b.name), f"{b.bits:,}", f"{b.set_bits:,}", f"{b.fill_ratio:.1%}"]
              for b in found.blooms],
         )  # fmt: skip
     return 0
@@ -592,7 +618,7 @@ async def _inspect(client: RedisClient, args: argparse.Namespace, out: Output) -
         out.document(seen)
         return 0 if seen.exists else 1
     now = time.time()
-    rows = [("redis key", seen.redis_key)]
+    rows = [("redis key", shown(seen.redis_key))]
     if not seen.exists:
         rows.append(("value", "not cached"))
     elif seen.serializer is None:
@@ -619,7 +645,7 @@ async def _inspect(client: RedisClient, args: argparse.Namespace, out: Output) -
         f"{seen.lock_holder} (lease left {_seconds(seen.lock_lease_left, 'none')})"
     )  # fmt: skip
     rows.append(("lock", holder))
-    out.pairs(f"{args.namespace}: {args.key}", rows)
+    out.pairs(f"{args.namespace}: {shown(args.key)}", rows)
     return 0 if seen.exists else 1
 
 
@@ -641,7 +667,7 @@ async def _keys(client: RedisClient, args: argparse.Namespace, out: Output) -> i
     out.table(
         f"largest of {how} entries matching {args.pattern!r}",
         ["key", "memory", "TTL left"],
-        [[k.key, _size(k.bytes), _seconds(k.ttl_left)] for k in top.keys],
+        [[shown(k.key), _size(k.bytes), _seconds(k.ttl_left)] for k in top.keys],
     )
     return 0
 
@@ -665,7 +691,7 @@ async def _clear(client: RedisClient, args: argparse.Namespace, out: Output) -> 
             return 0
         out.line(f"dry run: {preview.count:,} keys would be removed ({what})")
         for example in preview.examples:
-            out.line(f"  {example}")
+            out.line(f"  {shown(example)}")
         if preview.count:
             out.line("run again with --yes to remove them")
         return 0
