@@ -117,12 +117,11 @@ async def command_calls(client: redis.Redis, *commands: str) -> int:
 
 
 @contextlib.asynccontextmanager
-async def limited_client(
-    admin: redis.Redis, server: RedisServer, *denied: str
-) -> AsyncIterator[redis.Redis]:
+async def denied_user(admin: redis.Redis, *denied: str) -> AsyncIterator[str]:
     """
-    A client of a throwaway ACL user allowed everything but the ``denied`` commands (e.g.
-    ``"client|tracking"``; Redis 7 checks the ACL of commands called from Lua too).
+    The name of a throwaway ACL user (password ``pw``) allowed everything but the ``denied``
+    commands (e.g. ``"client|tracking"``; Redis 7 checks the ACL of commands called from Lua
+    too); deleted afterwards.
     """
     if any("|" in command for command in denied):
         version = str((await admin.info("server"))["redis_version"])
@@ -137,9 +136,20 @@ async def limited_client(
         channels=["*"],
         commands=["+@all", *(f"-{command}" for command in denied)],
     )
-    limited = redis.Redis(host=server.host, port=server.port, username=user, password="pw")
     try:
-        yield limited
+        yield user
     finally:
-        await limited.aclose()
         await admin.acl_deluser(user)
+
+
+@contextlib.asynccontextmanager
+async def limited_client(
+    admin: redis.Redis, server: RedisServer, *denied: str
+) -> AsyncIterator[redis.Redis]:
+    """A client of a `denied_user`."""
+    async with denied_user(admin, *denied) as user:
+        limited = redis.Redis(host=server.host, port=server.port, username=user, password="pw")
+        try:
+            yield limited
+        finally:
+            await limited.aclose()

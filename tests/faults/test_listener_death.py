@@ -26,11 +26,8 @@ again afterwards (L1 hits grow).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-import uuid
-from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as redis
@@ -40,7 +37,7 @@ from aiocacheguard import Cache, LocalCache, Policy
 from aiocacheguard.near import RESTART_PAUSE
 from aiocacheguard.testing import FaultProxy, RedisClusterServer, RedisServer
 
-from ..helpers import library_tasks, wait_until
+from ..helpers import denied_user, library_tasks, wait_until
 
 #: The staleness bound: a read may miss a write for at most this many seconds.
 BOUND = 1.0
@@ -99,24 +96,6 @@ def l1_cache(client: redis.Redis, namespace: str) -> Cache:
     return cache
 
 
-@contextlib.asynccontextmanager
-async def acl_user(admin: redis.Redis, server: RedisServer) -> AsyncIterator[str]:
-    """A throwaway least-privilege-minded user: everything but PING (added back by tests)."""
-    user = f"noping-{uuid.uuid4().hex[:8]}"
-    await admin.acl_setuser(
-        user,
-        enabled=True,
-        passwords=["+pw"],
-        keys=["*"],
-        channels=["*"],
-        commands=["+@all", "-ping"],
-    )
-    try:
-        yield user
-    finally:
-        await admin.acl_deluser(user)
-
-
 async def pings_denied(admin: redis.Redis, user: str) -> int:
     return sum(
         int(str(entry["count"]))  # ACL LOG groups repeated denials in one entry
@@ -142,7 +121,7 @@ async def test_an_acl_user_without_ping_never_leaves_the_l1_stale(
     when: str,
 ) -> None:
     caplog.set_level(logging.WARNING, "aiocacheguard")
-    async with acl_user(client, redis_server) as user:
+    async with denied_user(client, "ping") as user:  # PING added back by a case
         if when == "revoked while listening":
             await client.acl_setuser(user, enabled=True, commands=["+ping"])
         limited = redis.Redis(port=redis_server.port, username=user, password="pw")
